@@ -1,0 +1,60 @@
+"""tools/train_tokenizer.py on a tiny corpus: role markers are single pieces, encode/decode round-trips."""
+import gzip
+import json
+import random
+
+import pytest
+
+from tests.tiny_data import random_text
+from tinyllm_mcore.tokenizer import ROLE_TOKENS, Tokenizer
+from tools import train_tokenizer as cli
+
+
+def test_train_tokenizer_cli_from_mixed_inputs(tmp_path):
+    rng = random.Random(3)
+    texts = [random_text(rng) for _ in range(1500)]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    with gzip.open(corpus / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        for t in texts[:500]:
+            f.write(json.dumps({"content": t}, ensure_ascii=False) + "\n")
+        f.write("not json\n")  # skipped, training only samples
+    (corpus / "b.txt").write_text("\n".join(texts[500:1000]), encoding="utf-8")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"content": texts[1000:]}), corpus / "c.parquet")
+
+    out = tmp_path / "tok"
+    rc = cli.main(["--input", str(corpus), "--output-dir", str(out), "--vocab-size", "900",
+                   "--json-key", "content", "--character-coverage", "1.0", "--extra-special-tokens", "<|im_end|>"])
+    assert rc == 0
+    assert {p.name for p in out.iterdir()} >= {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"}
+
+    tok = Tokenizer.load(out)
+    assert tok.vocab_size == 900
+    for marker in ROLE_TOKENS:
+        marker_id = tok.token_to_id(marker)
+        assert tok.sp.is_control(marker_id) and tok.id_to_token(marker_id) == marker
+    assert "<|im_end|>" in [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)]
+    for t in texts[:50] + ["全新的字：龘 and words"]:  # an unseen character goes through byte fallback
+        assert tok.detokenize(tok.tokenize(t)) == t
+    ids = tok.chat_prompt_ids([{"role": "user", "content": texts[0]}])
+    assert sum(i in tok.special_tokens.values() for i in ids) == 3  # system, user, assistant: one id each
+
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert {v["content"] for v in config["added_tokens_decoder"].values()} >= set(ROLE_TOKENS)
+
+
+def test_train_tokenizer_bad_input_is_one_error_line(tmp_path, capsys):
+    assert cli.main(["--input", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "t")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "missing.jsonl" in err and "\n" not in err
+
+
+def test_hf_files_load_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tests.tiny_data import tiny_tokenizer_dir
+    hf = transformers.AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir()))
+    tok = Tokenizer.load(tiny_tokenizer_dir())
+    ids = hf("<|user|>\n你好", add_special_tokens=False)["input_ids"]
+    assert ids == [tok.token_to_id("<|user|>")] + tok.tokenize("\n你好")

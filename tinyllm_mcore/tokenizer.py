@@ -1,0 +1,291 @@
+"""The one tokenizer of the project: a SentencePiece model plus the seed's special tokens and chat format.
+
+Three kinds of tokenizer directory/model load here (`Tokenizer.load(path)` detects which):
+
+* ``sentencepiece`` — a model written by ``tools/train_tokenizer.py``. The role markers are control pieces inside the
+  model itself, so the model file alone is enough.
+* ``chatglm3`` — the seed's actual tokenizer: ChatGLM3's ``tokenizer.model`` (64789 pieces) with the nine tokens the
+  seed appends after it, in this order: ``[MASK] [gMASK] [sMASK] sop eop <|system|> <|user|> <|assistant|>
+  <|observation|>`` (ids 64789..64797, vocab 64798). eos 2, pad 0 (= unk, as in the seed).
+* ``added_tokens`` — the seed's merged LLaMA-style tokenizer: a SentencePiece model plus ``added_tokens.json``
+  (``{"<|system|>": 49953, ...}``) beside it (vocab 49958).
+
+Plain text (pretraining documents) is encoded by SentencePiece only: a literal "<|user|>" inside a document stays text.
+Special tokens enter a sequence only through the chat encoder below, by id.
+
+Chat format (the seed's, with the role markers as single ids — the seed's HF tokenizer split ``<|system|>`` into text
+pieces, a bug not reproduced here)::
+
+    <prefix> <|system|> "\\n{system}\\n" <|user|> "\\n{question}\\n" <|assistant|> "\\n"  {answer} <eos>
+                                         <|user|> "\\n{question2}\\n" <|assistant|> "\\n" {answer2} <eos> ...
+
+Every quoted chunk is encoded by SentencePiece on its own, which is what the seed's HF tokenizer did around the tokens it
+knew as added tokens (so ``<|user|>`` + "\\n介绍一下中国。\\n" gives exactly the seed's ids). ``<prefix>`` is what the
+seed's ``add_special_tokens=True`` put first: ``[gMASK] sop`` for ChatGLM3, ``<s>`` for the LLaMA-style tokenizers.
+Texts are stripped as in the seed. The default system text is the seed's ``你是由wdndev开发的个人助手。``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import sentencepiece as spm
+
+DEFAULT_SYSTEM = "你是由wdndev开发的个人助手。"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+# What the seed appends after ChatGLM3's 64789 SentencePiece pieces, in id order.
+CHATGLM3_APPENDED_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop") + ROLE_TOKENS
+CHATGLM3_BASE_VOCAB = 64789
+
+KINDS = ("sentencepiece", "chatglm3", "added_tokens")
+# Megatron-LM's --tokenizer-type names that mean "a SentencePiece model": resolved by detection.
+_TYPE_ALIASES = {"auto": "auto", "SentencePieceTokenizer": "auto", "GPTSentencePieceTokenizer": "auto",
+                 "Llama2Tokenizer": "auto"}
+
+
+class Tokenizer:
+    """SentencePiece + special tokens. Duck-types what megatron-core's datasets use (``eod``, ``pad``, ``eos``, ``bos``,
+    ``vocab_size``, ``tokenize``, ``detokenize``, ``unique_identifiers``) and adds the chat encoder."""
+
+    def __init__(self, model_path: str | os.PathLike, kind: str, special_tokens: dict[str, int],
+                 chat_prefix_tokens: Sequence[str]):
+        self.model_path = str(model_path)
+        self.kind = kind
+        self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        self.special_tokens = dict(special_tokens)  # text -> id, for tokens outside plain-text encoding
+        self._special_by_id = {i: t for t, i in self.special_tokens.items()}
+        self.chat_prefix_ids = [self.token_to_id(t) for t in chat_prefix_tokens]
+        self.vocab_size = max([self.sp.get_piece_size() - 1, *self.special_tokens.values()]) + 1
+        with open(self.model_path, "rb") as f:
+            model_sha = hashlib.sha256(f.read()).hexdigest()[:16]
+        # megatron-core hashes this (via GPTDatasetConfig) into its dataset cache names.
+        self.unique_identifiers = OrderedDict(
+            [("class", type(self).__name__), ("kind", kind), ("model_sha256", model_sha),
+             ("vocab_size", self.vocab_size), ("special_tokens", json.dumps(self.special_tokens, sort_keys=True))])
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: str | os.PathLike, tokenizer_type: str = "auto") -> "Tokenizer":
+        """Load a tokenizer from a ``tokenizer.model`` file or a directory holding one."""
+        path = Path(path)
+        model_path = path / "tokenizer.model" if path.is_dir() else path
+        if not model_path.is_file():
+            raise FileNotFoundError(f"tokenizer model not found: {model_path}")
+        kind = _TYPE_ALIASES.get(tokenizer_type, tokenizer_type)
+        if kind not in KINDS + ("auto",):
+            raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; use one of auto, {', '.join(KINDS)}")
+        added_tokens_file = model_path.parent / "added_tokens.json"
+        if kind == "auto":
+            kind = _detect_kind(model_path, added_tokens_file)
+
+        if kind == "chatglm3":
+            special = {t: CHATGLM3_BASE_VOCAB + i for i, t in enumerate(CHATGLM3_APPENDED_TOKENS)}
+            return cls(model_path, kind, special, chat_prefix_tokens=("[gMASK]", "sop"))
+        if kind == "added_tokens":
+            with open(added_tokens_file, encoding="utf-8") as f:
+                special = {str(t): int(i) for t, i in json.load(f).items()}
+            return cls(model_path, kind, special, chat_prefix_tokens=("<s>",))
+        # Our own models: the role markers are control pieces of the model.
+        sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        special = {t: sp.piece_to_id(t) for t in ROLE_TOKENS if _has_piece(sp, t)}
+        return cls(model_path, kind, special, chat_prefix_tokens=("<s>",))
+
+    # Pickle the model bytes rather than a path: DataLoader workers may run where the path does not exist.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["sp"] = self.sp.serialized_model_proto()
+        return state
+
+    def __setstate__(self, state):
+        proto = state.pop("sp")
+        self.__dict__.update(state)
+        self.sp = spm.SentencePieceProcessor(model_proto=proto)
+
+    # ---------------------------------------------------------------- ids megatron-core and the loop use
+    @property
+    def eos(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def eod(self) -> int:
+        """End of document, appended by preprocess --append-eod: the seed used eos."""
+        return self.sp.eos_id()
+
+    @property
+    def bos(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def pad(self) -> int:
+        """The seed padded with unk (id 0)."""
+        return self.sp.unk_id()
+
+    @property
+    def unk(self) -> int:
+        return self.sp.unk_id()
+
+    def token_to_id(self, token: str) -> int:
+        if token in self.special_tokens:
+            return self.special_tokens[token]
+        if _has_piece(self.sp, token):
+            return self.sp.piece_to_id(token)
+        raise KeyError(f"{token!r} is not a token of this {self.kind} tokenizer")
+
+    def id_to_token(self, token_id: int) -> str:
+        if token_id in self._special_by_id:
+            return self._special_by_id[token_id]
+        return self.sp.id_to_piece(int(token_id))
+
+    # ---------------------------------------------------------------- text
+    def tokenize(self, text: str) -> list[int]:
+        """Plain text -> ids (no special-token parsing, no bos/eos)."""
+        return self.sp.encode(text)
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def detokenize(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """ids -> text. Special tokens are written as their text (unless skipped); bos/eos/pad vanish as in
+        SentencePiece."""
+        text, run = [], []
+        for i in ids:
+            i = int(i)
+            if i in self._special_by_id:
+                text.append(self.sp.decode(run))
+                run = []
+                if not skip_special_tokens:
+                    text.append(self._special_by_id[i])
+            else:
+                run.append(i)
+        text.append(self.sp.decode(run))
+        return "".join(text)
+
+    # ---------------------------------------------------------------- chat
+    def encode_conversation(self, messages: Sequence[dict], system: str | None = None) -> list[list[int]]:
+        """Chat messages -> alternating segments ``[prompt, response, prompt, response, ...]``.
+
+        Prompt segments carry no loss; each response segment is an assistant answer followed by eos (the trained
+        tokens). If the last message is not an assistant's, the last segment is a prompt ending in
+        ``<|assistant|> "\\n"`` (a generation prompt). ``messages`` are ``{"role", "content"}`` dicts with roles
+        system (first only), user, assistant, observation; ``system`` replaces the default system text ("" omits the
+        system block); a leading system message wins over both.
+        """
+        messages = list(messages)
+        if messages and messages[0].get("role") == "system":
+            system = messages.pop(0)["content"]
+        if system is None:
+            system = DEFAULT_SYSTEM
+
+        segments: list[list[int]] = []
+        prompt = list(self.chat_prefix_ids)
+        if system.strip():
+            prompt += self._role_block("<|system|>", system)
+        for message in messages:
+            role, content = message.get("role"), message.get("content")
+            if not isinstance(content, str):
+                raise ValueError(f"message content must be a string, got {type(content).__name__}")
+            if role == "assistant":
+                prompt += [self.token_to_id("<|assistant|>")] + self.tokenize("\n")
+                segments += [prompt, self.tokenize(content.strip()) + [self.eos]]
+                prompt = []
+            elif role in ("user", "observation"):
+                prompt += self._role_block(f"<|{role}|>", content)
+            else:
+                raise ValueError(f"unknown chat role {role!r} (system only first; user, assistant, observation)")
+        if prompt:  # ends with a user turn: leave the model to answer
+            segments.append(prompt + [self.token_to_id("<|assistant|>")] + self.tokenize("\n"))
+        return segments
+
+    def chat_prompt_ids(self, messages: Sequence[dict], system: str | None = None) -> list[int]:
+        """Ids to feed a model that should answer the last user message (chat, eval, generate)."""
+        return [i for segment in self.encode_conversation(messages, system) for i in segment]
+
+    def _role_block(self, role_token: str, text: str) -> list[int]:
+        return [self.token_to_id(role_token)] + self.tokenize("\n" + text.strip() + "\n")
+
+
+def _has_piece(sp: spm.SentencePieceProcessor, piece: str) -> bool:
+    i = sp.piece_to_id(piece)
+    return i != sp.unk_id() or piece == sp.id_to_piece(sp.unk_id())
+
+
+def _detect_kind(model_path: Path, added_tokens_file: Path) -> str:
+    if added_tokens_file.is_file():
+        return "added_tokens"
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    if all(_has_piece(sp, t) for t in ROLE_TOKENS[:3]):
+        return "sentencepiece"
+    if sp.get_piece_size() == CHATGLM3_BASE_VOCAB:
+        return "chatglm3"
+    raise ValueError(f"{model_path}: a SentencePiece model without chat role pieces, added_tokens.json or ChatGLM3's "
+                     f"size; pass --tokenizer-type explicitly ({', '.join(KINDS)})")
+
+
+def messages_from_record(record: dict) -> tuple[list[dict], str | None]:
+    """An SFT record -> (messages, system). Accepts the seed's ``{"question", "answer", "system"?}`` and
+    ``{"messages": [{"role", "content"}, ...]}``. Raises KeyError/ValueError naming what is wrong."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("'messages' must be a list of {role, content} objects")
+        return messages, record.get("system")
+    for key in ("question", "answer"):
+        if key not in record:
+            raise KeyError(key)
+        if not isinstance(record[key], str):
+            raise ValueError(f"{key!r} must be a string")
+    return [{"role": "user", "content": record["question"]},
+            {"role": "assistant", "content": record["answer"]}], record.get("system")
+
+
+def write_hf_tokenizer_files(tokenizer: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:
+    """Write what a Hugging Face export needs beside the weights: ``tokenizer.model``, ``tokenizer_config.json``
+    (LlamaTokenizer, role markers as added tokens so HF encodes them as single ids) and ``special_tokens_map.json``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_file = out_dir / "tokenizer.model"
+    model_file.write_bytes(tokenizer.sp.serialized_model_proto())
+
+    def added(content, special):
+        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                "special": special}
+
+    sp = tokenizer.sp
+    decoder = {str(sp.unk_id()): added(sp.id_to_piece(sp.unk_id()), True),
+               str(sp.bos_id()): added(sp.id_to_piece(sp.bos_id()), True),
+               str(sp.eos_id()): added(sp.id_to_piece(sp.eos_id()), True)}
+    for text, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1]):
+        decoder[str(i)] = added(text, True)
+    # The chat format above as a jinja template (text only; ids can differ where HF merges text across chunks).
+    chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set messages = messages[1:] %}{% else %}{% set system = '" + DEFAULT_SYSTEM + "' %}{% endif %}"
+        "<|system|>\n{{ system | trim }}\n"
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>\n{{ m['content'] | trim }}"
+        "{{ eos_token }}{% else %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": tokenizer.kind != "chatglm3",
+        "add_eos_token": False,
+        "legacy": True,
+        "added_tokens_decoder": decoder,
+        "bos_token": sp.id_to_piece(sp.bos_id()),
+        "eos_token": sp.id_to_piece(sp.eos_id()),
+        "unk_token": sp.id_to_piece(sp.unk_id()),
+        "pad_token": sp.id_to_piece(sp.unk_id()),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1 << 30,
+        "chat_template": chat_template,
+    }
+    config_file = out_dir / "tokenizer_config.json"
+    config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    special_map = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    special_map["additional_special_tokens"] = list(tokenizer.special_tokens)
+    map_file = out_dir / "special_tokens_map.json"
+    map_file.write_text(json.dumps(special_map, ensure_ascii=False, indent=2), encoding="utf-8")
+    return [model_file, config_file, map_file]
