@@ -1,0 +1,9 @@
+"""tinyllm-mcore: the tiny-llm-zh Chinese small LLM on megatron-core."""
+import warnings
+
+# megatron-core warns at import that TE/apex are absent and it falls back to torch implementations: that is the
+# expected configuration on CPU and non-TE GPUs, not something for users to act on.
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
+warnings.filterwarnings("ignore", message=r".*Apex is not installed.*")
+
+__version__ = "0.1.0"

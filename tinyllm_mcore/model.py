@@ -1,0 +1,139 @@
+"""build_model(): the one place a tiny-llm GPTModel is made, for every stage and for the converters.
+
+Layer spec: Transformer Engine's when TE imports and CUDA is present (fused kernels, packed THD attention), else
+megatron-core's local spec with its core attention swapped for PyTorch's scaled_dot_product_attention (flash /
+memory-efficient kernels on GPU, a fused kernel on CPU; megatron's local attention materialises [b, n, s, s] scores
+and builds its causal mask with device="cuda"). Both specs share dist-checkpoint names, so checkpoints move freely
+between them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from tinyllm_mcore.presets import ModelPreset, padded_vocab_size
+
+
+def transformer_engine_usable() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class SDPAttention(DotProductAttention):
+    """megatron-core core attention computed by torch's scaled_dot_product_attention.
+
+    Inputs are megatron's [s, b, heads, head_dim]; the mask, if any, is megatron's boolean convention (True = masked
+    out, shape broadcastable to [b, 1, sq, sk]), e.g. the block-diagonal causal mask of packed SFT sequences.
+    """
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+        assert packed_seq_params is None, "packed THD sequences need the Transformer Engine spec; pass an attention mask"
+        assert attention_bias is None, "attention bias is not supported"
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        sq, sk = q.size(2), k.size(2)
+        mask, causal = None, False
+        if attention_mask is not None:
+            mask = ~attention_mask
+        elif sq == sk:
+            causal = True
+        elif sq > 1:  # prefill continuing a KV cache: query i sees keys up to (sk - sq + i)
+            mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+        dropout = self.attention_dropout.p if self.training else 0.0
+        with tensor_parallel.get_cuda_rng_tracker().fork() if dropout > 0 and not self.config.sequence_parallel else _null():
+            ctx = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=self.softmax_scale,
+                enable_gqa=groups > 1,
+            )
+        # [b, n, s, d] -> [s, b, n*d]
+        return ctx.permute(2, 0, 1, 3).reshape(sq, ctx.size(0), self.hidden_size_per_partition)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def layer_spec(preset: ModelPreset, use_te: bool | None = None) -> ModuleSpec:
+    """The transformer-layer spec: TE when usable (or asked for), else local + SDPA attention."""
+    if use_te is None:
+        use_te = transformer_engine_usable()
+    moe = dict(num_experts=preset.num_experts or None, moe_grouped_gemm=False)
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec(**moe)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", **moe)
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def build_model(
+    preset: ModelPreset,
+    config,
+    *,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    vp_stage: int | None = None,
+    use_te: bool | None = None,
+    parallel_output: bool = True,
+    make_vocab_size_divisible_by: int = 128,
+) -> GPTModel:
+    """One pipeline chunk of the tiny-llm GPT for this rank (the whole model at PP1).
+
+    `config` is the TransformerConfig from `presets.transformer_config`; the parallel state must be initialised.
+    The embedding is padded to a multiple of `make_vocab_size_divisible_by × TP` rows (see presets.padded_vocab_size).
+    """
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    vocab = padded_vocab_size(preset.vocab_size, config.tensor_model_parallel_size, make_vocab_size_divisible_by)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(preset, use_te),
+        vocab_size=vocab,
+        max_sequence_length=preset.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=False,  # the seed unties input/output embeddings
+        position_embedding_type="rope",
+        rotary_base=int(preset.rope_theta),
+        rotary_percent=1.0,
+        vp_stage=vp_stage,
+    )
+
+
+def flops_per_token(preset: ModelPreset, seq_length: int, vocab_size: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward = 3 × forward), counting matmuls only.
+
+    Forward per token: 2 × (matmul parameters) + attention scores and context 2 × 2 × s × h per layer (causal
+    masking not discounted, as in Megatron-LM's and PaLM's MFU convention) + the LM head 2 × h × V.
+    """
+    v = preset.vocab_size if vocab_size is None else vocab_size
+    h, f, L = preset.hidden_size, preset.ffn_hidden_size, preset.num_layers
+    qkv = h * (preset.num_attention_heads + 2 * preset.kv_heads) * preset.head_dim
+    proj = preset.num_attention_heads * preset.head_dim * h
+    mlp = 3 * h * f * (preset.moe_router_topk if preset.num_experts else 1)
+    attn = 2 * seq_length * preset.num_attention_heads * preset.head_dim
+    forward = 2 * L * (qkv + proj + mlp + attn) + 2 * h * v
+    return 3.0 * forward

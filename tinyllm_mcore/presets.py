@@ -1,0 +1,166 @@
+"""Model presets: the one source of truth for tiny-llm shapes and architecture constants.
+
+The seed (wdndev/tiny-llm-zh) defines six sizes. Its architecture is exactly Hugging Face's Qwen2 layout:
+pre-norm RMSNorm (eps 1e-6), rotate-half RoPE (theta 1e4), multi-head attention (kv heads = heads), SwiGLU MLP,
+bias on q/k/v only, untied input/output embeddings. Everything here is consumed by `model.py` (to build the
+megatron-core GPTModel) and by `hf_mapping.py` (to name and shape HF tensors), so shapes are never restated.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# The seed's vocabulary: ChatGLM3's 64789 sentencepiece pieces + 9 appended special tokens.
+SEED_VOCAB_SIZE = 64798
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    max_position_embeddings: int
+    vocab_size: int = SEED_VOCAB_SIZE
+    num_query_groups: int | None = None  # None = MHA (kv heads = heads), as in every seed preset
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    # MoE (issue 8); 0 = dense
+    num_experts: int = 0
+    moe_router_topk: int = 2
+    moe_shared_expert_ffn_hidden_size: int | None = None
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def replace(self, **overrides) -> "ModelPreset":
+        return dataclasses.replace(self, **overrides)
+
+    def num_parameters(self, vocab_size: int | None = None) -> int:
+        """Parameter count of the logical (unpadded) model, computed from the shapes alone."""
+        v = self.vocab_size if vocab_size is None else vocab_size
+        h, f, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
+        q, kv = self.num_attention_heads * d, self.kv_heads * d
+        attn = h * (q + 2 * kv) + (q + 2 * kv) + q * h  # qkv weight + qkv bias + o_proj (no bias)
+        mlp = 3 * h * f  # gate, up, down; no biases
+        if self.num_experts:
+            shared = self.moe_shared_expert_ffn_hidden_size or 0
+            mlp = self.num_experts * 3 * h * f + h * self.num_experts + (3 * h * shared + h if shared else 0)
+        per_layer = attn + mlp + 2 * h  # two RMSNorm weights
+        return 2 * v * h + self.num_layers * per_layer + h  # untied embeddings + layers + final norm
+
+
+PRESETS: dict[str, ModelPreset] = {
+    p.name: p
+    for p in [
+        ModelPreset("16m", hidden_size=120, num_layers=6, num_attention_heads=6, ffn_hidden_size=384, max_position_embeddings=512),
+        ModelPreset("42m", hidden_size=288, num_layers=6, num_attention_heads=6, ffn_hidden_size=768, max_position_embeddings=512),
+        ModelPreset("92m", hidden_size=512, num_layers=8, num_attention_heads=8, ffn_hidden_size=1408, max_position_embeddings=1024),
+        ModelPreset("210m", hidden_size=768, num_layers=16, num_attention_heads=12, ffn_hidden_size=2048, max_position_embeddings=1024),
+        ModelPreset("440m", hidden_size=1024, num_layers=24, num_attention_heads=16, ffn_hidden_size=2816, max_position_embeddings=1024),
+        ModelPreset("1.5b", hidden_size=2048, num_layers=24, num_attention_heads=16, ffn_hidden_size=5504, max_position_embeddings=1024),
+        # Not a seed size: small enough for unit tests and the CPU quickstart, shaped so TP2/PP2/PP4 all divide it.
+        ModelPreset("tiny", hidden_size=64, num_layers=4, num_attention_heads=4, ffn_hidden_size=176, max_position_embeddings=256, vocab_size=1024),
+        # MoE variant of 92m (issue 8): 8 experts, top-2, expert ffn = the dense ffn / 4 per expert ... kept close to 92m's active size.
+        ModelPreset("92m-moe", hidden_size=512, num_layers=8, num_attention_heads=8, ffn_hidden_size=704, max_position_embeddings=1024, num_experts=8, moe_router_topk=2),
+        ModelPreset("tiny-moe", hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=64, max_position_embeddings=256, vocab_size=1024, num_experts=4, moe_router_topk=2),
+    ]
+}
+
+
+def get_preset(name: str, **overrides) -> ModelPreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown --model-size {name!r}; choose one of: {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: int = 128) -> int:
+    """Megatron pads the embedding rows so each TP shard is equal and matmul-friendly.
+
+    The logical vocab (what the tokenizer and HF export use) is unchanged; padded rows are never targets and are
+    stripped on export.
+    """
+    multiple = divisible_by * tensor_parallel_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def transformer_config(
+    preset: ModelPreset,
+    *,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: int | None = None,
+    expert_model_parallel_size: int = 1,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    bf16: bool = False,
+    fp16: bool = False,
+    use_cpu_initialization: bool = False,
+    init_method_std: float = 0.02,
+    attention_dropout: float = 0.0,
+    hidden_dropout: float = 0.0,
+    recompute: bool = False,
+    **extra,
+):
+    """The megatron-core TransformerConfig for a preset and a parallel layout."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    pipeline_dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+    kwargs = dict(
+        num_layers=preset.num_layers,
+        hidden_size=preset.hidden_size,
+        num_attention_heads=preset.num_attention_heads,
+        num_query_groups=preset.kv_heads,
+        ffn_hidden_size=preset.ffn_hidden_size,
+        kv_channels=preset.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=preset.norm_eps,
+        gated_linear_unit=True,  # SwiGLU: fc1 = [gate; up], act(gate) * up
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        # CPU / no-apex safe choices; correct everywhere (fusions are a speed detail, not numerics we rely on)
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        attention_dropout=attention_dropout,
+        hidden_dropout=hidden_dropout,
+        init_method_std=init_method_std,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        sequence_parallel=sequence_parallel and tensor_model_parallel_size > 1,
+        params_dtype=params_dtype,
+        pipeline_dtype=pipeline_dtype,
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu_initialization=use_cpu_initialization,
+    )
+    if recompute:
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if preset.num_experts:
+        kwargs.update(
+            num_moe_experts=preset.num_experts,
+            moe_router_topk=preset.moe_router_topk,
+            moe_ffn_hidden_size=preset.ffn_hidden_size,
+            moe_shared_expert_intermediate_size=preset.moe_shared_expert_ffn_hidden_size,
+            moe_token_dispatcher_type="alltoall",
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=1e-2,
+        )
+    kwargs.update(extra)
+    return TransformerConfig(**kwargs)

@@ -1,0 +1,64 @@
+"""Pretraining stage: `torchrun --nproc-per-node N -m tinyllm_mcore.pretrain --model-size 92m --data-path ...`.
+
+Megatron-LM's pretrain_gpt.py shape: a datasets provider (megatron GPTDataset blends over indexed files, or
+MockGPTDataset) and a forward step whose loss is the masked next-token cross-entropy. The generic loop does the rest.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from tinyllm_mcore.training.loop import Stage, main
+from tinyllm_mcore.training.losses import masked_token_loss
+
+
+def batch_to_device(batch: dict) -> dict:
+    if torch.cuda.is_available():
+        return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+    return batch
+
+
+def lm_forward_step(data_iterator, model):
+    """Forward a micro-batch of {tokens, labels, loss_mask, position_ids[, segment_ids]} through the GPT.
+
+    Packed SFT sequences carry segment_ids: attention is then causal within each packed sample only.
+    """
+    batch = batch_to_device(next(data_iterator))
+    attention_mask = None
+    if "segment_ids" in batch:
+        from tinyllm_mcore.data.sft import packed_attention_mask
+
+        attention_mask = packed_attention_mask(batch["segment_ids"])
+    output = model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"])
+    return output, partial(masked_token_loss, batch["loss_mask"])
+
+
+def num_samples(args) -> tuple[int, int, int]:
+    evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
+    return (args.train_iters * args.global_batch_size,
+            evals * args.eval_iters * args.global_batch_size,
+            args.eval_iters * args.global_batch_size)
+
+
+def pretrain_datasets(args, tokenizer, preset):
+    from tinyllm_mcore.data.pretrain import build_pretrain_datasets
+
+    return build_pretrain_datasets(
+        data_path=args.data_path, split=args.split, seq_length=args.seq_length, seed=args.seed,
+        tokenizer=tokenizer, num_samples=num_samples(args), mock=args.mock_data, cache_dir=args.data_cache_path)
+
+
+def load_tokenizer(args):
+    if not args.tokenizer_model:
+        return None
+    from tinyllm_mcore.tokenizer import load_tokenizer as load
+
+    return load(args.tokenizer_model, args.tokenizer_type)
+
+
+STAGE = Stage(name="pretrain", datasets_provider=pretrain_datasets, forward_step=lm_forward_step,
+              default_warmup_fraction=0.05)
+
+if __name__ == "__main__":
+    raise SystemExit(main(STAGE, tokenizer_loader=load_tokenizer))

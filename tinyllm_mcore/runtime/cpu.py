@@ -1,0 +1,199 @@
+"""What megatron-core needs to run without CUDA. A no-op when CUDA is available.
+
+megatron-core assumes a GPU: it asks `torch.cuda.current_device()` for where to put buffers, seeds and forks a CUDA
+RNG for tensor-parallel initialisation and dropout, and some of its optimizer/clip-grad code builds `device="cuda"`
+tensors or asserts `torch.cuda.FloatTensor`. On a CPU-only machine we redirect exactly those points, at
+import-time patch sites, instead of intercepting every torch op (a global TorchFunctionMode costs time on every op).
+
+Call `activate()` once, before building models; it returns whether the CPU adapter is in use.
+Nothing else in the code base asks "am I on CPU?": it asks `runtime.device()`.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import types
+
+import torch
+
+_ACTIVE = False
+
+
+def cuda_usable() -> bool:
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """The device this process computes on."""
+    return torch.device("cuda", torch.cuda.current_device()) if not _ACTIVE else torch.device("cpu")
+
+
+def is_active() -> bool:
+    return _ACTIVE
+
+
+class CpuRNGStatesTracker:
+    """Stand-in for megatron's CudaRNGStatesTracker, keeping named CPU generator states.
+
+    Tensor-parallel ranks initialise and drop out with different seeds inside `fork()`; here the fork swaps the
+    process-wide CPU RNG state, exactly as the CUDA tracker swaps the CUDA one.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def reset(self):
+        self._is_initialized = False
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def get_states(self):
+        return {k: v.clone() for k, v in self.states_.items()}
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = {k: v.clone() for k, v in states.items()}
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def _cpu_device_kwargs(fn):
+    """Wrap a torch factory so device='cuda'/cuda index from megatron lands on the CPU."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        dev = kwargs.get("device")
+        if dev is not None and (isinstance(dev, int) or "cuda" in str(dev)):
+            kwargs["device"] = "cpu"
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+# megatron-core modules that build tensors with a literal device="cuda" on paths we use (loss-token counters in the
+# pipeline schedules, optimizer/grad-scaler scalars, clip-grad buffers, dist-checkpoint exchange buffers).
+_MODULES_WITH_CUDA_FACTORIES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.transformer.utils",
+    "megatron.core.utils",
+)
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "empty_like", "zeros_like", "ones_like")
+
+
+class _TorchOnCpu(types.ModuleType):
+    """`torch` as seen by one megatron module: identical, except tensor factories ignore a CUDA device."""
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in _FACTORIES:
+            setattr(self, name, _cpu_device_kwargs(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """Within the block, `tensor.type()` reports CPU float tensors under their CUDA names.
+
+    megatron's optimizers sort parameters by `param.type() == 'torch.cuda.FloatTensor'` (and Half/BFloat16) and
+    raise for anything else; only their constructors and clip-grad ask, so only those run inside this block.
+    """
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, *args, **kwargs):
+        if dtype is None and not args and not kwargs:
+            name = original(self)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+        return original(self, dtype, *args, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _with_cuda_type_names(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def activate() -> bool:
+    """Install the CPU adapter if there is no CUDA. Idempotent."""
+    global _ACTIVE
+    if _ACTIVE or cuda_usable():
+        return _ACTIVE
+    _ACTIVE = True
+
+    from megatron.core.tensor_parallel import random as mp_random
+
+    # 1. The model-parallel RNG tracker: CPU generator states instead of CUDA ones.
+    mp_random.CudaRNGStatesTracker = CpuRNGStatesTracker  # type: ignore[misc]
+    mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    # 2. "Which GPU am I on?" -> the CPU. Megatron passes the answer as a factory `device=`.
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+    torch.cuda.manual_seed = lambda *a, **k: None  # type: ignore[assignment]
+    # Tensor.cuda() can only fail on a machine without CUDA; megatron calls it on buffers that must stay put.
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
+
+    # 3. Literal device="cuda" factories, module by module.
+    cpu_torch = _TorchOnCpu()
+    for module_name in _MODULES_WITH_CUDA_FACTORIES:
+        importlib.import_module(module_name).torch = cpu_torch
+
+    # 4. Type-name checks in the optimizer constructors and clip-grad.
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    optimizer.Float16OptimizerWithFloat16Params.__init__ = _with_cuda_type_names(
+        optimizer.Float16OptimizerWithFloat16Params.__init__
+    )
+    build_groups = distrib_optimizer.DistributedOptimizer.__dict__["_build_model_and_main_param_groups"].__func__
+    distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups = classmethod(
+        _with_cuda_type_names(build_groups)
+    )
+    clipped = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = clipped
+    optimizer.clip_grad_by_total_norm_fp32 = clipped
+    return True

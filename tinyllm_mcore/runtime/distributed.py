@@ -1,0 +1,141 @@
+"""Process group and megatron parallel state: NCCL on GPU, gloo on CPU; TP, PP (+ virtual PP), EP, DP; seeds.
+
+Launchers: `torchrun` (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT), Slurm `srun` with one task per GPU
+(SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; MASTER_ADDR/MASTER_PORT exported by the sbatch script), or a plain
+`python` process (a world of one).
+"""
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tinyllm_mcore.runtime import cpu
+
+
+class ParallelConfigError(ValueError):
+    """An impossible parallel layout (reported as one line by the CLIs)."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def launch_from_env() -> Launch:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (also torchrun under srun)
+        return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun, one task per GPU
+        return Launch(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return Launch(0, 1, 0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_parallel_layout(world_size: int, tp: int, pp: int, num_attention_heads: int, num_layers: int,
+                          vpp_layers: int | None = None, ep: int = 1, num_query_groups: int | None = None,
+                          num_experts: int = 0) -> int:
+    """Validate a layout and return the data-parallel size; raise ParallelConfigError with one clear line."""
+    if tp < 1 or pp < 1 or ep < 1:
+        raise ParallelConfigError(f"parallel sizes must be >= 1 (TP={tp}, PP={pp}, EP={ep})")
+    if world_size % (tp * pp):
+        raise ParallelConfigError(
+            f"world size {world_size} is not divisible by tensor-parallel {tp} x pipeline-parallel {pp} = {tp * pp}")
+    if num_attention_heads % tp:
+        raise ParallelConfigError(f"{num_attention_heads} attention heads are not divisible by tensor-parallel size {tp}")
+    if num_query_groups and num_query_groups % tp:
+        raise ParallelConfigError(f"{num_query_groups} key/value heads are not divisible by tensor-parallel size {tp}")
+    if num_layers % pp:
+        raise ParallelConfigError(f"{num_layers} layers are not divisible by pipeline-parallel size {pp}")
+    if vpp_layers is not None:
+        if pp < 2:
+            raise ParallelConfigError("--num-layers-per-virtual-pipeline-stage needs pipeline-parallel size >= 2")
+        if (num_layers // pp) % vpp_layers:
+            raise ParallelConfigError(
+                f"{num_layers // pp} layers per pipeline stage are not divisible by {vpp_layers} layers per virtual stage")
+    dp = world_size // (tp * pp)
+    if ep > 1:
+        if not num_experts:
+            raise ParallelConfigError("--expert-model-parallel-size > 1 needs a MoE model")
+        if num_experts % ep:
+            raise ParallelConfigError(f"{num_experts} experts are not divisible by expert-parallel size {ep}")
+        if (dp * tp) % ep:
+            raise ParallelConfigError(f"expert-parallel size {ep} must divide data-parallel x tensor-parallel = {dp * tp}")
+    return dp
+
+
+def initialize(tp: int = 1, pp: int = 1, vpp: int | None = None, ep: int = 1, seed: int = 1234,
+               timeout_minutes: int = 30) -> Launch:
+    """Start torch.distributed and megatron's parallel state for this process; idempotent per process."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    cpu.activate()
+    launch = launch_from_env()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if launch.world_size == 1:
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        elif "MASTER_PORT" not in os.environ:
+            raise ParallelConfigError("MASTER_PORT is not set (torchrun sets it; under srun export it in the sbatch script)")
+        if cpu.is_active():
+            backend = "gloo"
+        else:
+            backend = "nccl"
+            torch.cuda.set_device(launch.local_rank)
+        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
+                                timeout=timedelta(minutes=timeout_minutes))
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp,
+            expert_model_parallel_size=ep,
+        )
+    set_seed(seed)
+    return launch
+
+
+def set_seed(seed: int) -> None:
+    """Megatron-LM's convention: each pipeline stage offsets the seed; TP ranks differ inside the RNG tracker."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_logging_rank() -> bool:
+    """The rank that holds the loss and prints: last pipeline stage, first TP and DP rank."""
+    from megatron.core import parallel_state
+
+    return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0)
+
+
+def print_rank0(*args, **kwargs) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)

@@ -1,0 +1,107 @@
+"""One Megatron-style argument parser shared by every stage (pretrain, SFT, reward, DPO).
+
+Flag names follow Megatron-LM so existing launch scripts read naturally. Stages add their own flags through
+`extra_args(parser)`. Defaults are the seed's (lr 3e-4 cosine, weight decay 0.01, clip 1.0, seq 1024).
+"""
+from __future__ import annotations
+
+import argparse
+
+from tinyllm_mcore.presets import PRESETS
+
+
+def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model-size", default="92m", choices=list(PRESETS), help="preset from the seed's size table")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="logical vocab (default: the tokenizer's, else the preset's 64798)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--transformer-impl", choices=["auto", "local", "transformer_engine"], default="auto",
+                   help="layer spec: TE when it imports and CUDA is present (auto), or force one")
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--recompute-activations", action="store_true", help="full activation recomputation")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="default: micro-batch x data-parallel size (no gradient accumulation)")
+    g.add_argument("--seq-length", type=int, default=1024)
+    g.add_argument("--train-iters", type=int, default=1000)
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--min-lr", type=float, default=3e-5)
+    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant", "inverse-square-root", "WSD"],
+                   default="cosine")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-warmup-iters", type=int, default=None)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warmup as a fraction of decay iters (seed: 0.05 pretrain, 0.03 SFT); default 0.05")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+
+    g = p.add_argument_group("precision")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--loss-scale", type=float, default=None, help="static fp16 loss scale (default dynamic)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="indexed-dataset prefixes, optionally weighted: 'w1 prefix1 w2 prefix2'")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test weights over each prefix's documents")
+    g.add_argument("--mock-data", action="store_true", help="megatron's MockGPTDataset (no files needed)")
+    g.add_argument("--tokenizer-model", default=None, help="sentencepiece model (or tokenizer dir)")
+    g.add_argument("--tokenizer-type", default="auto")
+    g.add_argument("--data-cache-path", default=None, help="where megatron caches dataset indices")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--finetune", action="store_true",
+                   help="load model weights only: reset iteration, optimizer, LR schedule and RNG")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+
+    g = p.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device peak TFLOP/s for MFU (default: known GPU table, or measured matmul peak on CPU)")
+    g.add_argument("--max-skipped-iters", type=int, default=10,
+                   help="abort after this many iterations with a NaN/inf loss (each is skipped and reported)")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--exit-interval", type=int, default=None, help="stop (after saving) at this iteration")
+
+    if extra_args is not None:
+        extra_args(p)
+    return p
+
+
+def validate(args: argparse.Namespace) -> argparse.Namespace:
+    """Checks that need no process group. Raises ValueError with one line."""
+    if args.bf16 and args.fp16:
+        raise ValueError("--bf16 and --fp16 are mutually exclusive")
+    if not args.mock_data and not args.data_path and not getattr(args, "allow_no_data", False):
+        raise ValueError("give --data-path PREFIX [...] or --mock-data")
+    if args.lr_warmup_iters is not None and args.lr_warmup_fraction is not None:
+        raise ValueError("--lr-warmup-iters and --lr-warmup-fraction are mutually exclusive")
+    if args.save_interval is not None and not args.save:
+        raise ValueError("--save-interval needs --save DIR")
+    return args

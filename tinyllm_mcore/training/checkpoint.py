@@ -1,0 +1,235 @@
+"""Checkpoints with megatron.core.dist_checkpointing (torch_dist format): reshardable across TP/PP/DP.
+
+Layout (Megatron-LM's):  SAVE/iter_0000100/  (one dist checkpoint)  and  SAVE/latest_checkpointed_iteration.txt.
+The pointer file is replaced atomically only after every rank finished writing, so a process killed mid-save
+leaves the pointer on the previous complete checkpoint; the half-written iter dir is ignored and overwritten.
+
+Contents: model (each virtual-pipeline chunk), optimizer, LR scheduler, RNG states (per TP/PP rank; skipped when
+the layout changes), iteration, consumed samples and the run's arguments. Common (non-tensor) state is read with
+torch.load's weights_only default, so only plain Python values are stored there.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+class CheckpointError(ValueError):
+    """A --load path that is not a usable checkpoint (reported as one line by the CLIs)."""
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def _is_dist_checkpoint(path: Path) -> bool:
+    return (path / "metadata.json").is_file() and (path / "common.pt").is_file()
+
+
+def resolve_load_dir(load: str | os.PathLike) -> Path:
+    """`--load` may be a save root (with the pointer file) or one iter_* checkpoint directory."""
+    root = Path(load)
+    if not root.exists():
+        raise CheckpointError(f"checkpoint path does not exist: {root}")
+    tracker = root / TRACKER
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        if text == "release":
+            path = root / "release"
+        elif text.isdigit():
+            path = iteration_dir(root, int(text))
+        else:
+            raise CheckpointError(f"{tracker} holds {text!r}, not an iteration number")
+        if not _is_dist_checkpoint(path):
+            raise CheckpointError(f"{tracker} points at {path}, which is not a complete dist checkpoint")
+        return path
+    if _is_dist_checkpoint(root):
+        return root
+    raise CheckpointError(f"not a checkpoint directory (no {TRACKER} and no dist-checkpoint metadata): {root}")
+
+
+def unwrap(model):
+    """The GPT module inside DDP / Float16Module wrappers (whose state-dict keys carry a 'module.' prefix)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _model_key(i: int, n: int) -> str:
+    return "model" if n == 1 else f"model{i}"
+
+
+def _rng_state() -> dict:
+    """This rank's RNG states as plain values (safe to load with weights_only)."""
+    from megatron.core import tensor_parallel
+
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "random": [version, list(internal), gauss],
+        "np": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    version, internal, gauss = state["random"]
+    random.setstate((version, tuple(internal), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["np"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_rng(state) -> "ShardedObject":
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+    return ShardedObject("rng_state", state, (pp, tp), (ps.get_pipeline_model_parallel_rank(),
+                                                         ps.get_tensor_model_parallel_rank()),
+                         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _plain_args(args) -> dict:
+    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, tuple, dict, type(None)))}
+
+
+def _state_dict(models, optimizer, scheduler, *, iteration: int, consumed_samples: int, args, rng: bool,
+                is_loading: bool) -> dict:
+    state = {"iteration": iteration, "consumed_samples": consumed_samples}
+    if args is not None:
+        state["args"] = _plain_args(args)
+    model_state = {}
+    for i, m in enumerate(models):
+        state[_model_key(i, len(models))] = unwrap(m).sharded_state_dict()
+        model_state.update(state[_model_key(i, len(models))])
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    if rng:
+        state["rng_state"] = _sharded_rng(_rng_state())
+    return state
+
+
+def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler, *, consumed_samples: int,
+                    args=None) -> Path:
+    from megatron.core import dist_checkpointing
+
+    path = iteration_dir(save_dir, iteration)
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        if path.exists():  # remnant of an interrupted save of the same iteration
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    dist.barrier()
+    state = _state_dict(models, optimizer, scheduler, iteration=iteration, consumed_samples=consumed_samples,
+                        args=args, rng=True, is_loading=False)
+    dist_checkpointing.save(state, str(path))
+    dist.barrier()
+    if rank0:  # publish only a complete checkpoint
+        tmp = Path(save_dir) / f".{TRACKER}.tmp"
+        tmp.write_text(str(iteration))
+        os.replace(tmp, Path(save_dir) / TRACKER)
+    dist.barrier()
+    return path
+
+
+def read_common(path: Path) -> dict:
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(path))
+
+
+def load_checkpoint(load: str, models, optimizer=None, scheduler=None, *, finetune: bool = False,
+                    load_optim: bool = True, load_rng: bool = True) -> tuple[int, int]:
+    """Load into the (already built) models/optimizer/scheduler; return (iteration, consumed_samples).
+
+    `finetune` loads model weights only and restarts counting from zero. RNG states are restored only when the
+    parallel layout is unchanged (they are per TP/PP rank).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    path = resolve_load_dir(load)
+    common = read_common(path)
+    saved = common.get("args", {})
+    same_layout = (saved.get("tensor_model_parallel_size") == ps.get_tensor_model_parallel_world_size()
+                   and saved.get("pipeline_model_parallel_size") == ps.get_pipeline_model_parallel_world_size())
+    with_optim = optimizer is not None and load_optim and not finetune and "optimizer" in _saved_keys(path)
+    state = _state_dict(models, optimizer if with_optim else None, scheduler if not finetune else None,
+                        iteration=0, consumed_samples=0, args=None,
+                        rng=load_rng and not finetune and same_layout, is_loading=True)
+    loaded = dist_checkpointing.load(state, str(path))
+    for i, m in enumerate(models):
+        unwrap(m).load_state_dict(loaded[_model_key(i, len(models))], strict=True)
+    if with_optim:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and not finetune and "opt_param_scheduler" in loaded:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if "rng_state" in loaded and load_rng and not finetune and same_layout:
+        _set_rng_state(loaded["rng_state"])
+    if finetune:
+        return 0, 0
+    return int(loaded["iteration"]), int(loaded["consumed_samples"])
+
+
+def _saved_keys(path: Path) -> set[str]:
+    from megatron.core import dist_checkpointing
+
+    try:
+        return {k.split(".")[0] for k in dist_checkpointing.load_tensors_metadata(str(path))}
+    except Exception:
+        return set()
+
+
+def saved_preset(load: str):
+    """The ModelPreset a checkpoint was trained with (stored in its common state)."""
+    from tinyllm_mcore.presets import ModelPreset
+
+    path = resolve_load_dir(load)
+    args = read_common(path).get("args", {})
+    if "preset" not in args:
+        raise CheckpointError(f"{path} has no model preset in its metadata (not a tinyllm-mcore checkpoint?)")
+    return ModelPreset(**args["preset"]), args
+
+
+def load_model_for_inference(load: str, *, use_te: bool | None = None, bf16: bool = False):
+    """Build this rank's model chunks for the checkpoint's preset at the current parallel layout and load weights.
+
+    Works at any TP/PP (dist checkpoints reshard on load); the parallel state must be initialised. Returns
+    (chunks, preset): chunks in eval mode, unwrapped GPTModels.
+    """
+    from megatron.core import parallel_state as ps
+
+    from tinyllm_mcore.model import build_model
+    from tinyllm_mcore.presets import transformer_config
+
+    preset, saved = saved_preset(load)
+    config = transformer_config(
+        preset, tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
+        use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=False)
+    model = build_model(preset, config, use_te=use_te,
+                        make_vocab_size_divisible_by=saved.get("make_vocab_size_divisible_by", 128))
+    if torch.cuda.is_available():
+        model.cuda()
+    load_checkpoint(load, [model], finetune=True)
+    model.eval()
+    return [model], preset

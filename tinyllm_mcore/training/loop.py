@@ -1,0 +1,461 @@
+"""The generic training loop: every stage (pretrain, SFT, reward, DPO) is a `Stage` handed to `train()`.
+
+A stage is Megatron-LM's trio — a model provider, a forward step returning (output, loss function), and a datasets
+provider — plus its own flags. The loop owns everything else: runtime init, model chunks (virtual pipeline), mixed
+precision, megatron DDP, optimizer (distributed or not), LR schedule, megatron's pipeline schedules, gradient
+accumulation, evaluation, NaN/inf skipping, logging (loss, lr, grad norm, tokens/s, MFU) and checkpoints.
+
+Loss convention: a stage's loss function returns (loss_sum, count, {"name": tensor([sum, count]), ...}) and the
+config sets `calculate_per_token_loss`, so megatron divides gradients by the global count across micro-batches and
+DP ranks. The update is then an exact mean over the global batch whatever its split into micro-batches and
+DP ranks (pretrain/SFT count tokens, DPO/reward count pairs).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tinyllm_mcore.presets import ModelPreset, get_preset, transformer_config
+from tinyllm_mcore.runtime import distributed as rt
+from tinyllm_mcore.training import checkpoint as ckpt
+from tinyllm_mcore.training.arguments import build_parser, validate
+from tinyllm_mcore.training.metrics import MetricsWriter, peak_tflops
+
+
+@dataclass
+class Stage:
+    name: str
+    # (args, tokenizer, preset) -> (train, valid, test) datasets yielding dict samples
+    datasets_provider: Callable
+    # (data_iterator, model) -> (output_tensor, loss_fn)
+    forward_step: Callable
+    # (args, preset, config, pre_process, post_process, vp_stage) -> module; default: the GPT LM
+    model_provider: Callable | None = None
+    # adds stage-specific flags
+    extra_args: Callable[[argparse.ArgumentParser], None] | None = None
+    default_warmup_fraction: float = 0.05
+    # stage hook after loading (e.g. DPO builds its frozen reference); (args, models) -> None
+    after_load: Callable | None = None
+    # names in the loss function's report dict, in order (every rank must know them, not only the last stage)
+    report_names: tuple[str, ...] = ("lm loss",)
+
+
+def default_model_provider(args, preset, config, pre_process, post_process, vp_stage):
+    from tinyllm_mcore.model import build_model
+
+    use_te = {"auto": None, "local": False, "transformer_engine": True}[args.transformer_impl]
+    return build_model(preset, config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                       use_te=use_te, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup
+
+
+def model_preset(args, tokenizer=None) -> ModelPreset:
+    vocab = args.vocab_size or (tokenizer.vocab_size if tokenizer is not None else None)
+    return get_preset(args.model_size, vocab_size=vocab)
+
+
+def build_config(args, preset: ModelPreset):
+    vpp = None
+    if args.num_layers_per_virtual_pipeline_stage:
+        vpp = preset.num_layers // args.pipeline_model_parallel_size // args.num_layers_per_virtual_pipeline_stage
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    config = transformer_config(
+        preset,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        params_dtype=dtype,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        init_method_std=args.init_method_std,
+        attention_dropout=args.attention_dropout,
+        hidden_dropout=args.hidden_dropout,
+        recompute=args.recompute_activations,
+        calculate_per_token_loss=True,
+    )
+    # megatron's pipeline schedules pass activations between stages in the pipeline dtype
+    return config
+
+
+def build_model_chunks(stage: Stage, args, preset: ModelPreset, config, wrap: bool = True):
+    """This rank's model chunks (one per virtual pipeline stage), in mixed precision and megatron DDP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    provider = stage.model_provider or default_model_provider
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        vp = vp_stage if vpp > 1 else None
+        pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp)
+        post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)
+        model = provider(args, preset, config, pre, post, vp)
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        if args.bf16 or args.fp16:
+            model = Float16Module(config, model)
+        chunks.append(model)
+    if not wrap:
+        return chunks
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.bf16 or args.fp16,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        check_for_nan_in_grad=False,  # the loop skips non-finite iterations itself and reports them
+    )
+    return [DistributedDataParallel(config, ddp_config, m, disable_bucketing=(i > 0)) for i, m in enumerate(chunks)]
+
+
+def build_optimizer(args, chunks, config):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        params_dtype=config.params_dtype,
+        loss_scale=args.loss_scale,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, chunks)
+    gbs = args.global_batch_size
+    decay_iters = max(args.lr_decay_iters or args.train_iters, 1)
+    if args.lr_warmup_iters is not None:
+        warmup_iters = args.lr_warmup_iters
+    else:
+        fraction = args.lr_warmup_fraction if args.lr_warmup_fraction is not None else args.default_warmup_fraction
+        warmup_iters = int(fraction * decay_iters)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=warmup_iters * gbs,
+        lr_decay_steps=decay_iters * gbs,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters * gbs,
+        wd_incr_style="constant",
+        wsd_decay_steps=int(0.1 * decay_iters) * gbs if args.lr_decay_style == "WSD" else None,
+        lr_wsd_decay_style="linear" if args.lr_decay_style == "WSD" else None,
+    )
+    return optimizer, scheduler
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: deterministic micro-batches, resumable from a consumed-sample count
+
+
+def collate(samples: list[dict]) -> dict:
+    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]}
+
+
+def micro_batches(dataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                  shuffle_seed: int | None = None) -> Iterator[dict]:
+    """Global step g takes samples [g·mbs·dp, (g+1)·mbs·dp); DP rank r the r-th micro-batch of those.
+
+    Indices past the dataset's end wrap into a new epoch (reshuffled when `shuffle_seed` is set; megatron's
+    GPTDataset is already shuffled and sized for the run, so pretraining never wraps).
+    """
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("dataset is empty")
+    permutations: dict[int, np.ndarray] = {}
+
+    def index(global_index: int) -> int:
+        epoch, i = divmod(global_index, n)
+        if shuffle_seed is None:
+            return i
+        if epoch not in permutations:
+            permutations.clear()
+            permutations[epoch] = np.random.default_rng(shuffle_seed + epoch).permutation(n)
+        return int(permutations[epoch][i])
+
+    start = consumed_samples
+    while True:
+        first = start + dp_rank * micro_batch_size
+        yield collate([dataset[index(first + j)] for j in range(micro_batch_size)])
+        start += micro_batch_size * dp_size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Steps
+
+
+def _reduce_reports(losses_reduced: list[dict]) -> dict[str, float]:
+    """Sum each reported [sum, count] over micro-batches and DP ranks; return sum/count per name."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.is_pipeline_last_stage(ignore_virtual=True) or not losses_reduced:
+        return {}
+    names = sorted(losses_reduced[0])
+    totals = torch.stack([sum(torch.as_tensor(r[k], dtype=torch.float64).reshape(2) for r in losses_reduced)
+                          for k in names])
+    if torch.cuda.is_available():
+        totals = totals.cuda()
+    dist.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return {k: (t[0] / t[1].clamp(min=1)).item() for k, t in zip(names, totals.cpu())}
+
+
+def _broadcast_from_last_stage(values: dict[str, float], names: list[str]) -> dict[str, float]:
+    """Make the last stage's reduced numbers known to every rank (all decide together whether to skip)."""
+    from megatron.core import parallel_state as ps
+
+    t = torch.tensor([values.get(k, 0.0) for k in names] or [0.0], dtype=torch.float64)
+    if torch.cuda.is_available():
+        t = t.cuda()
+    src = ps.get_pipeline_model_parallel_last_rank()
+    dist.broadcast(t, src, group=ps.get_pipeline_model_parallel_group())
+    return dict(zip(names, t.cpu().tolist()))
+
+
+def train_step(stage: Stage, forward_backward, data_iters, chunks, optimizer, scheduler, args):
+    from megatron.core import parallel_state as ps
+
+    for m in chunks:
+        m.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = forward_backward(
+        forward_step_func=stage.forward_step,
+        data_iterator=data_iters if len(chunks) > 1 else data_iters[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=args.num_microbatches,
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size * args.sequences_per_sample,
+        decoder_seq_length=args.seq_length,
+        forward_only=False,
+    )
+    reports = _reduce_reports(losses)
+    names = args.report_names
+    reports = _broadcast_from_last_stage(reports, names)
+    finite = all(math.isfinite(v) for v in reports.values())
+    flag = torch.tensor([0.0 if finite else 1.0], device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() > 0:  # skip the update: the data is consumed, weights, optimizer and LR stay
+        return reports, None, False
+    update_ok, grad_norm, _ = optimizer.step()
+    if update_ok:
+        scheduler.step(increment=args.global_batch_size)
+    return reports, grad_norm, update_ok
+
+
+def evaluate(stage: Stage, forward_backward, valid_iters_factory, chunks, args) -> dict[str, float]:
+    for m in chunks:
+        m.eval()
+    iters = valid_iters_factory()
+    totals: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for _ in range(args.eval_iters):
+            losses = forward_backward(
+                forward_step_func=stage.forward_step,
+                data_iterator=iters if len(chunks) > 1 else iters[0],
+                model=chunks if len(chunks) > 1 else chunks[0],
+                num_microbatches=args.num_microbatches,
+                seq_length=args.seq_length,
+                micro_batch_size=args.micro_batch_size * args.sequences_per_sample,
+                decoder_seq_length=args.seq_length,
+                forward_only=True,
+            )
+            for k, v in _reduce_reports(losses).items():
+                totals.setdefault(k, []).append(v)
+    for m in chunks:
+        m.train()
+    result = {k: float(np.mean(v)) for k, v in totals.items()}
+    return _broadcast_from_last_stage(result, args.report_names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def parse_args(stage: Stage, argv=None) -> argparse.Namespace:
+    parser = build_parser(f"tinyllm-mcore {stage.name}", stage.extra_args)
+    args = parser.parse_args(argv)
+    args.default_warmup_fraction = stage.default_warmup_fraction
+    return validate(args)
+
+
+def setup(stage: Stage, args, tokenizer=None, preset: ModelPreset | None = None):
+    """Runtime, model chunks, optimizer, scheduler, checkpoint; returns a dict of everything the loop uses."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.utils import get_model_config
+
+    preset = preset or model_preset(args, tokenizer)
+    launch = rt.launch_from_env()
+    dp = rt.check_parallel_layout(
+        launch.world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+        preset.num_attention_heads, preset.num_layers, args.num_layers_per_virtual_pipeline_stage,
+        args.expert_model_parallel_size, preset.kv_heads, preset.num_experts)
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise rt.ParallelConfigError(
+            f"global batch {args.global_batch_size} is not divisible by micro-batch {args.micro_batch_size} x "
+            f"data-parallel {dp}")
+    if args.seq_length > preset.max_position_embeddings:
+        raise ValueError(f"--seq-length {args.seq_length} exceeds the {preset.name} preset's "
+                         f"max position embeddings {preset.max_position_embeddings}")
+    args.data_parallel_size = dp
+    args.preset = dataclasses.asdict(preset)  # stored in checkpoints: converters/eval rebuild the model from it
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    args.sequences_per_sample = getattr(args, "sequences_per_sample", 1)
+    args.report_names = list(stage.report_names)
+    if args.load:
+        ckpt.resolve_load_dir(args.load)  # fail fast, before building anything
+
+    vpp = (preset.num_layers // args.pipeline_model_parallel_size // args.num_layers_per_virtual_pipeline_stage
+           if args.num_layers_per_virtual_pipeline_stage else None)
+    rt.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, vpp,
+                  args.expert_model_parallel_size, seed=args.seed)
+    config = build_config(args, preset)
+    chunks = build_model_chunks(stage, args, preset, config)
+    optimizer, scheduler = build_optimizer(args, chunks, config)
+
+    model_config = get_model_config(chunks[0])
+    model_config.grad_scale_func = optimizer.scale_loss
+    model_config.finalize_model_grads_func = finalize_model_grads
+
+    iteration, consumed = 0, 0
+    if args.load:
+        iteration, consumed = ckpt.load_checkpoint(args.load, chunks, optimizer, scheduler, finetune=args.finetune,
+                                                   load_optim=not args.no_load_optim, load_rng=not args.no_load_rng)
+        rt.print_rank0(f"loaded {args.load} at iteration {iteration} ({consumed} samples consumed)")
+    if stage.after_load is not None:
+        stage.after_load(args, chunks)
+    return dict(preset=preset, config=config, chunks=chunks, optimizer=optimizer, scheduler=scheduler,
+                iteration=iteration, consumed_samples=consumed, dp_rank=ps.get_data_parallel_rank(), dp_size=dp)
+
+
+def train(stage: Stage, args, tokenizer=None) -> dict:
+    """Run a stage to --train-iters. Returns the history (train/eval records) on every rank."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    state = setup(stage, args, tokenizer)
+    chunks, optimizer, scheduler = state["chunks"], state["optimizer"], state["scheduler"]
+    preset = state["preset"]
+    train_ds, valid_ds, _ = stage.datasets_provider(args, tokenizer, preset)
+
+    def iterators(dataset, consumed, shuffle):
+        seed = args.seed if shuffle else None
+        return [micro_batches(dataset, consumed_samples=consumed, micro_batch_size=args.micro_batch_size,
+                              dp_rank=state["dp_rank"], dp_size=state["dp_size"], shuffle_seed=seed)
+                for _ in chunks]  # one per virtual-pipeline chunk: each chunk draws the same micro-batches
+
+    shuffle = getattr(args, "shuffle_each_epoch", False)
+    train_iters = iterators(train_ds, state["consumed_samples"], shuffle)
+    valid_factory = (lambda: iterators(valid_ds, 0, False)) if valid_ds is not None and len(valid_ds) else None
+    forward_backward = get_forward_backward_func()
+
+    logging_rank = rt.is_logging_rank()
+    writer = MetricsWriter(args.tensorboard_dir, getattr(args, "metrics_jsonl", None)) if logging_rank else None
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    from tinyllm_mcore.model import flops_per_token
+
+    flops_token = flops_per_token(preset, args.seq_length)
+    peak = None
+    tokens_per_iter = args.global_batch_size * args.seq_length * args.sequences_per_sample
+    world = dist.get_world_size()
+
+    iteration, consumed = state["iteration"], state["consumed_samples"]
+    last_saved = iteration if args.load and not args.finetune else None
+    history: list[dict] = []
+    skipped_total, window = 0, {"loss": [], "time": 0.0, "iters": 0, "skipped": 0}
+    rt.print_rank0(f"[{stage.name}] {preset.name}: {preset.num_parameters():,} params, TP={args.tensor_model_parallel_size} "
+                   f"PP={args.pipeline_model_parallel_size} DP={state['dp_size']}, global batch {args.global_batch_size}"
+                   f" = {args.micro_batch_size} x {state['dp_size']} x {args.num_microbatches} micro-batches")
+    while iteration < args.train_iters:
+        t0 = time.perf_counter()
+        reports, grad_norm, ok = train_step(stage, forward_backward, train_iters, chunks, optimizer, scheduler, args)
+        dt = time.perf_counter() - t0
+        iteration += 1
+        consumed += args.global_batch_size
+        if not ok:
+            skipped_total += 1
+            window["skipped"] += 1
+            rt.print_rank0(f"iteration {iteration}: non-finite loss {reports}; update skipped "
+                           f"({skipped_total}/{args.max_skipped_iters})")
+            if skipped_total >= args.max_skipped_iters:
+                raise FloatingPointError(f"aborting: {skipped_total} iterations had a non-finite loss")
+        window["time"] += dt
+        window["iters"] += 1
+        record = {"iteration": iteration, **reports, "lr": scheduler.get_lr(optimizer.param_groups[0]),
+                  "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        history.append({"split": "train", **record})
+        window["loss"].append(reports)
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            if peak is None:
+                peak = peak_tflops(dtype, args.peak_tflops)
+            tokens_per_s = tokens_per_iter * window["iters"] / window["time"]
+            mfu = tokens_per_s * flops_token / (peak * 1e12 * world)
+            avg = {k: float(np.mean([r[k] for r in window["loss"] if k in r])) for k in args.report_names}
+            log = {**avg, "lr": record["lr"], "grad_norm": record["grad_norm"], "tokens_per_s": tokens_per_s,
+                   "mfu": mfu, "skipped": window["skipped"]}
+            parts = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items())
+            rt.print_rank0(f"[{stage.name}] iter {iteration}/{args.train_iters} | {parts} | "
+                           f"{1000 * window['time'] / window['iters']:.0f} ms/iter")
+            if writer is not None:
+                writer.write(iteration, log)
+            window = {"loss": [], "time": 0.0, "iters": 0, "skipped": 0}
+        if valid_factory and args.eval_interval and (iteration % args.eval_interval == 0 or iteration == args.train_iters):
+            result = evaluate(stage, forward_backward, valid_factory, chunks, args)
+            history.append({"split": "valid", "iteration": iteration, **result})
+            rt.print_rank0(f"[{stage.name}] validation at iter {iteration}: " +
+                           " | ".join(f"{k} {v:.4f}" for k, v in result.items()) +
+                           (f" | ppl {math.exp(min(result['lm loss'], 50)):.2f}" if "lm loss" in result else ""))
+            if writer is not None:
+                writer.write(iteration, result, prefix="valid")
+        stop = args.exit_interval is not None and iteration >= args.exit_interval
+        if args.save and ((args.save_interval and iteration % args.save_interval == 0) or stop):
+            path = ckpt.save_checkpoint(args.save, iteration, chunks, optimizer, scheduler,
+                                        consumed_samples=consumed, args=args)
+            rt.print_rank0(f"saved checkpoint {path}")
+            last_saved = iteration
+        if stop:
+            break
+    if args.save and last_saved != iteration:  # always leave the final state (also a --train-iters 0 init)
+        path = ckpt.save_checkpoint(args.save, iteration, chunks, optimizer, scheduler, consumed_samples=consumed,
+                                    args=args)
+        rt.print_rank0(f"saved checkpoint {path}")
+    if writer is not None:
+        writer.close()
+    return {"history": history, "iteration": iteration, "consumed_samples": consumed, "chunks": chunks,
+            "skipped": skipped_total}
+
+
+def main(stage: Stage, argv=None, tokenizer_loader=None) -> int:
+    """CLI entry: parse, train, report bad input as one line with a non-zero exit."""
+    from tinyllm_mcore.training.errors import run_cli
+
+    def run():
+        args = parse_args(stage, argv)
+        tokenizer = tokenizer_loader(args) if tokenizer_loader else None
+        train(stage, args, tokenizer)
+        rt.destroy()
+
+    return run_cli(run)
