@@ -82,6 +82,7 @@ def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--metrics-jsonl", default=None, help="also append every logged record to this JSONL file")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak TFLOP/s for MFU (default: known GPU table, or measured matmul peak on CPU)")
     g.add_argument("--max-skipped-iters", type=int, default=10,

@@ -373,7 +373,7 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
     forward_backward = get_forward_backward_func()
 
     logging_rank = rt.is_logging_rank()
-    writer = MetricsWriter(args.tensorboard_dir, getattr(args, "metrics_jsonl", None)) if logging_rank else None
+    writer = MetricsWriter(args.tensorboard_dir, args.metrics_jsonl) if logging_rank else None
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     from tinyllm_mcore.model import flops_per_token
 
