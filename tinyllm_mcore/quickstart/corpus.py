@@ -1,0 +1,215 @@
+"""A deterministic, seeded synthetic Chinese knowledge corpus: the quickstart's data, generated here (nothing
+downloaded).
+
+A fixed world of invented countries, each with six facts (capital, longest river, national animal, currency,
+official language, continent). The same facts are written four ways:
+
+* pretraining documents — declarative sentences in many patterns, shuffled into short encyclopedia-style passages;
+* SFT question/answer pairs — the questions use *training* phrasings only;
+* DPO pairs — a training-phrasing question, the correct answer (chosen) and the same answer sentence naming another
+  country's value for that relation (rejected: plausible, always wrong);
+* evaluation questions — *held-out* phrasings that no other split uses, with the exact reference answer.
+
+A few countries (``unseen_countries``) appear only in pretraining: their evaluation questions (split
+``unseen_fact``) measure whether SFT taught the model to answer from what pretraining stored. The headline metric is
+the ``heldout_phrasing`` split: facts the SFT data covers, asked in wordings it never saw.
+
+The same seed always gives byte-identical files (``random.Random(seed)``, no set/dict-order dependence).
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+# Characters invented names are drawn from (pleasant, unambiguous, no relation words such as 首/都/河).
+_NAME_CHARS = ("安宁青澜明岚泽云松星林月川雪华丰瑞祥禾田金玉银石兰竹梅桐清远平和嘉诺丹琪瑶珂晨曦霞虹峰岳溪泉"
+               "凌霄翠碧芷若薇蓝墨琉璃翔鸣鹭雁帆舟桥阳景乐")
+# Real animals as national animals: plausible-wrong answers are other real animals.
+_ANIMALS = ("熊猫", "雪豹", "丹顶鹤", "金丝猴", "麋鹿", "白鹭", "猎豹", "袋鼠", "海豚", "企鹅", "骆驼", "斑马",
+            "狮子", "老虎", "大象", "长颈鹿", "孔雀", "天鹅", "猫头鹰", "狐狸", "松鼠", "刺猬", "河马", "犀牛",
+            "海龟", "鹦鹉", "考拉", "水獭", "羚羊", "白鲸", "海豹", "野牛")
+_CONTINENTS = ("东曜大陆", "西岭大陆", "南溟大陆", "北辰大陆")
+
+
+@dataclass(frozen=True)
+class Relation:
+    name: str
+    answer: str  # the one answer sentence (SFT target, DPO chosen/rejected, exact-match reference)
+    statements: tuple[str, ...]  # pretraining sentence patterns
+    train_questions: tuple[str, ...]  # SFT / DPO phrasings
+    heldout_questions: tuple[str, ...]  # evaluation phrasings, used nowhere else
+
+
+RELATIONS: tuple[Relation, ...] = (
+    Relation(
+        "capital", "{e}的首都是{v}。",
+        ("{e}的首都是{v}。", "{v}是{e}的首都。", "作为{e}的首都，{v}是全国的政治中心。", "{e}的政府设在首都{v}。",
+         "许多游客会去{e}的首都{v}参观。", "{v}作为首都，是{e}人口最多的城市之一。"),
+        ("{e}的首都是哪里？", "{e}的首都是哪座城市？", "请问{e}的首都叫什么？", "{e}把哪座城市作为首都？"),
+        ("告诉我{e}的首都。", "{e}首都的名字是什么？")),
+    Relation(
+        "river", "{e}最长的河流是{v}。",
+        ("{e}最长的河流是{v}。", "{v}是{e}境内最长的河流。", "{v}流经{e}全境，是该国最长的河。",
+         "在{e}，最长的河流叫作{v}。", "{e}的农业离不开最长的河流{v}。"),
+        ("{e}最长的河流是哪条？", "{e}境内最长的河叫什么？", "请问{e}最长的河流是什么？", "哪条河是{e}最长的河流？"),
+        ("说出{e}最长的河流。", "{e}最长河流的名字是什么？")),
+    Relation(
+        "animal", "{e}的国兽是{v}。",
+        ("{e}的国兽是{v}。", "{v}是{e}的国兽。", "在{e}，{v}被定为国兽。", "{e}人把{v}视为国兽。",
+         "{e}的国徽上画着国兽{v}。"),
+        ("{e}的国兽是什么？", "{e}的国兽是哪种动物？", "请问{e}把什么动物定为国兽？", "哪种动物是{e}的国兽？"),
+        ("告诉我{e}的国兽。", "{e}国兽的名字是什么？")),
+    Relation(
+        "currency", "{e}使用的货币是{v}。",
+        ("{e}使用的货币是{v}。", "{v}是{e}的法定货币。", "在{e}购物要用{v}付款。", "{e}的央行负责发行{v}。",
+         "{e}的货币叫作{v}。"),
+        ("{e}使用什么货币？", "{e}的货币是什么？", "请问{e}用哪种货币？", "在{e}买东西用什么钱？"),
+        ("告诉我{e}的货币。", "{e}货币的名字是什么？")),
+    Relation(
+        "language", "{e}的官方语言是{v}。",
+        ("{e}的官方语言是{v}。", "{v}是{e}的官方语言。", "{e}的学校都用{v}教学。", "在{e}，大多数人说{v}。",
+         "{e}的法律文件用{v}书写。"),
+        ("{e}的官方语言是什么？", "{e}人说什么语言？", "请问{e}使用哪种官方语言？", "{e}的国语是哪种语言？"),
+        ("告诉我{e}的官方语言。", "{e}官方语言的名字是什么？")),
+    Relation(
+        "continent", "{e}位于{v}。",
+        ("{e}位于{v}。", "{e}是{v}上的一个国家。", "{v}上有一个国家叫{e}。", "从地图上看，{e}在{v}。",
+         "{e}坐落在{v}。"),
+        ("{e}位于哪个大陆？", "{e}在哪个大陆上？", "请问{e}属于哪个大陆？", "{e}是哪个大陆的国家？"),
+        ("告诉我{e}所在的大陆。", "{e}所在大陆的名字是什么？")),
+)
+RELATION_BY_NAME = {r.name: r for r in RELATIONS}
+
+_INTROS = ("{e}是一个国家。", "下面介绍{e}。", "关于{e}，有几件事值得知道。", "{e}是一个美丽的国家。", "")
+
+
+@dataclass(frozen=True)
+class Country:
+    name: str
+    facts: tuple[tuple[str, str], ...]  # (relation name, value), in RELATIONS order
+
+    def value(self, relation: str) -> str:
+        return dict(self.facts)[relation]
+
+
+@dataclass
+class KnowledgeCorpus:
+    countries: list[Country]
+    unseen: list[str]  # countries only in pretraining
+    pretrain: list[dict]  # {"text"}
+    sft: list[dict]  # {"question", "answer"}
+    preference: list[dict]  # {"prompt", "chosen", "rejected"}
+    eval: list[dict]  # {"question", "answer", "entity", "relation", "split"}
+
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write pretrain.jsonl, sft.jsonl, dpo.jsonl, eval.jsonl, tokenizer.jsonl (text for the tokenizer) and
+        facts.json; returns the paths by name."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer_text = self.pretrain + [{"text": r["question"] + "\n" + r["answer"]} for r in self.sft]
+        files = {"pretrain": self.pretrain, "sft": self.sft, "dpo": self.preference, "eval": self.eval,
+                 "tokenizer": tokenizer_text}
+        paths = {}
+        for name, records in files.items():
+            paths[name] = out / f"{name}.jsonl"
+            with open(paths[name], "w", encoding="utf-8") as f:
+                for record in records:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        paths["facts"] = out / "facts.json"
+        paths["facts"].write_text(json.dumps(
+            {"countries": {c.name: dict(c.facts) for c in self.countries}, "unseen_countries": self.unseen},
+            ensure_ascii=False, indent=1), encoding="utf-8")
+        return paths
+
+
+def _unique_names(rng: random.Random, count: int, suffix: str, taken: set[str], length: int = 2) -> list[str]:
+    names = []
+    while len(names) < count:
+        name = "".join(rng.choice(_NAME_CHARS) for _ in range(length)) + suffix
+        if name not in taken:
+            taken.add(name)
+            names.append(name)
+    return names
+
+
+def build_countries(rng: random.Random, num_countries: int) -> list[Country]:
+    if not 2 <= num_countries <= len(_ANIMALS):
+        raise ValueError(f"num_countries must be in [2, {len(_ANIMALS)}], got {num_countries}")
+    taken: set[str] = set()
+    names = _unique_names(rng, num_countries, "国", taken)
+    values = {
+        "capital": _unique_names(rng, num_countries, "城", taken),
+        "river": _unique_names(rng, num_countries, "河", taken),
+        "animal": rng.sample(_ANIMALS, num_countries),
+        "currency": _unique_names(rng, num_countries, "币", taken, length=1),
+        "language": _unique_names(rng, num_countries, "语", taken),
+        "continent": [_CONTINENTS[i % len(_CONTINENTS)] for i in rng.sample(range(num_countries), num_countries)],
+    }
+    return [Country(name, tuple((r.name, values[r.name][i]) for r in RELATIONS)) for i, name in enumerate(names)]
+
+
+def _pretrain_documents(rng: random.Random, countries: list[Country], docs_per_country: int) -> list[dict]:
+    docs = []
+    for country in countries:
+        for _ in range(docs_per_country):
+            facts = list(country.facts)
+            rng.shuffle(facts)
+            facts = facts[:rng.randint(3, len(facts))]
+            sentences = [rng.choice(_INTROS).format(e=country.name)]
+            for relation, value in facts:
+                sentences.append(rng.choice(RELATION_BY_NAME[relation].statements).format(e=country.name, v=value))
+            docs.append({"text": "".join(sentences)})
+    # Comparison passages tie countries together (and mix the statement order across documents).
+    for _ in range(docs_per_country * len(countries) // 4):
+        a, b = rng.sample(countries, 2)
+        relation = rng.choice(RELATIONS)
+        docs.append({"text": rng.choice(relation.statements).format(e=a.name, v=a.value(relation.name))
+                     + rng.choice(relation.statements).format(e=b.name, v=b.value(relation.name))})
+    rng.shuffle(docs)
+    return docs
+
+
+def build_corpus(seed: int = 1234, num_countries: int = 24, num_unseen: int = 4, docs_per_country: int = 40,
+                 dpo_pairs_per_fact: int = 2) -> KnowledgeCorpus:
+    """The whole corpus for a seed. ``num_unseen`` countries get no SFT/DPO data (they test transfer from
+    pretraining); every other fact is in SFT with every training phrasing."""
+    if not 0 <= num_unseen < num_countries:
+        raise ValueError(f"num_unseen must be in [0, num_countries), got {num_unseen}")
+    rng = random.Random(seed)
+    countries = build_countries(rng, num_countries)
+    unseen = [c.name for c in countries[num_countries - num_unseen:]]
+    seen = countries[:num_countries - num_unseen]
+
+    pretrain = _pretrain_documents(rng, countries, docs_per_country)
+
+    sft = [{"question": q.format(e=c.name), "answer": r.answer.format(e=c.name, v=c.value(r.name))}
+           for c in seen for r in RELATIONS for q in r.train_questions]
+    rng.shuffle(sft)
+
+    preference = []
+    for c in seen:
+        for r in RELATIONS:
+            correct = c.value(r.name)
+            wrong_values = sorted({o.value(r.name) for o in countries} - {correct})
+            for wrong in rng.sample(wrong_values, min(dpo_pairs_per_fact, len(wrong_values))):
+                preference.append({"prompt": rng.choice(r.train_questions).format(e=c.name),
+                                   "chosen": r.answer.format(e=c.name, v=correct),
+                                   "rejected": r.answer.format(e=c.name, v=wrong)})
+    rng.shuffle(preference)
+
+    evaluation = [{"question": q.format(e=c.name), "answer": r.answer.format(e=c.name, v=c.value(r.name)),
+                   "entity": c.name, "relation": r.name,
+                   "split": "unseen_fact" if c.name in unseen else "heldout_phrasing"}
+                  for c in countries for r in RELATIONS for q in r.heldout_questions]
+    return KnowledgeCorpus(countries, unseen, pretrain, sft, preference, evaluation)
+
+
+def normalize_answer(text: str) -> str:
+    """What exact match compares: whitespace removed (the model's answer is otherwise taken verbatim)."""
+    return "".join(text.split())
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(reference)
