@@ -1,0 +1,213 @@
+"""What a Hugging Face model directory needs besides the weights: config.json, generation_config.json, tokenizer files.
+
+The exported directory loads with plain ``AutoModelForCausalLM`` / ``AutoTokenizer`` (no trust_remote_code) in
+transformers 4.x and 5.x:
+
+* ``config.json`` — ``LlamaForCausalLM`` with ``attention_bias: true`` (q/k/v/o biases; o is written as zeros, which is
+  numerically Qwen2), or ``Qwen2ForCausalLM`` on request. Not qwen2 by default: ``AutoTokenizer`` on a ``qwen2``
+  directory ignores ``tokenizer_class`` and forces the byte-level Qwen2 tokenizer, which gives wrong ids for a
+  SentencePiece vocabulary.
+* Tokenizer — ``tokenizer.model`` (the SentencePiece model, for tools that want it) plus ``tokenizer.json`` built here
+  from the SentencePiece model: BPE with merges ranked by SentencePiece piece scores (transformers' own converter ranks
+  them by piece id, which splits runs of spaces differently from SentencePiece for ChatGLM3's model), byte fallback,
+  a dummy-prefix ``▁`` on every text chunk (the seed encoded the chunks between special tokens separately), and the
+  chat special tokens as added special tokens with their exact ids. ``tokenizer_class`` is
+  ``PreTrainedTokenizerFast``: it loads ``tokenizer.json`` verbatim (the Llama classes rebuild the post-processor from
+  ``add_bos_token``, which cannot express ChatGLM3's two-token prompt prefix).
+* The post-processor puts the chat prefix the model was trained with (``[gMASK] sop`` for the seed's ChatGLM3
+  tokenizer, ``<s>`` for our own SentencePiece models; see tokenizer.py) in front of ``tokenizer(text)``, as the
+  seed's tokenizer did, so the seed's quick-start prompt gives exactly the trained ids. ``add_special_tokens=False``
+  gives SentencePiece's ids unchanged.
+* ``chat_template`` renders the seed's format (prefix, ``<|system|>\\n{sys}\\n<|user|>\\n{q}\\n<|assistant|>\\n``,
+  answers followed by eos, multi-turn); ``apply_chat_template`` then equals ``Tokenizer.chat_prompt_ids``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tinyllm_mcore.presets import ModelPreset
+from tinyllm_mcore.tokenizer import DEFAULT_SYSTEM, Tokenizer
+
+HF_ARCHS = ("llama", "qwen2")
+
+# The seed's demo (web_demo.py): nucleus sampling at top_p 0.8, no top-k, temperature 1; a mild repetition penalty
+# because 92M-class models loop otherwise.
+GENERATION_DEFAULTS = dict(do_sample=True, top_p=0.8, top_k=0, temperature=1.0, repetition_penalty=1.1,
+                           max_new_tokens=512)
+
+# sentencepiece_model.proto ModelProto.SentencePiece.Type
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+# ---------------------------------------------------------------------------------------------------- model config
+def hf_config(preset: ModelPreset, arch: str = "llama", *, torch_dtype: str = "float32", bos_token_id: int | None = 1,
+              eos_token_id: int = 2, pad_token_id: int | None = 0) -> dict:
+    """config.json for the preset as ``LlamaForCausalLM`` (default) or ``Qwen2ForCausalLM``."""
+    if arch not in HF_ARCHS:
+        raise ValueError(f"unsupported --hf-arch {arch!r}; choose one of {', '.join(HF_ARCHS)}")
+    config = {
+        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+        "model_type": arch,
+        "vocab_size": preset.vocab_size,
+        "hidden_size": preset.hidden_size,
+        "intermediate_size": preset.ffn_hidden_size,
+        "num_hidden_layers": preset.num_layers,
+        "num_attention_heads": preset.num_attention_heads,
+        "num_key_value_heads": preset.kv_heads,
+        "head_dim": preset.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": preset.max_position_embeddings,
+        "rms_norm_eps": preset.norm_eps,
+        "rope_theta": preset.rope_theta,
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "torch_dtype": torch_dtype,
+    }
+    if arch == "llama":
+        config.update(attention_bias=True, mlp_bias=False, pretraining_tp=1)
+    else:
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=preset.num_layers)
+    return config
+
+
+def generation_config(eos_token_id: int = 2, pad_token_id: int | None = 0, bos_token_id: int | None = 1) -> dict:
+    return {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
+            **GENERATION_DEFAULTS}
+
+
+def write_json(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+def chat_template(prefix: str) -> str:
+    """Jinja for the seed's chat format; ``prefix`` is the trained prompt prefix as text (special-token strings).
+
+    One line, no whitespace control: every newline in the output is a literal of the format. An assistant turn in the
+    history renders as ``<|assistant|>\n {answer}``: the space makes the answer start with the ``▁`` that encoding
+    it as a chunk of its own gives (``\n`` is a byte-fallback piece, so no merge crosses it).
+    """
+    return (
+        "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set messages = messages[1:] %}{% else %}{% set system = '" + DEFAULT_SYSTEM + "' %}{% endif %}"
+        + prefix +
+        "{% if system | trim %}<|system|>\n{{ system | trim }}\n{% endif %}"
+        "{% for m in messages %}"
+        "{% if m['role'] == 'assistant' %}<|assistant|>\n {{ m['content'] | trim }}{{ eos_token }}"
+        "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}\n{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def build_hf_tokenizer(tokenizer: Tokenizer, prefix_ids: list[int] | None = None):
+    """A ``tokenizers.Tokenizer`` that encodes exactly like ``tokenizer`` (SentencePiece BPE + special tokens)."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, processors
+
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(tokenizer.sp.serialized_model_proto())
+    if proto.trainer_spec.model_type != model_pb2.TrainerSpec.BPE:
+        raise ValueError("only SentencePiece BPE models can be exported (the seed's and ours are BPE)")
+    if not proto.normalizer_spec.add_dummy_prefix:
+        raise ValueError("SentencePiece models without add_dummy_prefix are not supported by the exporter")
+    if proto.normalizer_spec.remove_extra_whitespaces or proto.normalizer_spec.name not in ("identity", ""):
+        # ChatGLM3's model and ours use identity normalisation; other rules would need a normalizer here.
+        if proto.normalizer_spec.precompiled_charsmap or proto.normalizer_spec.remove_extra_whitespaces:
+            raise ValueError(f"SentencePiece normalization {proto.normalizer_spec.name!r} is not supported by the "
+                             "exporter (train with normalization identity)")
+    pieces = list(proto.pieces)
+    vocab = {p.piece: i for i, p in enumerate(pieces)}
+    # sentencepiece's BPE merges any adjacent pair whose concatenation is a normal piece, highest piece score first.
+    mergeable = {p.piece for p in pieces if p.type == _NORMAL}
+    merges = []
+    for p in pieces:
+        if p.type != _NORMAL or len(p.piece) < 2:
+            continue
+        for cut in range(1, len(p.piece)):
+            left, right = p.piece[:cut], p.piece[cut:]
+            if left in mergeable and right in mergeable:
+                merges.append((p.score, vocab[left], vocab[right], left, right))
+    merges.sort(key=lambda m: (-m[0], m[1], m[2]))
+    unk = pieces[proto.trainer_spec.unk_id].piece
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token=unk,
+                                fuse_unk=True, byte_fallback=proto.trainer_spec.byte_fallback))
+    # SentencePiece's dummy prefix, unconditionally, on every chunk between special tokens (HF's Metaspace skips it
+    # when a chunk already starts with a space, which changes the ids of "  x").
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    hf.pre_tokenizer = None
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+
+    # Special tokens, each at its exact id: SentencePiece control pieces (<unk> <s> </s> and our role markers),
+    # then tokens appended after the SentencePiece vocabulary (ChatGLM3's [MASK] ... <|observation|>).
+    specials = {i: p.piece for i, p in enumerate(pieces) if p.type in (_CONTROL, _UNKNOWN)}
+    specials.update({i: t for t, i in tokenizer.special_tokens.items()})
+    user_defined = [p.piece for p in pieces if p.type == _USER_DEFINED]
+    appended = sorted(i for i in specials if i >= len(pieces))
+    if appended and appended != list(range(len(pieces), len(pieces) + len(appended))):
+        raise ValueError(f"special tokens beyond the SentencePiece vocabulary must follow it contiguously: {appended}")
+
+    # HF matches added tokens inside any text. ChatGLM3's 'sop'/'eop' are plain words ('people', 'Aesop'), so they are
+    # written as '<sop>'/'<eop>': same ids, never produced from ordinary text.
+    specials = {i: f"<{t}>" if t.isalpha() else t for i, t in specials.items()}
+    hf.add_special_tokens([AddedToken(specials[i], special=True, normalized=False) for i in sorted(specials)])
+    if user_defined:
+        hf.add_tokens([AddedToken(t, special=False, normalized=False) for t in user_defined])
+    for i, text in specials.items():
+        if hf.token_to_id(text) != i:
+            raise AssertionError(f"special token {text!r} got id {hf.token_to_id(text)}, expected {i}")
+
+    prefix_ids = list(tokenizer.chat_prefix_ids if prefix_ids is None else prefix_ids)
+    if prefix_ids:
+        prefix = [(specials[i] if i in specials else pieces[i].piece, i) for i in prefix_ids]
+        single = " ".join(t for t, _ in prefix) + " $A:0"
+        pair = single + " $B:1"
+        hf.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=prefix)
+    return hf
+
+
+def write_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, prompt_prefix: bool = True,
+                    model_max_length: int | None = None) -> list[Path]:
+    """tokenizer.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix_ids = list(tokenizer.chat_prefix_ids) if prompt_prefix else []
+    hf = build_hf_tokenizer(tokenizer, prefix_ids)
+    files = [out / "tokenizer.model", out / "tokenizer.json"]
+    files[0].write_bytes(tokenizer.sp.serialized_model_proto())
+    hf.save(str(files[1]))
+
+    sp = tokenizer.sp
+    piece = sp.id_to_piece
+    # The chat/special tokens under their HF names (ChatGLM3's sop/eop become <sop>/<eop>, see build_hf_tokenizer).
+    role_tokens = [hf.id_to_token(i) for i in sorted(tokenizer.special_tokens.values())]
+    added_decoder = {}
+    for token in json.loads(files[1].read_text(encoding="utf-8"))["added_tokens"]:
+        added_decoder[str(token["id"])] = {k: token[k] for k in
+                                           ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": piece(sp.bos_id()),
+        "eos_token": piece(sp.eos_id()),
+        "unk_token": piece(sp.unk_id()),
+        "pad_token": piece(tokenizer.pad),
+        "additional_special_tokens": role_tokens,
+        "added_tokens_decoder": added_decoder,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length or (1 << 30),
+        "chat_template": chat_template("".join(hf.id_to_token(i) for i in prefix_ids)),
+    }
+    files.append(write_json(out / "tokenizer_config.json", config))
+    special_map = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token",
+                                          "additional_special_tokens")}
+    files.append(write_json(out / "special_tokens_map.json", special_map))
+    return files
