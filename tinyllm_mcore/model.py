@@ -21,6 +21,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from tinyllm_mcore.presets import ModelPreset, padded_vocab_size
 
@@ -66,6 +67,18 @@ class SDPAttention(DotProductAttention):
         return ctx.permute(2, 0, 1, 3).reshape(sq, ctx.size(0), self.hidden_size_per_partition)
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm built from a megatron config, usable with sequence parallelism.
+
+    megatron's WrappedTorchNorm refuses sequence parallel; the only extra requirement is that the weight's gradient,
+    computed on a sequence shard, is summed over TP ranks — megatron does that for params marked `sequence_parallel`.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, **unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+
 class _null:
     def __enter__(self):
         return None
@@ -83,7 +96,18 @@ def layer_spec(preset: ModelPreset, use_te: bool | None = None) -> ModuleSpec:
         return get_gpt_layer_with_transformer_engine_spec(**moe)
     spec = get_gpt_layer_local_spec(normalization="RMSNorm", **moe)
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
     return spec
+
+
+def block_spec(preset: ModelPreset, config, vp_stage: int | None, use_te: bool | None):
+    """The decoder block for this pipeline chunk; on the local spec the final norm is our RMSNorm too."""
+    spec = layer_spec(preset, use_te)
+    if spec.submodules.input_layernorm is not RMSNorm:
+        return spec  # TE: megatron picks TENorm for the final norm
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)
 
 
 def build_model(
@@ -109,7 +133,7 @@ def build_model(
     vocab = padded_vocab_size(preset.vocab_size, config.tensor_model_parallel_size, make_vocab_size_divisible_by)
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(preset, use_te),
+        transformer_layer_spec=block_spec(preset, config, vp_stage, use_te),
         vocab_size=vocab,
         max_sequence_length=preset.max_position_embeddings,
         pre_process=pre_process,

@@ -162,5 +162,8 @@ def transformer_config(
             moe_router_load_balancing_type="aux_loss",
             moe_aux_loss_coeff=1e-2,
         )
+    from tinyllm_mcore.runtime import cpu
+
+    kwargs.update(cpu.config_overrides())
     kwargs.update(extra)
     return TransformerConfig(**kwargs)

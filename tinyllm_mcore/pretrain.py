@@ -5,6 +5,7 @@ MockGPTDataset) and a forward step whose loss is the masked next-token cross-ent
 """
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import torch
@@ -49,6 +50,26 @@ def pretrain_datasets(args, tokenizer, preset):
         tokenizer=tokenizer, num_samples=num_samples(args), mock=args.mock_data, cache_dir=args.data_cache_path)
 
 
+def check_data_paths(args) -> None:
+    """Every --data-path prefix must have its .bin and .idx (weights are the numbers between prefixes)."""
+    if args.mock_data or not args.data_path:
+        return
+    paths = args.data_path
+    prefixes = paths[1::2] if len(paths) > 1 and _is_number(paths[0]) else paths
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                raise FileNotFoundError(f"data prefix {prefix!r}: {prefix + ext} not found")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def load_tokenizer(args):
     if not args.tokenizer_model:
         return None
@@ -58,7 +79,7 @@ def load_tokenizer(args):
 
 
 STAGE = Stage(name="pretrain", datasets_provider=pretrain_datasets, forward_step=lm_forward_step,
-              default_warmup_fraction=0.05)
+              default_warmup_fraction=0.05, check_args=check_data_paths)
 
 if __name__ == "__main__":
     raise SystemExit(main(STAGE, tokenizer_loader=load_tokenizer))

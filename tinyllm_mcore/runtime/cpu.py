@@ -80,6 +80,17 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer)
 
 
+def config_overrides() -> dict:
+    """TransformerConfig fields the CPU path needs (empty on GPU).
+
+    batch_p2p_comm: megatron batches a pipeline step's sends/receives as [send_prev, recv_prev, send_next,
+    recv_next]. At PP=2 prev and next are the same peer, and gloo matches same-peer messages first-in-first-out,
+    so with virtual pipeline stages an activation can land in the gradient buffer (NCCL orders the batch itself).
+    megatron's unbatched path posts sends and receives in matching order on two groups, which gloo pairs exactly.
+    """
+    return {"batch_p2p_comm": False} if _ACTIVE else {}
+
+
 def _cpu_device_kwargs(fn):
     """Wrap a torch factory so device='cuda'/cuda index from megatron lands on the CPU."""
 

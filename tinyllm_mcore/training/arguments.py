@@ -88,6 +88,7 @@ def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
     g.add_argument("--max-skipped-iters", type=int, default=10,
                    help="abort after this many iterations with a NaN/inf loss (each is skipped and reported)")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--skip-train", action="store_true", help="load, evaluate the validation split once, exit")
     g.add_argument("--exit-interval", type=int, default=None, help="stop (after saving) at this iteration")
 
     if extra_args is not None:

@@ -45,6 +45,8 @@ class Stage:
     default_warmup_fraction: float = 0.05
     # stage hook after loading (e.g. DPO builds its frozen reference); (args, models) -> None
     after_load: Callable | None = None
+    # (args) -> None: cheap input checks (paths, files) run before any process group or model is built
+    check_args: Callable | None = None
     # names in the loss function's report dict, in order (every rank must know them, not only the last stage)
     report_names: tuple[str, ...] = ("lm loss",)
 
@@ -149,6 +151,10 @@ def build_optimizer(args, chunks, config):
     else:
         fraction = args.lr_warmup_fraction if args.lr_warmup_fraction is not None else args.default_warmup_fraction
         warmup_iters = int(fraction * decay_iters)
+    if args.train_iters == 0:  # a run that only initialises (and saves) weights
+        warmup_iters = 0
+    if warmup_iters >= decay_iters:
+        raise ValueError(f"LR warmup ({warmup_iters} iters) must be shorter than the decay ({decay_iters} iters)")
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
@@ -307,6 +313,8 @@ def setup(stage: Stage, args, tokenizer=None, preset: ModelPreset | None = None)
     from megatron.core.utils import get_model_config
 
     preset = preset or model_preset(args, tokenizer)
+    if stage.check_args is not None:
+        stage.check_args(args)
     launch = rt.launch_from_env()
     dp = rt.check_parallel_layout(
         launch.world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
@@ -389,6 +397,15 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
     rt.print_rank0(f"[{stage.name}] {preset.name}: {preset.num_parameters():,} params, TP={args.tensor_model_parallel_size} "
                    f"PP={args.pipeline_model_parallel_size} DP={state['dp_size']}, global batch {args.global_batch_size}"
                    f" = {args.micro_batch_size} x {state['dp_size']} x {args.num_microbatches} micro-batches")
+    if args.skip_train:
+        if valid_factory is None:
+            raise ValueError("--skip-train evaluates the validation split, but it is empty")
+        result = evaluate(stage, forward_backward, valid_factory, chunks, args)
+        history.append({"split": "valid", "iteration": iteration, **result})
+        rt.print_rank0(f"[{stage.name}] evaluation of iteration {iteration}: " +
+                       " | ".join(f"{k} {v:.6f}" for k, v in result.items()))
+        return {"history": history, "iteration": iteration, "consumed_samples": consumed, "chunks": chunks,
+                "skipped": 0}
     while iteration < args.train_iters:
         t0 = time.perf_counter()
         reports, grad_norm, ok = train_step(stage, forward_backward, train_iters, chunks, optimizer, scheduler, args)

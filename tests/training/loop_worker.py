@@ -1,0 +1,42 @@
+"""Runs several training configurations in one process (group) and writes their losses as JSON.
+
+Usage: python loop_worker.py RUNS.json OUT.json   (under torchrun for 2 processes; plain python for one)
+RUNS.json: [{"name": ..., "argv": [...]}, ...]. Between runs only megatron's parallel state is torn down, so one
+launch (one ~5 s megatron import) covers many layouts.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+import torch.distributed as dist  # noqa: E402
+
+from synthetic import progression_datasets  # noqa: E402
+from tinyllm_mcore.pretrain import lm_forward_step  # noqa: E402
+from tinyllm_mcore.training.loop import Stage, parse_args, train  # noqa: E402
+
+STAGE = Stage("pretrain", progression_datasets, lm_forward_step)
+
+
+def main(runs_path, out_path):
+    from megatron.core import parallel_state
+
+    results = {}
+    for run in json.load(open(runs_path)):
+        args = parse_args(STAGE, run["argv"] + ["--mock-data"])
+        out = train(STAGE, args)
+        results[run["name"]] = {
+            "train": [r["lm loss"] for r in out["history"] if r["split"] == "train"],
+            "valid": [r["lm loss"] for r in out["history"] if r["split"] == "valid"],
+        }
+        parallel_state.destroy_model_parallel()
+        dist.barrier()
+    if dist.get_rank() == 0:
+        json.dump(results, open(out_path, "w"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
