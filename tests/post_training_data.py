@@ -1,0 +1,102 @@
+"""Shared by the SFT / DPO / reward / inference tests: a tiny tokenizer and model trained on the quickstart's
+synthetic knowledge corpus, and in-memory chat / preference samples in the data contract (dicts of tensors:
+tokens, labels = tokens shifted by one, loss_mask on assistant tokens, position_ids; preference samples stacked on a
+leading dim 2 = chosen, rejected)."""
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import torch
+
+SEQ = 32
+
+
+@functools.lru_cache(maxsize=None)
+def corpus(num_countries: int = 8):
+    from tinyllm_mcore.quickstart.corpus import build_corpus
+
+    return build_corpus(seed=7, num_countries=num_countries, num_unseen=2, docs_per_country=6, dpo_pairs_per_fact=2)
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer():
+    """Trained once per test session; worker processes load the same model via TINYLLM_TEST_TOKENIZER."""
+    import os
+
+    from tinyllm_mcore.tokenizer import Tokenizer
+    from tinyllm_mcore.tokenizer_training import train_tokenizer
+
+    if os.environ.get("TINYLLM_TEST_TOKENIZER"):
+        return Tokenizer.load(os.environ["TINYLLM_TEST_TOKENIZER"])
+    out = Path(tempfile.mkdtemp(prefix="tinyllm_posttrain_tok_"))
+    paths = corpus().write(out / "corpus")
+    return train_tokenizer(str(paths["tokenizer"]), out / "tok", vocab_size=700, character_coverage=1.0,
+                           num_threads=1, hard_vocab_limit=False)
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+
+def chat_sample(tok, messages, seq_length=SEQ) -> dict:
+    segments = tok.encode_conversation(messages, system="")  # no system block: shorter sequences
+    ids, trained = [], []
+    for i, segment in enumerate(segments):
+        ids += segment
+        trained += [i % 2 == 1] * len(segment)
+    if len(ids) > seq_length + 1:
+        raise ValueError(f"conversation of {len(ids)} tokens exceeds seq {seq_length}")
+    pad = seq_length + 1 - len(ids)
+    ids, trained = ids + [tok.pad] * pad, trained + [False] * pad
+    tokens = torch.tensor(ids[:-1])
+    return {"tokens": tokens, "labels": torch.tensor(ids[1:]),
+            "loss_mask": torch.tensor(trained[1:], dtype=torch.float32),
+            "position_ids": torch.arange(seq_length)}
+
+
+def sft_dataset(records, seq_length=SEQ):
+    tok = tokenizer()
+    return ListDataset([chat_sample(tok, [{"role": "user", "content": r["question"]},
+                                          {"role": "assistant", "content": r["answer"]}], seq_length)
+                        for r in records])
+
+
+def preference_dataset(records, seq_length=SEQ):
+    tok = tokenizer()
+    samples = []
+    for r in records:
+        pair = [chat_sample(tok, [{"role": "user", "content": r["prompt"]},
+                                  {"role": "assistant", "content": r[k]}], seq_length) for k in ("chosen", "rejected")]
+        samples.append({k: torch.stack([pair[0][k], pair[1][k]]) for k in pair[0]})
+    return ListDataset(samples)
+
+
+def common_flags(tmp, *extra):
+    return ["--model-size", "tiny", "--vocab-size", str(tokenizer().vocab_size), "--seq-length", str(SEQ),
+            "--log-interval", "1000", "--seed", "1", *extra]
+
+
+def sft_provider(records_train, records_valid=()):
+    def provider(args, tok, preset):
+        return sft_dataset(records_train), (sft_dataset(records_valid) if records_valid else None), None
+    return provider
+
+
+def preference_provider(records_train, records_valid=()):
+    def provider(args, tok, preset):
+        return (preference_dataset(records_train), preference_dataset(records_valid) if records_valid else None,
+                None)
+    return provider
+
+
+def tokenizer_path() -> str:
+    return tokenizer().model_path

@@ -1,0 +1,117 @@
+"""Chat with an mcore checkpoint in the seed's chat format, streaming the answer as it is generated.
+
+    python tools/chat.py --load sft_ckpt --tokenizer-model tok               # REPL, multi-turn
+    python tools/chat.py --load sft_ckpt --tokenizer-model tok --prompt "你好"   # one answer, then exit
+
+REPL commands: /reset clears the history, /exit (or EOF) quits. The history is sent back every turn
+(<|system|> ... <|user|> q1 <|assistant|> a1 <eos> <|user|> q2 <|assistant|>); when it outgrows the model's context
+the oldest turns are dropped. At TP > 1 launch with torchrun; rank 0 reads stdin and broadcasts each line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python tools/chat.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tinyllm_mcore import inference
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    inference.add_generation_args(p)
+    p.add_argument("--prompt", default=None, help="answer this one message and exit")
+    return p
+
+
+class ChatSession:
+    """Multi-turn history + streamed answers."""
+
+    def __init__(self, tokenizer, generator, params, system=None, out=sys.stdout):
+        self.tokenizer, self.generator, self.params, self.system, self.out = tokenizer, generator, params, system, out
+        self.history: list[dict] = []
+
+    def prompt_ids(self, message: str) -> list[int]:
+        turns = self.history + [{"role": "user", "content": message}]
+        room = self.generator.max_sequence_length - self.params.max_new_tokens
+        ids = self.tokenizer.chat_prompt_ids(turns, system=self.system)
+        while len(ids) > room and len(turns) > 1:  # drop the oldest question/answer pair
+            turns = turns[2:]
+            ids = self.tokenizer.chat_prompt_ids(turns, system=self.system)
+        if len(ids) > room:
+            raise ValueError(f"message of {len(ids)} tokens does not fit the context with "
+                             f"{self.params.max_new_tokens} new tokens")
+        return ids
+
+    def answer(self, message: str, echo: bool = True) -> str:
+        from tinyllm_mcore.runtime import distributed as rt
+
+        streamer = inference.TextStreamer(self.tokenizer)
+        stops = set(self.params.stop_ids)
+        show = echo and rt.is_logging_rank()
+        for step in self.generator.stream([self.prompt_ids(message)], self.params):
+            token = step[0]
+            if token is None or token in stops:
+                continue
+            delta = streamer.push(token)
+            if show and delta:
+                self.out.write(delta)
+                self.out.flush()
+        if show:
+            self.out.write("\n")
+            self.out.flush()
+        answer = self.tokenizer.detokenize(streamer.ids, skip_special_tokens=True)
+        self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
+        return answer
+
+
+def _read_line(prompt: str) -> str | None:
+    """Rank 0 reads a line; every rank gets it (None at EOF)."""
+    import torch.distributed as dist
+
+    line = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            line = input(prompt)
+        except EOFError:
+            line = None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [line]
+        dist.broadcast_object_list(box, src=0)
+        line = box[0]
+    return line
+
+
+def run(args, out=sys.stdout) -> ChatSession:
+    tokenizer, generator = inference.generator_from_args(args)
+    params = inference.sampling_from_args(args, inference.chat_stop_ids(tokenizer))
+    session = ChatSession(tokenizer, generator, params, system=args.system, out=out)
+    if args.prompt is not None:
+        session.answer(args.prompt)
+        return session
+    while True:
+        line = _read_line("用户> ")
+        if line is None or line.strip() == "/exit":
+            return session
+        if line.strip() == "/reset":
+            session.history.clear()
+            continue
+        if line.strip():
+            from tinyllm_mcore.runtime import distributed as rt
+
+            if rt.is_logging_rank():
+                out.write("助手> ")
+            session.answer(line)
+
+
+def main(argv=None) -> int:
+    from tinyllm_mcore.training.errors import run_cli
+
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
