@@ -29,6 +29,8 @@ setup(
         "psutil",
         # loss-curve PNGs in the quickstart report
         "matplotlib",
+        # device_map="auto" in the HF quick-start flow users run on exports
+        "accelerate",
     ],
     extras_require={
         "dev": ["pytest>=7", "pyarrow"],

@@ -5,5 +5,6 @@ import warnings
 # expected configuration on CPU and non-TE GPUs, not something for users to act on.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
 warnings.filterwarnings("ignore", message=r".*Apex is not installed.*")
+warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")  # megatron's own TransformerConfig default
 
 __version__ = "0.1.0"
