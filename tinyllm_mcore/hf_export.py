@@ -211,3 +211,94 @@ def write_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, prompt_
                                           "additional_special_tokens")}
     files.append(write_json(out / "special_tokens_map.json", special_map))
     return files
+
+
+# ---------------------------------------------------------------------------------------------------- weights IO
+class HFWeights:
+    """Lazy, safe access to an HF model directory's tensors: safetensors (memory-mapped, one tensor at a time) or
+    ``pytorch_model.bin`` via ``torch.load(weights_only=True, mmap=True)``. Nothing in the directory is executed."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        import torch
+        from safetensors import safe_open
+
+        self.dir = Path(model_dir)
+        if not self.dir.is_dir():
+            raise FileNotFoundError(f"HF model directory does not exist: {self.dir}")
+        self._where: dict[str, object] = {}
+        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            index = self.dir / index_name
+            if index.is_file():
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                break
+            if (self.dir / single).is_file():
+                files = [single]
+                break
+        else:
+            raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin (or their .index.json) in {self.dir}")
+        self.files = files
+        for name in files:
+            path = self.dir / name
+            if not path.is_file():
+                raise FileNotFoundError(f"weight file listed in the index is missing: {path}")
+            if name.endswith(".safetensors"):
+                handle = safe_open(str(path), framework="pt")
+                for key in handle.keys():
+                    self._where[key] = handle
+            else:
+                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+                for key in state:
+                    self._where[key] = state
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str):
+        source = self._where.get(name)
+        if source is None:
+            return None
+        return source[name] if isinstance(source, dict) else source.get_tensor(name)
+
+
+def write_safetensors(tensors, out_dir: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3) -> list[Path]:
+    """Stream (name, tensor) pairs into ``model.safetensors``, or shards + ``model.safetensors.index.json`` when the
+    total exceeds ``max_shard_bytes``; at most one shard of tensors is held at a time."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    shards: list[tuple[Path, list[str]]] = []
+    total = 0
+    pending: dict = {}
+    pending_bytes = 0
+
+    def flush():
+        nonlocal pending, pending_bytes
+        if pending:
+            path = out / f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(pending, str(path), metadata={"format": "pt"})
+            shards.append((path, list(pending)))
+            pending, pending_bytes = {}, 0
+
+    for name, t in tensors:
+        size = t.numel() * t.element_size()
+        if pending and pending_bytes + size > max_shard_bytes:
+            flush()
+        pending[name] = t.contiguous()
+        pending_bytes += size
+        total += size
+    flush()
+    if len(shards) == 1:
+        final = out / "model.safetensors"
+        os.replace(shards[0][0], final)
+        return [final]
+    n = len(shards)
+    files, weight_map = [], {}
+    for i, (path, names) in enumerate(shards, 1):
+        final = out / f"model-{i:05d}-of-{n:05d}.safetensors"
+        os.replace(path, final)
+        files.append(final)
+        weight_map.update({k: final.name for k in names})
+    files.append(write_json(out / "model.safetensors.index.json",
+                            {"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return files

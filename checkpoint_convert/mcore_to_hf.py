@@ -1,0 +1,145 @@
+"""megatron-core dist checkpoint (any TP/PP, local or TE layer names) -> Hugging Face model directory.
+
+    python checkpoint_convert/mcore_to_hf.py --load CKPT_DIR --save HF_DIR [--dtype bf16] [--tokenizer-model PATH]
+
+The directory loads with plain ``AutoModelForCausalLM.from_pretrained(HF_DIR)`` and ``AutoTokenizer.from_pretrained``
+(no trust_remote_code): ``LlamaForCausalLM`` with attention_bias (o_proj.bias written as zeros: numerically the
+seed's Qwen2 architecture) by default, or ``--hf-arch qwen2``. Padded vocab rows are stripped. The tokenizer is the
+one given, else the run's ``--tokenizer-model`` recorded in the checkpoint. One CPU process: megatron reshards the
+checkpoint into the global model on load, then tensors stream into (sharded when large) safetensors.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python checkpoint_convert/mcore_to_hf.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from tinyllm_mcore import hf_export
+from tinyllm_mcore.hf_mapping import (
+    MC_EMBED, MappingError, checkpoint_tensor_shapes, dist_checkpoint_shapes, load_global_state, megatron_to_hf,
+    single_process_megatron,
+)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+QWEN2_TOKENIZER_WARNING = (
+    "warning: --hf-arch qwen2: transformers' AutoTokenizer forces its byte-level Qwen2Tokenizer on qwen2 directories "
+    "and ignores tokenizer_class, which gives wrong ids for this SentencePiece vocabulary; load the tokenizer with "
+    "PreTrainedTokenizerFast.from_pretrained(dir) or use the default --hf-arch llama")
+
+
+def _check_checkpoint_shapes(path, preset, saved_shapes: dict) -> int:
+    """Compare the checkpoint's tensors with the preset's; return the checkpoint's padded vocab rows."""
+    if MC_EMBED not in saved_shapes:
+        raise MappingError(f"{path} holds no {MC_EMBED} (not a GPT model checkpoint?)")
+    padded = saved_shapes[MC_EMBED][0]
+    if padded < preset.vocab_size:
+        raise MappingError(f"checkpoint embedding has {padded} rows, fewer than the vocab size {preset.vocab_size}")
+    expected = dist_checkpoint_shapes(preset, 1, padded)  # padded rows taken from the checkpoint itself
+    te_or_local = {"decoder.layers.input_layernorm.weight": "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+                   "decoder.layers.pre_mlp_layernorm.weight": "decoder.layers.mlp.linear_fc1.layer_norm_weight"}
+    for key, shape in saved_shapes.items():
+        key = te_or_local.get(key, key)
+        if key.startswith(("embedding.", "decoder.", "output_layer.")):
+            if key not in expected:
+                raise MappingError(f"checkpoint tensor {key} is not part of the {preset.name} model "
+                                   "(unsupported architecture, e.g. MoE?)")
+            if tuple(shape) != expected[key]:
+                raise MappingError(f"checkpoint tensor {key} has shape {tuple(shape)}, the saved preset implies "
+                                   f"{expected[key]} (shape/config mismatch)")
+    return padded
+
+
+def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype: str = "fp32",
+                        tokenizer_model: str | None = None, hf_arch: str = "llama", prompt_prefix: bool = True,
+                        max_shard_bytes: int = 2 * 1024**3, log=print) -> Path:
+    from tinyllm_mcore.tokenizer import Tokenizer
+    from tinyllm_mcore.training.checkpoint import resolve_load_dir, saved_preset
+
+    t0 = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if hf_arch not in hf_export.HF_ARCHS:
+        raise ValueError(f"unsupported --hf-arch {hf_arch!r}; choose one of {', '.join(hf_export.HF_ARCHS)}")
+    path = resolve_load_dir(load)
+    preset, saved_args = saved_preset(load)
+    if preset.num_experts:
+        raise MappingError(f"MoE checkpoints ({preset.num_experts} experts) have no HF export yet")
+    tokenizer_model = tokenizer_model or saved_args.get("tokenizer_model")
+    tokenizer = None
+    if tokenizer_model:
+        tokenizer = Tokenizer.load(tokenizer_model, saved_args.get("tokenizer_type", "auto"))
+        if tokenizer.vocab_size != preset.vocab_size:
+            raise MappingError(f"model vocab {preset.vocab_size} != tokenizer vocab {tokenizer.vocab_size} "
+                               f"({tokenizer_model}): export needs the tokenizer the model was trained with")
+    out = Path(save)
+    out.mkdir(parents=True, exist_ok=True)
+    if hf_arch == "qwen2":
+        log(QWEN2_TOKENIZER_WARNING)
+
+    with single_process_megatron():
+        saved_shapes = checkpoint_tensor_shapes(path)
+        padded = _check_checkpoint_shapes(path, preset, saved_shapes)
+        log(f"[mcore_to_hf] {path} (saved at TP{saved_args.get('tensor_model_parallel_size', '?')} "
+            f"PP{saved_args.get('pipeline_model_parallel_size', '?')}; {preset.name}, vocab {preset.vocab_size} of "
+            f"{padded} rows) -> {out} as {hf_arch}, {dtype}")
+        state = load_global_state(path, preset, padded)
+
+    def tensors():
+        for name, tensor, source in megatron_to_hf(preset, state.__getitem__, o_proj_bias=hf_arch == "llama",
+                                                   dtype=DTYPES[dtype]):
+            log(f"  {source} -> {name} {tuple(tensor.shape)}")
+            yield name, tensor
+
+    written = hf_export.write_safetensors(tensors(), out, max_shard_bytes=max_shard_bytes)
+    del state
+    ids = dict(bos_token_id=tokenizer.bos if tokenizer else 1, eos_token_id=tokenizer.eos if tokenizer else 2,
+               pad_token_id=tokenizer.pad if tokenizer else 0)
+    torch_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
+    written.append(hf_export.write_json(out / "config.json", hf_export.hf_config(preset, hf_arch, torch_dtype=torch_dtype,
+                                                                                 **ids)))
+    written.append(hf_export.write_json(out / "generation_config.json", hf_export.generation_config(**ids)))
+    if tokenizer is not None:
+        written += hf_export.write_tokenizer(tokenizer, out, prompt_prefix=prompt_prefix,
+                                             model_max_length=preset.max_position_embeddings)
+    else:
+        log("warning: no tokenizer given (--tokenizer-model) or recorded in the checkpoint: wrote no tokenizer files")
+    log(f"[mcore_to_hf] wrote {', '.join(p.name for p in written)} in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--load", required=True, help="checkpoint root (with latest_checkpointed_iteration.txt) or iter dir")
+    p.add_argument("--save", required=True, help="HF model directory to write")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the exported weights")
+    p.add_argument("--tokenizer-model", default=None,
+                   help="tokenizer.model or directory (default: the one recorded in the checkpoint)")
+    p.add_argument("--hf-arch", choices=list(hf_export.HF_ARCHS), default="llama",
+                   help="llama (default; exact tokenizer loading) or qwen2 (see the warning it prints)")
+    p.add_argument("--no-prompt-prefix", action="store_true",
+                   help="tokenizer(text) adds nothing (default: the chat prefix the model was trained with)")
+    p.add_argument("--max-shard-size-mb", type=int, default=2048)
+    p.add_argument("--quiet", action="store_true", help="do not list every mapped tensor")
+    return p
+
+
+def main(argv=None) -> int:
+    from tinyllm_mcore.training.errors import run_cli
+
+    args = build_parser().parse_args(argv)
+    log = (lambda msg: None if msg.startswith("  ") else print(msg, flush=True)) if args.quiet else \
+        (lambda msg: print(msg, flush=True))
+    return run_cli(lambda: convert_mcore_to_hf(
+        args.load, args.save, args.dtype, args.tokenizer_model, args.hf_arch, not args.no_prompt_prefix,
+        args.max_shard_size_mb * 1024**2, log=log))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
