@@ -143,19 +143,18 @@ class McoreCausalLM(CausalLM):
         tokens, positions = tokens.to(self.device), positions.to(self.device)
         b, n = positions.shape
         if self.pp_size == 1:
-            logits = self._forward(tokens, positions)
+            return self._forward(tokens, positions)[..., : self.vocab_size].float().cpu()
+        # The last stage holds the logits; every stage of the pipeline returns them.
+        from megatron.core import parallel_state as ps
+
+        import torch.distributed as dist
+
+        logits = self._pipeline_forward(tokens, positions)
+        if self.is_last_stage:
+            logits = logits[..., : self.vocab_size].float().contiguous()
         else:
-            logits = self._pipeline_forward(tokens, positions)
-        logits = logits[..., : self.vocab_size].float()
-        if self.pp_size > 1:  # the last stage holds the logits; every stage returns them
-            from megatron.core import parallel_state as ps
-
-            import torch.distributed as dist
-
-            if not self.is_last_stage:
-                logits = torch.empty(b, n, self.vocab_size, dtype=torch.float32, device=self.device)
-            dist.broadcast(logits.contiguous(), ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
+            logits = torch.empty(b, n, self.vocab_size, dtype=torch.float32, device=self.device)
+        dist.broadcast(logits, ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
         return logits.cpu()
 
     def _pipeline_forward(self, tokens, positions):

@@ -103,6 +103,8 @@ def subject_from_filename(path: Path) -> str:
 def detect_benchmark(root: str | Path) -> str:
     """cmmlu when the files are ``{split}/{subject}.csv``; ceval when they are ``{split}/{subject}_{split}.csv``."""
     root = Path(root)
+    if not root.is_dir():
+        raise EvalDataError(f"benchmark directory not found: {root}")
     for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for f in split_dir.glob("*.csv"):
             return "ceval" if f.stem.endswith("_" + split_dir.name) else "cmmlu"

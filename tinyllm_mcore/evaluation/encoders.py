@@ -15,6 +15,8 @@ class Encoder(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_plain(self, text: str) -> list[int]: ...
+
     def decode(self, ids: Sequence[int]) -> str: ...
 
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]: ...
@@ -32,6 +34,10 @@ class SentencePieceEncoder:
 
     def encode(self, text: str) -> list[int]:
         return self.prefix + self.tokenizer.tokenize(text)
+
+    def encode_plain(self, text: str) -> list[int]:
+        """A document as pretraining encoded it (no prefix)."""
+        return self.tokenizer.tokenize(text)
 
     def decode(self, ids):
         return self.tokenizer.detokenize(ids, skip_special_tokens=True)
@@ -61,6 +67,9 @@ class HFEncoder:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=self.add_prefix)
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, ids):
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

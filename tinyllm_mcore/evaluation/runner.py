@@ -1,0 +1,67 @@
+"""Open the model to evaluate (an mcore checkpoint or an HF export) and run a whole evaluation; used by
+tools/evaluate.py and callable from Python."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tinyllm_mcore.evaluation.backends import CausalLM, HFCausalLM, McoreCausalLM
+from tinyllm_mcore.evaluation.encoders import HFEncoder, SentencePieceEncoder
+
+
+def open_hf(path: str, *, tokenizer_model: str | None = None, tokenizer_type: str = "auto", add_prefix: bool = True,
+            bf16: bool = False) -> tuple[CausalLM, object]:
+    """An HF export: AutoModelForCausalLM + AutoTokenizer (or the project's Tokenizer with `tokenizer_model`)."""
+    import torch
+
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {path}")
+    lm = HFCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    if tokenizer_model:
+        from tinyllm_mcore.tokenizer import Tokenizer
+
+        return lm, SentencePieceEncoder(Tokenizer.load(tokenizer_model, tokenizer_type), add_prefix)
+    return lm, HFEncoder.from_pretrained(path, add_prefix)
+
+
+def open_mcore(load: str, tokenizer_model: str, *, tokenizer_type: str = "auto", tensor_parallel_size: int = 1,
+               pipeline_parallel_size: int = 1, add_prefix: bool = True, bf16: bool = False) -> tuple[CausalLM, object]:
+    """An mcore checkpoint at any TP/PP (initialises the runtime when needed; run under torchrun for TP*PP > 1)."""
+    from megatron.core import parallel_state as ps
+
+    from tinyllm_mcore.inference import check_vocab
+    from tinyllm_mcore.runtime import distributed as rt
+    from tinyllm_mcore.tokenizer import Tokenizer
+    from tinyllm_mcore.training import checkpoint as ckpt
+
+    if not tokenizer_model:
+        raise ValueError("--tokenizer-model is required with --load")
+    tokenizer = Tokenizer.load(tokenizer_model, tokenizer_type)
+    preset, _ = ckpt.saved_preset(load)  # fails fast on a bad path
+    check_vocab(preset, tokenizer)
+    if not ps.model_parallel_is_initialized():
+        launch = rt.launch_from_env()
+        rt.check_parallel_layout(launch.world_size, tensor_parallel_size, pipeline_parallel_size,
+                                 preset.num_attention_heads, preset.num_layers,
+                                 num_query_groups=preset.num_query_groups)
+        rt.initialize(tp=tensor_parallel_size, pp=pipeline_parallel_size)
+    chunks, preset = ckpt.load_model_for_inference(load, bf16=bf16)
+    return McoreCausalLM(chunks, preset), SentencePieceEncoder(tokenizer, add_prefix)
+
+
+def is_writer() -> bool:
+    """The one process that writes result files (rank 0; every rank holds the same results)."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def write_results(result: dict, output_json: str | None, output_md: str | None = None, markdown: str | None = None):
+    if not is_writer():
+        return
+    if output_json:
+        Path(output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(output_json).write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+    if output_md and markdown is not None:
+        Path(output_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(output_md).write_text(markdown, encoding="utf-8")
