@@ -79,6 +79,24 @@ class RMSNorm(torch.nn.RMSNorm):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
 
+class TinyLLMGPTModel(GPTModel):
+    """megatron's GPTModel; without tensor parallelism the LM loss is torch's fused cross-entropy.
+
+    megatron's vocab-parallel cross-entropy makes five passes over the [tokens, vocab] logits (max, subtract, exp,
+    sum, gather) plus as many in backward, to combine partial softmaxes across TP ranks. With one TP rank there is
+    nothing to combine, and F.cross_entropy (one fused log-softmax + NLL) gives the same numbers in fewer passes —
+    at vocab 64798 the loss is a large share of a small model's step.
+    """
+
+    def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
+        if parallel_state.get_tensor_model_parallel_world_size() > 1 or self.config.cross_entropy_loss_fusion:
+            return super().compute_language_model_loss(labels, logits)
+        s, b, v = logits.shape  # logits are [s, b, V]; labels [b, s]; loss returned as [b, s]
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().view(s * b, v), labels.transpose(0, 1).reshape(s * b), reduction="none")
+        return loss.view(s, b).transpose(0, 1).contiguous()
+
+
 class _null:
     def __enter__(self):
         return None
@@ -131,7 +149,7 @@ def build_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     vocab = padded_vocab_size(preset.vocab_size, config.tensor_model_parallel_size, make_vocab_size_divisible_by)
-    return GPTModel(
+    return TinyLLMGPTModel(
         config=config,
         transformer_layer_spec=block_spec(preset, config, vp_stage, use_te),
         vocab_size=vocab,
