@@ -137,7 +137,7 @@ def score_continuations(lm: CausalLM, pairs: Sequence[tuple[Sequence[int], Seque
 # Parsing a generated answer
 
 _ANSWER_PATTERNS = [
-    r"^\s*[（(]?([ABCD])(?![A-Za-z])",  # starts with the letter: "A", "A.", "(B)"
+    r"^\s*[（(]?([ABCD])(?:$|[\s.．、:：)）。,，])",  # starts with the letter alone: "A", "A. ...", "(B)"
     r"答案(?:选项)?(?:应该|应)?(?:是|为)?\s*[:：]?\s*(?:选项)?\s*[（(]?([ABCD])(?![A-Za-z])",
     r"(?:故|所以)?(?:应)?选(?:择|项)?\s*[:：]?\s*[（(]?([ABCD])(?![A-Za-z])",
     r"(?<![A-Za-z])([ABCD])\s*(?:选项|项)?(?:是|为)?\s*正确",
