@@ -36,6 +36,7 @@ setup(
         "dev": ["pytest>=7", "pyarrow"],
         # GPU only: needs CUDA to build. Selected at run time when it imports and CUDA is present.
         "te": ["transformer-engine[pytorch]"],
-        "eval": ["lm-eval>=0.4,<0.5"],
+        # lm-eval 0.4.x imports accelerate in its hf model but does not require it
+        "eval": ["lm-eval>=0.4,<0.5", "accelerate"],
     },
 )
