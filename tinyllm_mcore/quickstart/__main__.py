@@ -1,0 +1,53 @@
+"""`python -m tinyllm_mcore.quickstart [--output-dir DIR] [--fast] [--corpus PATH]`: the whole pipeline, unattended."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from tinyllm_mcore.quickstart.pipeline import Settings, StepFailed, run_pipeline
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tinyllm_mcore.quickstart", allow_abbrev=False,
+        description="Run corpus -> tokenizer -> preprocess -> TP2 pretrain -> SFT -> DPO -> evaluate -> HF export -> "
+                    "chat on a tiny model (CPU is fine) and write a report.")
+    p.add_argument("--output-dir", default="quickstart_run", help="run folder (logs, checkpoints, report.md)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run in --output-dir")
+    p.add_argument("--fast", action="store_true", help="a smoke run: same steps, far fewer iterations (~2-3 min)")
+    p.add_argument("--corpus", default=None,
+                   help="a jsonl of {\"text\": ...} documents to pretrain on instead of the synthetic corpus "
+                        "(SFT/DPO/evaluation stay on the synthetic knowledge data)")
+    defaults = Settings()
+    g = p.add_argument_group("overrides (defaults: the tuned quickstart settings)")
+    for f in dataclasses.fields(Settings):
+        if f.name in ("eval_limit",):
+            g.add_argument("--eval-limit", type=int, default=None)
+            continue
+        g.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.fast() if args.fast else Settings()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
+                 if getattr(args, f.name) is not None}
+    settings = dataclasses.replace(settings, **overrides)
+    try:
+        run_pipeline(args.output_dir, settings, corpus=args.corpus, overwrite=args.overwrite)
+    except StepFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""The quickstart pipeline: every stage of the project, run for real on a tiny model, each as a subprocess.
+
+    corpus -> tokenizer -> preprocess (pretrain, sft, preference) -> pretrain (TP2, 2 gloo processes via torchrun)
+           -> SFT (TP2) -> DPO (TP2) -> exact-match evaluation (pretrained / SFT / DPO) -> HF export -> chat (HF)
+
+Each step runs the project's own CLI (`python -m tools.train_tokenizer`, `torchrun -m tinyllm_mcore.pretrain`, ...)
+with its output in ``RUN/logs/NN_step.log``; the console shows the step, its command and its progress lines. A failing
+step ends the run with one line naming the step and its log, and a non-zero exit. At the end ``RUN/report.md``
+gathers metrics, timings, loss curves and artifact paths (see report.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tinyllm_mcore
+
+MARKER = ".tinyllm_quickstart"  # marks a folder the quickstart made (only such a folder is ever wiped)
+REPO_ROOT = Path(tinyllm_mcore.__file__).resolve().parents[1]  # holds tools/ and checkpoint_convert/ too
+
+
+@dataclass
+class Settings:
+    """Model and schedule. The defaults are tuned to reach >= 90% held-out exact match after SFT within ~15 minutes
+    on 2 CPU cores; `fast()` is the CI smoke variant (same pipeline, fewer steps)."""
+    model_size: str = "16m"
+    tensor_parallel: int = 2
+    vocab_size: int = 1000
+    seq_length: int = 128
+    pretrain_iters: int = 500
+    pretrain_lr: float = 2e-3
+    sft_iters: int = 300
+    sft_lr: float = 1e-3
+    dpo_iters: int = 60
+    dpo_lr: float = 2e-5
+    dpo_beta: float = 0.1
+    micro_batch_size: int = 16
+    dpo_micro_batch_size: int = 8
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_limit: int | None = None  # held-out questions scored per checkpoint (None: all)
+    chat_questions: int = 6
+    seed: int = 1234
+
+    @classmethod
+    def fast(cls) -> "Settings":
+        return cls(pretrain_iters=40, sft_iters=30, dpo_iters=10, log_interval=5, eval_interval=20, eval_limit=48,
+                   chat_questions=3)
+
+
+class StepFailed(RuntimeError):
+    def __init__(self, step: str, log: Path, detail: str):
+        super().__init__(f"quickstart failed at step '{step}' ({detail}); see {log}")
+        self.step, self.log = step, log
+
+
+@dataclass
+class StepResult:
+    name: str
+    seconds: float
+    log: str
+    command: str
+
+
+@dataclass
+class Run:
+    """A run folder and what happened in it (serialized to RUN/run.json for the report)."""
+    root: Path
+    settings: Settings
+    corpus: str | None = None
+    steps: list[StepResult] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def save(self) -> None:
+        state = {"settings": dataclasses.asdict(self.settings), "corpus": self.corpus,
+                 "steps": [dataclasses.asdict(s) for s in self.steps], "started": self.started}
+        self.path("run.json").write_text(json.dumps(state, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running one step
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    # tools/ and checkpoint_convert/ importable as packages from a checkout as from an install
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+# Lines worth echoing to the console (the rest stays in the log): stage progress, summaries, errors.
+_PROGRESS = re.compile(r"^(\[|wrote |documents:|tokens:|skipped lines|error|<\|user\|>|<\|assistant\|>|saved checkpoint)")
+
+
+def run_step(run: Run, name: str, argv: list[str], *, echo: bool = True) -> StepResult:
+    index = len(run.steps) + 1
+    log = run.logs / f"{index:02d}_{name}.log"
+    command = shlex.join(argv)
+    print(f"\n==> [{index}] {name}\n    $ {command}\n    log: {log}", flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as f:
+        f.write(f"$ {command}\n")
+        f.flush()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=run.root,
+                                text=True, encoding="utf-8", errors="replace", bufsize=1)
+        try:
+            for line in proc.stdout:
+                f.write(line)
+                if echo and _PROGRESS.match(line):
+                    print("    " + line.rstrip(), flush=True)
+            returncode = proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait()
+            raise
+    seconds = time.perf_counter() - t0
+    if returncode != 0:
+        tail = [l for l in log.read_text(encoding="utf-8", errors="replace").splitlines() if l.strip()][-8:]
+        print("    " + "\n    ".join(tail), file=sys.stderr)
+        raise StepFailed(name, log, f"exit status {returncode}")
+    print(f"    done in {seconds:.1f} s", flush=True)
+    result = StepResult(name, round(seconds, 2), str(log.relative_to(run.root)), command)
+    run.steps.append(result)
+    run.save()
+    return result
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def torchrun(nproc: int, module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", module, *args]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def prepare_run_dir(root: Path, overwrite: bool) -> None:
+    if root.exists() and any(root.iterdir()):
+        if not (root / MARKER).exists():
+            raise FileExistsError(f"{root} exists and was not made by the quickstart; choose another --output-dir")
+        if not overwrite:
+            raise FileExistsError(f"{root} holds an earlier quickstart run; pass --overwrite or another --output-dir")
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("made by python -m tinyllm_mcore.quickstart\n")
+    (root / "logs").mkdir()
+
+
+def write_corpus(run: Run, corpus: str | None) -> dict[str, Path]:
+    """The synthetic knowledge corpus; with `corpus`, its text replaces the synthetic pretraining documents."""
+    from tinyllm_mcore.quickstart.corpus import build_corpus
+
+    t0 = time.perf_counter()
+    print("\n==> [1] corpus (synthetic Chinese knowledge corpus, generated in-process)", flush=True)
+    knowledge = build_corpus(seed=run.settings.seed)
+    paths = knowledge.write(run.path("corpus"))
+    if corpus:
+        source = Path(corpus)
+        if not source.is_file():
+            raise FileNotFoundError(f"--corpus {corpus}: no such file")
+        paths["pretrain"] = source.resolve()
+        # the tokenizer must cover the real text and the chat data
+        with open(paths["tokenizer"], "a", encoding="utf-8") as out, open(source, encoding="utf-8") as f:
+            for line in f:
+                out.write(line if line.endswith("\n") else line + "\n")
+    print(f"    {len(knowledge.countries)} countries x 6 facts ({len(knowledge.unseen)} only in pretraining); "
+          f"{len(knowledge.pretrain)} pretraining documents{' (replaced by ' + corpus + ')' if corpus else ''}, "
+          f"{len(knowledge.sft)} SFT pairs, {len(knowledge.preference)} DPO pairs, {len(knowledge.eval)} held-out "
+          f"questions -> {run.path('corpus')}", flush=True)
+    run.steps.append(StepResult("corpus", round(time.perf_counter() - t0, 2), "", "build_corpus(seed)"))
+    run.save()
+    return paths
+
+
+def training_args(run: Run, stage: str, *, iters: int, lr: float, micro_batch_size: int) -> list[str]:
+    s = run.settings
+    return [
+        "--model-size", s.model_size, "--tensor-model-parallel-size", str(s.tensor_parallel),
+        "--tokenizer-model", str(run.path("tokenizer")), "--seq-length", str(s.seq_length),
+        "--micro-batch-size", str(micro_batch_size), "--train-iters", str(iters), "--lr", str(lr),
+        "--min-lr", str(lr / 10), "--split", "95,5,0", "--eval-interval", str(min(s.eval_interval, iters)),
+        "--eval-iters", "2", "--log-interval", str(s.log_interval), "--seed", str(s.seed),
+        "--save", str(run.path("checkpoints", stage)),
+        "--tensorboard-dir", str(run.path("tensorboard", stage)),
+        "--metrics-jsonl", str(run.path("metrics", f"{stage}.jsonl")),
+    ]
+
+
+def run_pipeline(output_dir: str, settings: Settings, corpus: str | None = None, overwrite: bool = False) -> Path:
+    from tinyllm_mcore.quickstart import report
+
+    root = Path(output_dir).resolve()
+    prepare_run_dir(root, overwrite)
+    run = Run(root, settings, corpus)
+    s = settings
+    tp = s.tensor_parallel
+    data = run.path("data")
+    print(f"tinyllm-mcore quickstart -> {root}\n{s}", flush=True)
+
+    paths = write_corpus(run, corpus)
+    run_step(run, "tokenizer", python(
+        "-m", "tools.train_tokenizer", "--input", str(paths["tokenizer"]), "--output-dir", str(run.path("tokenizer")),
+        "--vocab-size", str(s.vocab_size), "--character-coverage", "1.0"))
+    for mode, name in (("pretrain", "pretrain"), ("sft", "sft"), ("preference", "dpo")):
+        run_step(run, f"preprocess_{name}", python(
+            "-m", "tools.preprocess_data", "--mode", mode, "--input", str(paths[name]),
+            "--output-prefix", str(data / name), "--tokenizer-model", str(run.path("tokenizer")),
+            "--append-eod", "--no-progress"))
+    pretrain_ckpt, sft_ckpt, dpo_ckpt = (run.path("checkpoints", n) for n in ("pretrain", "sft", "dpo"))
+
+    run_step(run, "pretrain", torchrun(tp, "tinyllm_mcore.pretrain", *training_args(
+        run, "pretrain", iters=s.pretrain_iters, lr=s.pretrain_lr, micro_batch_size=s.micro_batch_size),
+        "--data-path", str(data / "pretrain_text_document")))
+    run_step(run, "sft", torchrun(tp, "tinyllm_mcore.sft", *training_args(
+        run, "sft", iters=s.sft_iters, lr=s.sft_lr, micro_batch_size=s.micro_batch_size),
+        "--load", str(pretrain_ckpt), "--finetune", "--sft-data", str(data / "sft_sft_document")))
+    run_step(run, "dpo", torchrun(tp, "tinyllm_mcore.dpo", *training_args(
+        run, "dpo", iters=s.dpo_iters, lr=s.dpo_lr, micro_batch_size=s.dpo_micro_batch_size),
+        "--load", str(sft_ckpt), "--finetune", "--preference-data", str(data / "dpo_preference_document"),
+        "--beta", str(s.dpo_beta)))
+
+    eval_data = paths["eval"]
+    if s.eval_limit:  # a deterministic subset, spread over the file (both splits)
+        records = eval_data.read_text(encoding="utf-8").splitlines()
+        step = max(len(records) // s.eval_limit, 1)
+        eval_data = run.path("corpus", "eval_subset.jsonl")
+        eval_data.write_text("\n".join(records[::step][:s.eval_limit]) + "\n", encoding="utf-8")
+    run_step(run, "evaluate", python(
+        "-m", "tinyllm_mcore.quickstart.qa", "mcore", "--tokenizer-model", str(run.path("tokenizer")),
+        "--eval-data", str(eval_data), "--checkpoint", f"pretrained={pretrain_ckpt}",
+        "--checkpoint", f"sft={sft_ckpt}", "--checkpoint", f"dpo={dpo_ckpt}",
+        "--output-json", str(run.path("eval.json"))))
+    run_step(run, "export_hf", python(
+        "-m", "checkpoint_convert.mcore_to_hf", "--load", str(dpo_ckpt), "--save", str(run.path("hf")),
+        "--tokenizer-model", str(run.path("tokenizer")), "--quiet"))
+    run_step(run, "chat", python(
+        "-m", "tinyllm_mcore.quickstart.qa", "hf", "--hf", str(run.path("hf")), "--eval-data", str(paths["eval"]),
+        "--num-questions", str(s.chat_questions), "--output-json", str(run.path("chat.json"))))
+
+    report_path = report.write_report(run.root)
+    print(f"\nreport: {report_path}", flush=True)
+    print(report.summary_line(run.root), flush=True)
+    return report_path
