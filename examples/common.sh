@@ -1,0 +1,101 @@
+# Shared by the Slurm examples (sourced, not run). Every setting is an environment variable with a default, so
+#   TP=2 PP=2 NNODES=4 sbatch --nodes=4 examples/pretrain_92m_multinode.sh
+# overrides anything. DRY_RUN=1 prints the exact commands instead of running them (works outside Slurm too).
+#
+# Paths shared by all stages (pretrain's save = SFT's load, SFT's save = DPO's load, DPO's save = convert's load):
+#   WORK_DIR/data         indexed datasets          (examples/preprocess_corpus.sh writes them)
+#   WORK_DIR/tokenizer    tokenizer.model
+#   WORK_DIR/checkpoints/{pretrain,sft,dpo}
+#   WORK_DIR/runs/<stage> TensorBoard events, metrics.jsonl
+#   WORK_DIR/hf           the Hugging Face export
+set -euo pipefail
+
+# Under sbatch the script runs from a spool copy: find the repository from the submit directory.
+REPO="${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}"
+WORK_DIR="${WORK_DIR:-$REPO/work}"
+DATA_DIR="${DATA_DIR:-$WORK_DIR/data}"
+TOKENIZER="${TOKENIZER:-$WORK_DIR/tokenizer}"
+CKPT_DIR="${CKPT_DIR:-$WORK_DIR/checkpoints}"
+RUNS_DIR="${RUNS_DIR:-$WORK_DIR/runs}"
+HF_DIR="${HF_DIR:-$WORK_DIR/hf}"
+PYTHON="${PYTHON:-python}"
+DRY_RUN="${DRY_RUN:-0}"
+
+# Cluster shape (defaults: the job's own allocation, else 1 node x 8 GPUs).
+NNODES="${NNODES:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+
+# Optional NGC / pyxis container: CONTAINER_IMAGE=nvcr.io/nvidia/pytorch:25.01-py3 (the repo is mounted at itself).
+CONTAINER_IMAGE="${CONTAINER_IMAGE:-}"
+CONTAINER_MOUNTS="${CONTAINER_MOUNTS:-$REPO:$REPO,$WORK_DIR:$WORK_DIR}"
+
+# NCCL / CUDA settings megatron-core expects on multi-node GPU jobs.
+export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"   # TP comm/compute ordering
+export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"
+[ -n "${NCCL_SOCKET_IFNAME:-}" ] && export NCCL_SOCKET_IFNAME
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+die() { echo "error: $*" >&2; exit 2; }
+
+# run CMD...: print it (DRY_RUN=1) or run it, echoing it first either way.
+run() {
+  if [ "$DRY_RUN" = "1" ]; then
+    printf '%q ' "$@"; printf '\n'
+  else
+    echo "+ $*" >&2
+    "$@"
+  fi
+}
+
+# master_addr: the first host of the allocation (localhost outside Slurm).
+master_addr() {
+  if [ -n "${MASTER_ADDR:-}" ]; then echo "$MASTER_ADDR"
+  elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1
+  else echo localhost; fi
+}
+
+# check_layout TP PP MICRO GLOBAL: the world must split into TP x PP x DP and the global batch into micro-batches.
+check_layout() {
+  local tp=$1 pp=$2 micro=$3 global=$4 world=$((NNODES * GPUS_PER_NODE))
+  [ $((world % (tp * pp))) -eq 0 ] || die "TP=$tp x PP=$pp does not divide the world size $world ($NNODES nodes x $GPUS_PER_NODE GPUs)"
+  DP=$((world / (tp * pp)))
+  [ $((global % (micro * DP))) -eq 0 ] || die "GLOBAL_BATCH=$global is not a multiple of MICRO_BATCH=$micro x DP=$DP"
+  echo "# world $world = TP $tp x PP $pp x DP $DP; global batch $global = $micro x $DP x $((global / (micro * DP))) accumulation steps" >&2
+}
+
+# launcher ARGS...: srun (+ container flags) inside a Slurm job; nothing outside one (a local run).
+launcher() {
+  LAUNCHER=()
+  if [ -n "${SLURM_JOB_ID:-}" ]; then
+    LAUNCHER=(srun "$@")
+    if [ -n "$CONTAINER_IMAGE" ]; then
+      LAUNCHER+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$CONTAINER_MOUNTS" --container-workdir="$REPO")
+    fi
+  fi
+}
+
+# distributed MODULE ARGS...: one srun task per node, each a torchrun for its GPUs (c10d rendezvous on the master).
+distributed() {
+  launcher --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1
+  run ${LAUNCHER[@]+"${LAUNCHER[@]}"} "$PYTHON" -m torch.distributed.run \
+    --nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE" \
+    --rdzv-backend=c10d --rdzv-endpoint="$(master_addr):$MASTER_PORT" --rdzv-id="${SLURM_JOB_ID:-local}" \
+    -m "$@"
+}
+
+# single ARGS...: one task (preprocessing, conversion).
+single() {
+  launcher --nodes=1 --ntasks=1
+  run ${LAUNCHER[@]+"${LAUNCHER[@]}"} "$PYTHON" "$@"
+}
+
+# load_args SAVE FALLBACK...: sets LOAD_ARGS to "--load SAVE" when SAVE already holds a checkpoint (resume after a
+# requeue or time limit), else to FALLBACK (e.g. --load PREVIOUS_STAGE --finetune).
+load_args() {
+  local save=$1; shift
+  if [ -f "$save/latest_checkpointed_iteration.txt" ]; then LOAD_ARGS=(--load "$save"); else LOAD_ARGS=("$@"); fi
+}
