@@ -73,9 +73,9 @@ def _is_number(text: str) -> bool:
 def load_tokenizer(args):
     if not args.tokenizer_model:
         return None
-    from tinyllm_mcore.tokenizer import load_tokenizer as load
+    from tinyllm_mcore.tokenizer import Tokenizer
 
-    return load(args.tokenizer_model, args.tokenizer_type)
+    return Tokenizer.load(args.tokenizer_model, args.tokenizer_type)
 
 
 STAGE = Stage(name="pretrain", datasets_provider=pretrain_datasets, forward_step=lm_forward_step,
