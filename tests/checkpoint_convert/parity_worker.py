@@ -56,6 +56,11 @@ def main():
         rt.initialize(int(tp), int(pp))
         chunks, preset = load_model_for_inference(ckpt)
         got = forward(chunks, tokens)
+        # What this rank's GPTModel.sharded_state_dict() declares: dist-checkpoint key -> global shape
+        # (fc1 is a ShardedTensorFactory, [gate; up] split per TP rank at save time: no single global shape here)
+        shapes = {sh.key: list(sh.global_shape) if hasattr(sh, "global_shape") else None
+                  for sh in chunks[0].sharded_state_dict().values() if not sh.key.endswith("_extra_state")}
+        results.setdefault("sharded_shapes", {})[f"{tp}:{pp}"] = shapes
         if got is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
             logits, loss = got
             results[spec] = {"logits": logits[..., :preset.vocab_size].tolist(), "loss": loss.tolist()}

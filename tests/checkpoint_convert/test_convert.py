@@ -15,6 +15,7 @@ from checkpoint_convert import hf_to_mcore, mcore_to_hf
 from checkpoint_convert.hf_to_mcore import convert_hf_to_mcore
 from checkpoint_convert.mcore_to_hf import convert_mcore_to_hf
 from tests.tiny_data import tiny_tokenizer, write_text_jsonl
+from tinyllm_mcore.hf_mapping import dist_checkpoint_shapes
 from tinyllm_mcore.presets import get_preset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,10 +136,20 @@ def test_logit_parity_with_transformers(qwen2_source, converted, tmp_path):
            str(WORKER), str(tmp_path / "out.json"), str(tmp_path / "tokens.json"), *specs]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = {}
+    results, declared = {}, {}
     for rank in (0, 1):
-        results.update(json.loads((tmp_path / f"out.json.{rank}").read_text()))
+        got = json.loads((tmp_path / f"out.json.{rank}").read_text())
+        for layout, shapes in got.pop("sharded_shapes").items():
+            declared.setdefault(layout, {}).update(shapes)
+        results.update(got)
     assert set(results) == set(specs)
+    # hf_mapping's account of the dist-checkpoint keys/global shapes equals what megatron declares at TP2 and PP2
+    for layout, shapes in declared.items():
+        tp = int(layout.split(":")[0])
+        expected = dist_checkpoint_shapes(preset, tp)
+        assert shapes.keys() == expected.keys(), layout
+        assert all(tuple(v) == expected[k] for k, v in shapes.items() if v is not None), layout
+        assert [k for k, v in shapes.items() if v is None] == ["decoder.layers.mlp.linear_fc1.weight"]
     for spec in specs:
         logits = torch.tensor(results[spec]["logits"])
         loss = torch.tensor(results[spec]["loss"])[:, :-1]  # the last position's label is a wrap-around filler
