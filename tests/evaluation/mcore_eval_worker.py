@@ -2,7 +2,8 @@
 
 Usage: torchrun --nproc-per-node 2 mcore_eval_worker.py SPEC.json OUT.json
 SPEC: {"save": dir, "tokenizer": dir, "benchmark_dir": dir, "shots": k, "vocab_size": n, "layouts": [[tp, pp], ...]}
-OUT (rank 0): {"tp1pp1": {"choices": {subject: [...]}, "scores": {subject: [[4 floats], ...]}}, ...}
+OUT (rank 0): {"tp1pp1": {"choices": {subject: [...]}, "scores": {subject: [[4 floats], ...]},
+                          "responses": [gen-mode answers of the first subject]}, ...}
 """
 import argparse
 import dataclasses
@@ -49,6 +50,9 @@ def main(spec_path, out_path):
             "choices": {s: [r["pred"] for r in recs] for s, recs in result["records"].items()},
             "scores": {s: [r["scores"] for r in recs] for s, recs in result["records"].items()},
         }
+        # gen mode on one subject: KV-cached inference.Generator at PP1, re-forward through the pipeline at PP2
+        gen = evaluate_multiple_choice(lm, encoder, tasks[:1], mode="gen", max_new_tokens=4, batch_size=4)
+        results[f"tp{tp}pp{pp}"]["responses"] = [r["response_ids"] for r in gen["records"][tasks[0].subject]]
         parallel_state.destroy_model_parallel()
         dist.barrier()
     if dist.get_rank() == 0:

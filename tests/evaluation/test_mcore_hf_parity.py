@@ -15,6 +15,9 @@ def runs(mcore_export):
                                       batch_size=5)
     hf = {"choices": {s: [r["pred"] for r in recs] for s, recs in result["records"].items()},
           "scores": {s: [r["scores"] for r in recs] for s, recs in result["records"].items()}}
+    tasks = load_tasks(mcore_export["bench"], "test", mcore_export["shots"])[:1]
+    gen = evaluate_multiple_choice(lm, encoder, tasks, mode="gen", max_new_tokens=4)
+    hf["responses"] = [r["response_ids"] for r in gen["records"][tasks[0].subject]]
     return mcore_export["mcore"], hf
 
 
@@ -38,3 +41,13 @@ def test_option_scores_agree(runs):
             top = sorted(s, reverse=True)
             gaps.append(top[0] - top[1])
     assert sorted(gaps)[len(gaps) // 4] > 1e-2
+
+
+def test_gen_mode_answers_agree(runs):
+    """Chat prompts from the project's tokenizer (mcore) and from the export's chat template (HF) and greedy decoding
+    by inference.Generator (TP1/TP2), the pipeline re-forward loop (PP2) and our HF loop give the same answer ids
+    (texts can differ only where SentencePiece and the HF decoder render invalid byte-fallback bytes differently)."""
+    mcore, hf = runs
+    assert len(hf["responses"]) == 12 and any(hf["responses"])
+    for layout in LAYOUTS:
+        assert mcore[layout]["responses"] == hf["responses"], layout

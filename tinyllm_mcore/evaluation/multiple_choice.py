@@ -201,9 +201,14 @@ def evaluate_multiple_choice(lm: CausalLM, encoder, tasks: Sequence[SubjectTask]
                  "scores": option_scores})
     else:
         prompts, owners = [], []
+        keep = lm.max_length - max_new_tokens  # long (k-shot) prompts are cut on the left to leave room to answer
+        if keep < 1:
+            raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room in the model's {lm.max_length} tokens")
         for task in tasks:
             for q in task.data.questions:
-                prompts.append(encoder.chat_prompt_ids(chat_messages(task.name_zh, task.shots, q)))
+                prompt = encoder.chat_prompt_ids(chat_messages(task.name_zh, task.shots, q))
+                stats.truncated += len(prompt) > keep
+                prompts.append(prompt[-keep:])
                 owners.append((task.subject, q))
         stop_ids = encoder.stop_ids()
         outputs = []
@@ -219,7 +224,8 @@ def evaluate_multiple_choice(lm: CausalLM, encoder, tasks: Sequence[SubjectTask]
             text = encoder.decode(out)
             pred = parse_choice(text)
             records.setdefault(subject, []).append(
-                {"id": q.id, "answer": q.answer, "pred": pred, "correct": pred == q.answer, "response": text})
+                {"id": q.id, "answer": q.answer, "pred": pred, "correct": pred == q.answer, "response": text,
+                 "response_ids": list(out)})
     seconds = time.perf_counter() - start
     result = summarize(tasks, records, mode=mode)
     n_questions = sum(len(t.data.questions) for t in tasks)
