@@ -114,7 +114,11 @@ def _env() -> dict:
 
 
 # Lines worth echoing to the console (the rest stays in the log): stage progress, summaries, errors.
-_PROGRESS = re.compile(r"^(\[|wrote |documents:|tokens:|skipped lines|error|<\|user\|>|<\|assistant\|>|saved checkpoint)")
+_PROGRESS = re.compile(r"^(\[(pretrain|sft|dpo|qa|mcore_to_hf)\]|wrote |documents:|tokens:|skipped lines|error|"
+                       r"<\|user\|>|<\|assistant\|>|saved checkpoint|loaded )")
+
+
+_EXCEPTION = re.compile(r"^(\[rank\d+\]: )?[A-Za-z_.]*(Error|Exception|Interrupt)\b.*:")
 
 
 def run_step(run: Run, name: str, argv: list[str], *, echo: bool = True) -> StepResult:
@@ -140,8 +144,10 @@ def run_step(run: Run, name: str, argv: list[str], *, echo: bool = True) -> Step
             raise
     seconds = time.perf_counter() - t0
     if returncode != 0:
-        tail = [l for l in log.read_text(encoding="utf-8", errors="replace").splitlines() if l.strip()][-8:]
-        print("    " + "\n    ".join(tail), file=sys.stderr)
+        lines = [l for l in log.read_text(encoding="utf-8", errors="replace").splitlines() if l.strip()]
+        # the CLIs' one-line reports of bad input, else the first exception raised in a worker
+        errors = [l for l in lines if l.startswith("error:")] or [l for l in lines if _EXCEPTION.match(l)][:1]
+        print("    " + "\n    ".join(errors[-1:] or lines[-8:]), file=sys.stderr)
         raise StepFailed(name, log, f"exit status {returncode}")
     print(f"    done in {seconds:.1f} s", flush=True)
     result = StepResult(name, round(seconds, 2), str(log.relative_to(run.root)), command)
@@ -172,7 +178,8 @@ def prepare_run_dir(root: Path, overwrite: bool) -> None:
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text("made by python -m tinyllm_mcore.quickstart\n")
-    (root / "logs").mkdir()
+    for folder in ("logs", "metrics", "tensorboard", "checkpoints", "data"):
+        (root / folder).mkdir()
 
 
 def write_corpus(run: Run, corpus: str | None) -> dict[str, Path]:
