@@ -100,3 +100,55 @@ def preference_provider(records_train, records_valid=()):
 
 def tokenizer_path() -> str:
     return tokenizer().model_path
+
+
+def run_stage(stage, argv):
+    """Train a stage in this process and tear the runtime down again; returns the loop's result."""
+    from tinyllm_mcore.runtime import distributed as rt
+    from tinyllm_mcore.training.loop import parse_args, train
+
+    try:
+        return train(stage, parse_args(stage, argv), tokenizer())
+    finally:
+        rt.destroy()
+
+
+SFT_ITERS = 150
+
+
+@functools.lru_cache(maxsize=None)
+def checkpoints() -> dict[str, Path]:
+    """An initial ("pretrained") checkpoint and the SFT model trained from it on the corpus' SFT pairs."""
+    from tinyllm_mcore import sft
+
+    root = Path(tempfile.mkdtemp(prefix="tinyllm_posttrain_ckpt_"))
+    stage = sft.make_stage(sft_provider(corpus().sft))
+    run_stage(stage, common_flags(root, "--train-iters", "0", "--micro-batch-size", "1", "--save", str(root / "init")))
+    run_stage(stage, common_flags(root, "--train-iters", str(SFT_ITERS), "--micro-batch-size", "16", "--lr", "3e-3",
+                                  "--min-lr", "3e-4", "--load", str(root / "init"), "--finetune",
+                                  "--save", str(root / "sft"), "--save-interval", "50", "--log-interval", "25"))
+    # "sft_early": an SFT model that still confuses some facts (DPO's starting point in test_dpo)
+    return {"root": root, "init": root / "init", "sft": root / "sft", "sft_early": root / "sft" / "iter_0000050"}
+
+
+def answer_questions(load, questions, max_new_tokens=24) -> list[str]:
+    """Greedy chat answers (no system block, as trained) from a checkpoint, in one batch."""
+    from tinyllm_mcore import inference
+    from tinyllm_mcore.runtime import distributed as rt
+
+    tok = tokenizer()
+    try:
+        generator, _ = inference.load_generator(str(load), tok)
+        prompts = [tok.chat_prompt_ids([{"role": "user", "content": q}], system="") for q in questions]
+        params = inference.SamplingParams(max_new_tokens=max_new_tokens, greedy=True,
+                                          stop_ids=inference.chat_stop_ids(tok))
+        return [tok.detokenize(ids, skip_special_tokens=True) for ids in generator.generate(prompts, params)]
+    finally:
+        rt.destroy()
+
+
+def exact_match_rate(load, records) -> float:
+    from tinyllm_mcore.quickstart.corpus import exact_match
+
+    answers = answer_questions(load, [r["question"] for r in records])
+    return sum(exact_match(a, r["answer"]) for a, r in zip(answers, records)) / len(records)

@@ -187,10 +187,10 @@ def after_load(args, chunks) -> None:
 
 
 def preference_datasets(args, tokenizer, preset):
-    from tinyllm_mcore.data.preference import build_preference_datasets
-
     if not args.preference_data:
         raise ValueError("give --preference-data FILE.jsonl or indexed PREFIX")
+    from tinyllm_mcore.data.preference import build_preference_datasets
+
     return build_preference_datasets(args.preference_data, tokenizer=tokenizer, seq_length=args.seq_length,
                                      split=args.split, seed=args.seed)
 

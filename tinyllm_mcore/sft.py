@@ -21,12 +21,12 @@ def add_sft_args(parser) -> None:
 
 
 def sft_datasets(args, tokenizer, preset):
-    from tinyllm_mcore.data.sft import build_sft_datasets
-
     if not args.sft_data:
         raise ValueError("give --sft-data FILE.jsonl or indexed PREFIX")
     if tokenizer is None:
         raise ValueError("SFT needs --tokenizer-model (the chat format's role markers come from the tokenizer)")
+    from tinyllm_mcore.data.sft import build_sft_datasets
+
     return build_sft_datasets(args.sft_data, tokenizer=tokenizer, seq_length=args.seq_length, split=args.split,
                               seed=args.seed, pack=not args.no_pack)
 

@@ -1,0 +1,49 @@
+"""SFT: the stage teaches a tiny model to answer the corpus' questions in the chat format, which the initial
+(pretrained-stand-in) checkpoint cannot; the loss is on assistant tokens only."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import post_training_data as data  # noqa: E402
+
+
+def test_sft_teaches_facts_in_chat_format():
+    checkpoints = data.checkpoints()
+    corpus = data.corpus()
+    trained = corpus.sft[:48]
+    heldout = [r for r in corpus.eval if r["split"] == "heldout_phrasing"]
+    init_trained, init_heldout = data.exact_match_rate(checkpoints["init"], trained), \
+        data.exact_match_rate(checkpoints["init"], heldout)
+    sft_trained, sft_heldout = data.exact_match_rate(checkpoints["sft"], trained), \
+        data.exact_match_rate(checkpoints["sft"], heldout)
+    print(f"exact match: trained phrasings {init_trained:.2f} -> {sft_trained:.2f}, "
+          f"held-out phrasings {init_heldout:.2f} -> {sft_heldout:.2f}")
+    assert init_trained == 0 and init_heldout == 0
+    assert sft_trained >= 0.9
+    # Held-out phrasings: the tiny model generalises only partly (see the report: the 90% target is not met).
+    assert sft_heldout > 0.15
+
+
+def test_sft_loss_only_on_assistant_tokens():
+    tok = data.tokenizer()
+    sample = data.sft_dataset(data.corpus().sft[:1])[0]
+    trained_ids = [int(t) for t, m in zip(sample["labels"], sample["loss_mask"]) if m > 0]
+    answer = data.corpus().sft[0]["answer"]
+    assert tok.detokenize(trained_ids[:-1]) == answer and trained_ids[-1] == tok.eos
+
+
+def test_sft_cli_errors(tmp_path):
+    from tinyllm_mcore import sft
+    from tinyllm_mcore.runtime import distributed as rt
+    from tinyllm_mcore.training.loop import main
+
+    flags = data.common_flags(tmp_path, "--train-iters", "1", "--micro-batch-size", "1")
+    try:
+        assert main(sft.STAGE, flags) == 2  # no --sft-data: one error line
+        rt.destroy()
+        assert main(sft.make_stage(data.sft_provider(data.corpus().sft[:2])),
+                    flags + ["--load", str(tmp_path / "missing"), "--finetune"]) == 2
+    finally:
+        rt.destroy()  # the loop's main leaves the runtime up after an error

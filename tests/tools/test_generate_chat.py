@@ -1,0 +1,63 @@
+"""tools/generate.py and tools/chat.py in-process on the SFT checkpoint: one-shot, batches, multi-turn history,
+streaming, and one-line errors."""
+import io
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import post_training_data as data  # noqa: E402
+
+from tools import chat, generate  # noqa: E402
+
+
+def flags():
+    return ["--load", str(data.checkpoints()["sft"]), "--tokenizer-model", data.tokenizer_path(), "--greedy",
+            "--max-new-tokens", "24", "--system", ""]
+
+
+def test_generate_answers_trained_questions(capsys):
+    from tinyllm_mcore.runtime import distributed as rt
+
+    records = data.corpus().sft[:2]
+    try:
+        texts = generate.run(generate.build_parser().parse_args(
+            flags() + ["--chat", "--json"] + sum((["--prompt", r["question"]] for r in records), [])))
+    finally:
+        rt.destroy()
+    assert texts == [r["answer"] for r in records]
+    assert records[0]["answer"] in capsys.readouterr().out
+
+
+def test_chat_streams_and_keeps_history(monkeypatch):
+    from tinyllm_mcore.runtime import distributed as rt
+
+    records = data.corpus().sft[:2]
+    lines = iter([records[0]["question"], records[1]["question"], "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    out = io.StringIO()
+    try:
+        session = chat.run(chat.build_parser().parse_args(flags()), out=out)
+        streamed = out.getvalue()
+        assert [m["content"] for m in session.history] == [records[0]["question"], records[0]["answer"],
+                                                          records[1]["question"], records[1]["answer"]]
+        assert records[0]["answer"] in streamed
+        # the second turn's prompt carries the first exchange
+        ids = session.prompt_ids("x")
+        assert data.tokenizer().detokenize(ids).count("<|assistant|>") == 3
+    finally:
+        rt.destroy()
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert generate.main(["--load", str(tmp_path / "nope"), "--tokenizer-model", data.tokenizer_path(),
+                          "--prompt", "x"]) == 2
+    assert "error:" in capsys.readouterr().err
+    other = tmp_path / "other_tok"
+    from tinyllm_mcore.tokenizer_training import train_tokenizer
+
+    corpus = data.corpus().write(tmp_path / "c")
+    train_tokenizer(str(corpus["tokenizer"]), other, vocab_size=900, character_coverage=1.0, num_threads=1,
+                    hard_vocab_limit=False)
+    assert generate.main(["--load", str(data.checkpoints()["sft"]), "--tokenizer-model", str(other),
+                          "--prompt", "x"]) == 2
+    assert "does not match the checkpoint's vocab" in capsys.readouterr().err
