@@ -23,6 +23,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
+from tinyllm_mcore.lm_loss import linear_cross_entropy
 from tinyllm_mcore.presets import ModelPreset, padded_vocab_size
 
 
@@ -80,21 +81,23 @@ class RMSNorm(torch.nn.RMSNorm):
 
 
 class TinyLLMGPTModel(GPTModel):
-    """megatron's GPTModel; without tensor parallelism the LM loss is torch's fused cross-entropy.
+    """megatron's GPTModel; without tensor parallelism the LM head and its loss are fused and chunked.
 
-    megatron's vocab-parallel cross-entropy makes five passes over the [tokens, vocab] logits (max, subtract, exp,
-    sum, gather) plus as many in backward, to combine partial softmaxes across TP ranks. With one TP rank there is
-    nothing to combine, and F.cross_entropy (one fused log-softmax + NLL) gives the same numbers in fewer passes —
-    at vocab 64798 the loss is a large share of a small model's step.
+    megatron materialises [s, b, vocab] logits and runs its vocab-parallel cross-entropy over them (several passes,
+    to combine partial softmaxes across TP ranks). With one TP rank there is nothing to combine: `lm_loss` computes
+    the same per-token losses chunk by chunk without keeping the logits — at the seed's 64798-token vocab that is a
+    large share of a small model's step. Everything else (TP, inference, logits requests) is megatron's path.
     """
 
-    def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
-        if parallel_state.get_tensor_model_parallel_world_size() > 1 or self.config.cross_entropy_loss_fusion:
-            return super().compute_language_model_loss(labels, logits)
-        s, b, v = logits.shape  # logits are [s, b, V]; labels [b, s]; loss returned as [b, s]
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().view(s * b, v), labels.transpose(0, 1).reshape(s * b), reduction="none")
-        return loss.view(s, b).transpose(0, 1).contiguous()
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        fused = (labels is not None and self.post_process
+                 and parallel_state.get_tensor_model_parallel_world_size() == 1
+                 and self.config.mtp_num_layers is None and not self.share_embeddings_and_output_weights
+                 and kwargs.get("inference_context") is None and kwargs.get("inference_params") is None)
+        if not fused:
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        # hidden [s, b, h] -> loss [b, s]
+        return linear_cross_entropy(hidden_states.transpose(0, 1), self.output_layer.weight, labels)
 
 
 class _null:

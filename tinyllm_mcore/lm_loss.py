@@ -1,0 +1,75 @@
+"""The LM head and its cross-entropy fused and chunked over the vocabulary (no [tokens, vocab] logits are kept).
+
+At the seed's vocab (64798) the logits of a micro-batch are the largest tensor of a small model's step: 4 × 512
+tokens make 530 MB of fp32 logits, and the unfused path walks them a dozen times (matmul output, fp32 upcast,
+log-softmax, its backward, zero fills, the one-hot subtraction). Here the vocabulary is processed in slices whose
+fp32 logits stay cache-sized: the forward keeps only the per-token log-sum-exp, and the backward recomputes each
+slice's logits (one extra matmul) to form softmax − one-hot in place. Numerics are those of `F.cross_entropy` on
+fp32 logits: the softmax is fp32, only the matmuls run in the weights' dtype.
+
+Used for the training loss without tensor parallelism (with TP the vocab is split across ranks and megatron's
+vocab-parallel cross-entropy combines the partial softmaxes).
+"""
+from __future__ import annotations
+
+import torch
+
+# fp32 logits per chunk ≈ this many bytes: large enough for efficient matmuls, small enough to stay in cache.
+CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def chunk_columns(num_tokens: int, vocab_size: int) -> int:
+    return max(256, min(vocab_size, CHUNK_BYTES // (4 * max(num_tokens, 1))))
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """loss[i] = logsumexp(h_i W^T) − (h_i W^T)[label_i] for hidden [N, h], weight [V, h], labels [N].
+
+    Chunks run over the vocabulary: each weight slice takes part in one matmul per pass (CPU matmul libraries
+    repack the weight operand on every call, so slicing the tokens instead would repack the whole LM head per
+    chunk), and a running log-sum-exp combines the chunks.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        n, vocab = hidden.shape[0], weight.shape[0]
+        cols = chunk_columns(n, vocab)
+        lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
+        label_logit = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        for start in range(0, vocab, cols):
+            end = min(start + cols, vocab)
+            logits = torch.matmul(hidden, weight[start:end].t()).float()
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+            inside = (labels >= start) & (labels < end)
+            local = (labels - start).clamp(0, end - start - 1)
+            label_logit += torch.where(inside, logits.gather(1, local[:, None]).squeeze(1), 0.0)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        return lse - label_logit
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        n, vocab = hidden.shape[0], weight.shape[0]
+        cols = chunk_columns(n, vocab)
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_weight = torch.empty_like(weight)
+        grad_loss = grad_loss.float()
+        rows = torch.arange(n, device=hidden.device)
+        for start in range(0, vocab, cols):
+            end = min(start + cols, vocab)
+            probs = torch.matmul(hidden, weight[start:end].t()).float()
+            probs.sub_(lse[:, None]).exp_()  # softmax restricted to this vocab slice
+            inside = (labels >= start) & (labels < end)
+            probs[rows[inside], labels[inside] - start] -= 1.0
+            probs.mul_(grad_loss[:, None])  # d loss / d logits
+            grad_logits = probs.to(hidden.dtype)
+            grad_hidden += torch.matmul(grad_logits, weight[start:end]).float()
+            grad_weight[start:end] = torch.matmul(grad_logits.t(), hidden)
+        return grad_hidden.to(hidden.dtype), grad_weight, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy of `hidden @ weight.T` against labels; hidden [..., h], labels [...] -> loss [...]."""
+    shape = labels.shape
+    loss = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1))
+    return loss.view(shape)
