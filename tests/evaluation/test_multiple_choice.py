@@ -76,6 +76,25 @@ def test_known_best_options_score_100_and_shuffled_labels_drop_to_chance(tmp_pat
     assert 0.1 <= result["average"] <= 0.45  # chance is 0.25
 
 
+def test_shared_prefix_cache_gives_the_same_scores_with_fewer_tokens(model_and_encoder):
+    """Two "subjects" whose questions share a long prefix (as k-shot prompts share header and shots): each prefix
+    runs once (KV cache), not once per row, and the scores do not change."""
+    lm, _ = model_and_encoder
+    rng = random.Random(5)
+    pairs = []
+    for _ in range(2):
+        prefix = [rng.randrange(3, 1000) for _ in range(120)]
+        for _ in range(9):
+            context = prefix + [rng.randrange(3, 1000) for _ in range(rng.randint(5, 60))]
+            pairs += [(context, [t]) for t in (10, 11, 12, 13)]
+    shared_stats, plain_stats = mc.ScoreStats(), mc.ScoreStats()
+    shared = mc.score_continuations(lm, pairs, batch_size=4, stats=shared_stats)
+    plain = mc.score_continuations(lm, pairs, batch_size=4, share_prefix=False, stats=plain_stats)
+    assert shared == pytest.approx(plain, abs=1e-4)
+    assert shared_stats.rows == plain_stats.rows == 18 and shared_stats.truncated == 0
+    assert shared_stats.tokens < plain_stats.tokens / 2
+
+
 def test_score_continuations_multi_token_options_match_reference(model_and_encoder):
     """Options that are whole texts (several tokens, different lengths, no shared rows), mixed with rows longer than
     the model (left-truncated)."""

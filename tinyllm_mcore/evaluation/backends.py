@@ -26,6 +26,8 @@ class CausalLM:
     vocab_size: int
     max_length: int
     device: torch.device = torch.device("cpu")
+    # Backends that can run a shared prefix once and continue many rows from its KV cache (see HFCausalLM).
+    supports_prefix_cache: bool = False
 
     def logits_at(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens [b, s] (right-padded), positions [b, n] -> float32 logits [b, n, vocab_size]."""
@@ -88,9 +90,39 @@ class HFCausalLM(CausalLM):
     def logits_at(self, tokens, positions):
         tokens, positions = tokens.to(self.device), positions.to(self.device)
         hidden = self.model.base_model(input_ids=tokens, use_cache=False).last_hidden_state  # [b, s, h], final norm
-        rows = torch.arange(tokens.size(0), device=self.device).unsqueeze(1).expand_as(positions)
+        return self._head(hidden, positions)
+
+    def _head(self, hidden, positions):
+        rows = torch.arange(hidden.size(0), device=self.device).unsqueeze(1).expand_as(positions)
         logits = self.model.get_output_embeddings()(hidden[rows, positions])
         return logits[..., : self.vocab_size].float().cpu()
+
+    # k-shot prompts of one subject share their header and shots: run that prefix once, keep its KV cache, and
+    # continue every row of a batch from it (the cache is copied and repeated per row; causal attention makes the
+    # result the same as forwarding each whole row).
+    supports_prefix_cache = True
+
+    @torch.inference_mode()
+    def prefix_cache(self, prefix: list[int]):
+        tokens = torch.tensor([prefix], device=self.device)
+        return self.model.base_model(input_ids=tokens, use_cache=True).past_key_values
+
+    @torch.inference_mode()
+    def logits_after_prefix(self, cache, prefix_length: int, tokens, positions):
+        """tokens [b, s] continue the cached prefix; positions [b, n] index into tokens."""
+        import copy
+
+        tokens, positions = tokens.to(self.device), positions.to(self.device)
+        cache = copy.deepcopy(cache)
+        cache.batch_repeat_interleave(tokens.size(0))
+        position_ids = torch.arange(prefix_length, prefix_length + tokens.size(1), device=self.device)
+        import inspect
+
+        # transformers 5 names the argument `cache` (`past_key_values` still works there, with a warning)
+        name = "cache" if "cache" in inspect.signature(self.model.base_model.forward).parameters else "past_key_values"
+        hidden = self.model.base_model(input_ids=tokens, position_ids=position_ids.expand_as(tokens),
+                                       use_cache=True, **{name: cache}).last_hidden_state
+        return self._head(hidden, positions)
 
 
 # ---------------------------------------------------------------------------------------------------------------

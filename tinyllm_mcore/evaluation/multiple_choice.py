@@ -69,18 +69,28 @@ class ScoreStats:
     rows: int = 0  # forwarded sequences (after de-duplication)
     requests: int = 0
     truncated: int = 0  # requests whose context was cut on the left to fit the model
-    tokens: int = 0  # forwarded tokens (without padding)
+    tokens: int = 0  # forwarded tokens (without padding; a shared prefix counts once)
     seconds: float = 0.0
 
 
+def _common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    first, n = rows[0], min(len(r) for r in rows)
+    for i in range(n):
+        if any(r[i] != first[i] for r in rows):
+            return i
+    return n
+
+
 def score_continuations(lm: CausalLM, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
-                        batch_size: int = 32, max_batch_tokens: int = 32768,
-                        stats: ScoreStats | None = None) -> list[float]:
+                        batch_size: int = 32, max_batch_tokens: int = 32768, share_prefix: bool = True,
+                        min_shared_prefix: int = 32, stats: ScoreStats | None = None) -> list[float]:
     """Sum of log p(continuation | context) for each (context ids, continuation ids) pair.
 
     Each pair needs the forward of row = (context + continuation)[:-1] and the log-probs at the continuation's
-    positions. Identical rows (the options of one question when each option is one token) are forwarded once. Rows
-    longer than the model are cut on the left (the continuation is always kept whole).
+    positions. Identical rows (the options of one question when each option is one token) are forwarded once. With
+    `share_prefix` and a backend that supports it, rows are batched in sorted order and the prefix all rows of a
+    batch share (the header and shots of a k-shot subject; at least `min_shared_prefix` tokens) is forwarded once and
+    continued from its KV cache. Rows longer than the model are cut on the left (the continuation is kept whole).
     """
     stats = stats if stats is not None else ScoreStats()
     start = time.perf_counter()
@@ -109,24 +119,50 @@ def score_continuations(lm: CausalLM, pairs: Sequence[tuple[Sequence[int], Seque
         row_requests[row_ids[row]].append((i, positions, continuation))
 
     scores = [0.0] * len(pairs)
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))  # similar lengths together: little padding
+    share = share_prefix and getattr(lm, "supports_prefix_cache", False)
+    if share:  # rows with common prefixes (one subject's k-shot prompts) side by side
+        order = sorted(range(len(rows)), key=lambda r: rows[r])
+    else:  # similar lengths together: little padding
+        order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
+    cached_prefix: tuple[int, ...] = ()
+    cache = None
     at = 0
     while at < len(order):
         batch = [order[at]]
         width = len(rows[order[at]])
-        while (at + len(batch) < len(order) and len(batch) < batch_size
-               and (len(batch) + 1) * width <= max_batch_tokens):
+        while at + len(batch) < len(order) and len(batch) < batch_size:
+            width = max(width, len(rows[order[at + len(batch)]]))
+            if (len(batch) + 1) * width > max_batch_tokens:
+                break
             batch.append(order[at + len(batch)])
         at += len(batch)
         positions_per_row = [sorted({p for _, ps, _ in row_requests[r] for p in ps}) for r in batch]
         n = max(len(p) for p in positions_per_row)
-        positions = torch.tensor([p + [p[-1]] * (n - len(p)) for p in positions_per_row])
-        logprobs = torch.log_softmax(lm.logits_at(pad_rows([rows[r] for r in batch]), positions), dim=-1)
+        padded_positions = [p + [p[-1]] * (n - len(p)) for p in positions_per_row]
+        batch_rows = [rows[r] for r in batch]
+        shared = 0
+        if share:
+            # the prefix every row of the batch shares, ending before the first position read
+            shared = min(_common_prefix_length(batch_rows), min(p[0] for p in positions_per_row))
+            if cache is not None and len(cached_prefix) <= shared and batch_rows[0][: len(cached_prefix)] == cached_prefix:
+                shared = len(cached_prefix)  # the previous batch's prefix still fits: reuse it
+            elif shared >= min_shared_prefix:
+                cached_prefix = batch_rows[0][:shared]
+                cache = lm.prefix_cache(list(cached_prefix))
+                stats.tokens += shared
+            else:
+                shared = 0
+        if shared:
+            logits = lm.logits_after_prefix(cache, shared, pad_rows([r[shared:] for r in batch_rows]),
+                                            torch.tensor(padded_positions) - shared)
+        else:
+            logits = lm.logits_at(pad_rows(batch_rows), torch.tensor(padded_positions))
+        logprobs = torch.log_softmax(logits, dim=-1)
         for b, r in enumerate(batch):
             column = {p: j for j, p in enumerate(positions_per_row[b])}
             for request, ps, targets in row_requests[r]:
                 scores[request] = float(sum(logprobs[b, column[p], t] for p, t in zip(ps, targets)))
-        stats.tokens += sum(len(rows[r]) for r in batch)
+        stats.tokens += sum(len(row) - shared for row in batch_rows)
     stats.rows += len(rows)
     stats.requests += len(pairs)
     stats.seconds += time.perf_counter() - start
@@ -176,7 +212,7 @@ class SubjectTask:
 
 def evaluate_multiple_choice(lm: CausalLM, encoder, tasks: Sequence[SubjectTask], *, mode: str = "ppl",
                              batch_size: int = 32, max_batch_tokens: int = 32768,
-                             max_new_tokens: int = 16) -> dict:
+                             max_new_tokens: int = 16, share_prefix: bool = True) -> dict:
     """Evaluate every task; returns the results dict (see `summarize`) with per-question records."""
     if mode not in ("ppl", "gen"):
         raise ValueError(f"unknown mode {mode!r}; use ppl or gen")
@@ -192,7 +228,7 @@ def evaluate_multiple_choice(lm: CausalLM, encoder, tasks: Sequence[SubjectTask]
                     pairs.append(encode_pair(encoder, context, " " + letter))
                 owners.append((task.subject, q))
         scores = score_continuations(lm, pairs, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                                     stats=stats)
+                                     share_prefix=share_prefix, stats=stats)
         for k, (subject, q) in enumerate(owners):
             option_scores = scores[4 * k: 4 * k + 4]
             pred = LETTERS[max(range(4), key=lambda j: (option_scores[j], -j))]  # ties: the first, as np.argmax
