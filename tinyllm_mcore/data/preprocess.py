@@ -96,9 +96,10 @@ class _Skip(Exception):
 class ChunkEncoder:
     """Turns a ``Chunk`` into an ``EncodedChunk``. Built once per worker process."""
 
-    def __init__(self, tokenizer_model: str, tokenizer_type: str, mode: str, json_keys: Sequence[str],
+    def __init__(self, tokenizer: str | Tokenizer, tokenizer_type: str, mode: str, json_keys: Sequence[str],
                  append_eod: bool, system: str | None):
-        self.tokenizer = Tokenizer.load(tokenizer_model, tokenizer_type)
+        """``tokenizer``: a loaded Tokenizer, or a model path (what worker processes get)."""
+        self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer, tokenizer_type)
         self.mode, self.json_keys, self.append_eod, self.system = mode, list(json_keys), append_eod, system
         self.dtype = token_dtype(self.tokenizer.vocab_size)
         self.outputs = len(self.json_keys) if mode == "pretrain" else 1

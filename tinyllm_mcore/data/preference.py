@@ -1,0 +1,69 @@
+"""Preference pairs for DPO and reward models: ``{"prompt", "chosen", "rejected", "system"?}`` jsonl, or a prefix
+written by ``tools/preprocess_data.py --mode preference``.
+
+Both answers follow the same chat prompt. A sample holds the SFT sample keys (see ``tinyllm_mcore/data/sft.py``) with
+a leading dimension 2 — index 0 the chosen, 1 the rejected sequence — so a pair always stays in one micro-batch.
+``loss_mask`` covers the answer tokens and their eos only, which is what DPO's log-probability sums and the reward
+model's last-token pick need. Too-long pairs are truncated (answers cut from the end) or dropped (``overflow``);
+pairs whose prompt leaves no room for an answer are dropped. All of it is counted in ``stats``.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import torch
+
+from tinyllm_mcore.data.conversations import load_conversations
+from tinyllm_mcore.data.sft import OVERFLOW_POLICIES, empty_sample, fill_sample_row
+from tinyllm_mcore.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+CHOSEN, REJECTED = 0, 1
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    def __init__(self, source: str, tokenizer: Tokenizer, seq_length: int, overflow: str = "truncate",
+                 system: str | None = None):
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+        self.tokenizer, self.seq_length = tokenizer, seq_length
+        self.pairs = load_conversations(source, tokenizer, "preference", system)
+        self.stats = Counter({f"skipped_{reason}": n for reason, n in self.pairs.skipped.items()})
+        self.stats["pairs"] = len(self.pairs)
+
+        lengths = self.pairs.sequence_lengths.reshape(-1, 3)  # prompt, chosen, rejected per pair
+        longest = lengths[:, 0] + lengths[:, 1:].max(axis=1)
+        too_long = longest > seq_length
+        no_room = lengths[:, 0] >= seq_length  # not one answer token would fit
+        if overflow == "drop":
+            keep = ~too_long
+            self.stats["dropped_too_long"] = int(too_long.sum())
+        else:
+            keep = ~no_room
+            self.stats["truncated"] = int((too_long & ~no_room).sum())
+            self.stats["dropped_prompt_too_long"] = int(no_room.sum())
+        self.indices = np.flatnonzero(keep)
+        self.stats["samples"] = len(self.indices)
+        if not len(self.indices):
+            raise ValueError(f"{source}: no usable preference pair ({self.summary()})")
+        log = logger.warning if any(k.startswith(("skipped", "dropped", "truncated")) for k in self.stats) \
+            else logger.info
+        log("preference data %s: %s", source, self.summary())
+
+    def summary(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.stats.items()) if v)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, idx: int) -> dict:
+        prompt, chosen, rejected = self.pairs.segments(self.indices[idx])
+        pair = empty_sample(self.seq_length, self.tokenizer.pad, leading=(2,))
+        for which, answer in ((CHOSEN, chosen), (REJECTED, rejected)):
+            ids = np.concatenate([prompt, answer])[:self.seq_length]
+            trainable = np.concatenate([np.zeros(len(prompt), np.float32), np.ones(len(answer), np.float32)])
+            row = {key: value[which] for key, value in pair.items()}  # views into the pair tensors
+            fill_sample_row(row, 0, ids, trainable[:self.seq_length], segment_id=1)
+        return pair

@@ -1,0 +1,152 @@
+"""SFT dataset: chat conversations -> fixed-length samples, loss only on assistant answers, optionally packed.
+
+Sample (each tensor of length ``seq_length``)::
+
+    tokens        int64    conversation ids, padded with the tokenizer's pad id
+    labels        int64    labels[i] = tokens[i + 1] within the same conversation; 0 at each conversation's last
+                           position and on padding
+    loss_mask     float32  1 where labels[i] is an answer token or the eos closing it, else 0 (system, user, role
+                           markers, padding)
+    position_ids  int64    0, 1, 2, ... restarting at every packed conversation
+    segment_ids   int64    1..n: which packed conversation a position belongs to; 0 = padding
+
+With packing, whole conversations are placed one after another (next-fit, in a seeded shuffled order) until the next
+one does not fit. ``packed_attention_mask(segment_ids)`` then gives the block-diagonal causal mask, so packed
+conversations never see each other and per-conversation losses equal their unpacked values.
+
+Conversations longer than ``seq_length`` are truncated (``overflow="truncate"``) or dropped (``"drop"``); both are
+counted in ``stats``, as are conversations left with no answer token and malformed records.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import torch
+
+from tinyllm_mcore.data.conversations import ConversationStore, load_conversations
+from tinyllm_mcore.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+OVERFLOW_POLICIES = ("truncate", "drop")
+
+
+def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] segment ids -> [b, 1, s, s] bool attention mask, megatron's convention: True = masked out.
+
+    A position attends to itself and earlier positions of its own segment only; padding keys (segment 0) are masked.
+    Padding queries keep only their own diagonal, so no softmax row is fully masked (a fully masked row gives NaN in
+    most kernels, and NaN * 0 loss is still NaN).
+    """
+    seq = segment_ids.shape[-1]
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()
+    real_query = (segment_ids != 0)[:, :, None]
+    allowed = same_segment & causal & real_query
+    allowed |= torch.eye(seq, dtype=torch.bool, device=segment_ids.device)
+    return ~allowed[:, None]
+
+
+def trainable_flags(segments: list[np.ndarray]) -> np.ndarray:
+    """Per token: 1 inside answer segments (odd segments), 0 inside prompt segments."""
+    return np.concatenate([np.full(len(s), i % 2, dtype=np.float32) for i, s in enumerate(segments)])
+
+
+def fill_sample_row(row: dict, start: int, ids: np.ndarray, trainable: np.ndarray, segment_id: int) -> None:
+    """Write one conversation at ``row[...][start:]``: ids, next-token labels, loss mask, positions, segment."""
+    n = len(ids)
+    row["tokens"][start:start + n] = torch.from_numpy(ids)
+    row["labels"][start:start + n - 1] = torch.from_numpy(ids[1:])
+    row["loss_mask"][start:start + n - 1] = torch.from_numpy(trainable[1:])
+    row["position_ids"][start:start + n] = torch.arange(n)
+    row["segment_ids"][start:start + n] = segment_id
+
+
+def empty_sample(seq_length: int, pad_id: int, leading: tuple = ()) -> dict:
+    shape = leading + (seq_length,)
+    return {"tokens": torch.full(shape, pad_id, dtype=torch.int64),
+            "labels": torch.zeros(shape, dtype=torch.int64),
+            "loss_mask": torch.zeros(shape, dtype=torch.float32),
+            "position_ids": torch.zeros(shape, dtype=torch.int64),
+            "segment_ids": torch.zeros(shape, dtype=torch.int64)}
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """``source``: jsonl (``{"question", "answer", "system"?}`` or ``{"messages": [...]}``) or a prefix written by
+    ``tools/preprocess_data.py --mode sft``."""
+
+    def __init__(self, source: str, tokenizer: Tokenizer, seq_length: int, pack: bool = True,
+                 overflow: str = "truncate", seed: int | None = 1234, system: str | None = None):
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+        self.tokenizer, self.seq_length, self.pack, self.overflow = tokenizer, seq_length, pack, overflow
+        self.conversations: ConversationStore = load_conversations(source, tokenizer, "sft", system)
+        self.stats = Counter({f"skipped_{reason}": n for reason, n in self.conversations.skipped.items()})
+        self.stats["conversations"] = len(self.conversations)
+
+        usable = self._select_conversations(seed)
+        self.lengths = np.minimum(self.conversations.lengths[usable], seq_length)
+        self.samples = _next_fit(usable, self.lengths, seq_length) if pack else [[int(c)] for c in usable]
+        self.stats["samples"] = len(self.samples)
+        if not self.samples:
+            raise ValueError(f"{source}: no usable SFT conversation ({self.summary()})")
+        log = logger.warning if any(k.startswith(("skipped", "dropped", "truncated")) for k in self.stats) \
+            else logger.info
+        log("SFT data %s: %s", source, self.summary())
+
+    def _select_conversations(self, seed: int | None) -> np.ndarray:
+        """Conversation ids to use (shuffled with ``seed``), after the overflow policy."""
+        order = np.arange(len(self.conversations))
+        if seed is not None:
+            order = np.random.default_rng(seed).permutation(order)
+        too_long = self.conversations.lengths[order] > self.seq_length
+        if self.overflow == "drop":
+            self.stats["dropped_too_long"] = int(too_long.sum())
+            return order[~too_long]
+        self.stats["truncated"] = int(too_long.sum())
+        keep = np.ones(len(order), dtype=bool)
+        for i in np.flatnonzero(too_long):  # truncation may cut away every answer token
+            segments = self.conversations.segments(order[i])
+            if not trainable_flags(segments)[1:self.seq_length].any():
+                keep[i] = False
+        self.stats["dropped_no_answer_after_truncation"] = int((~keep).sum())
+        return order[keep]
+
+    def summary(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.stats.items()) if v)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: int) -> dict:
+        sample = empty_sample(self.seq_length, self.tokenizer.pad)
+        start = 0
+        for segment_id, conversation in enumerate(self.samples[idx], start=1):
+            segments = self.conversations.segments(conversation)
+            ids = np.concatenate(segments)[:self.seq_length]
+            trainable = trainable_flags(segments)[:self.seq_length]
+            fill_sample_row(sample, start, ids, trainable, segment_id)
+            start += len(ids)
+        return sample
+
+
+def _next_fit(conversations: np.ndarray, lengths: np.ndarray, seq_length: int) -> list[list[int]]:
+    samples, current, used = [], [], 0
+    for conversation, length in zip(conversations.tolist(), lengths.tolist()):
+        if current and used + length > seq_length:
+            samples.append(current)
+            current, used = [], 0
+        current.append(conversation)
+        used += length
+    if current:
+        samples.append(current)
+    return samples
+
+
+def build_sft_datasets(train_path: str, tokenizer: Tokenizer, seq_length: int, valid_path: str | None = None,
+                       **kwargs) -> tuple[SFTDataset, SFTDataset | None]:
+    """(train, valid) SFT datasets; ``kwargs`` go to ``SFTDataset`` (pack, overflow, seed, system)."""
+    train = SFTDataset(train_path, tokenizer, seq_length, **kwargs)
+    valid = SFTDataset(valid_path, tokenizer, seq_length, **kwargs) if valid_path else None
+    return train, valid
