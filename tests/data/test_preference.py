@@ -22,7 +22,7 @@ PAIRS = [
 
 def test_pair_format_shared_prompt_and_answer_masks(tmp_path):
     tok = tiny_tokenizer()
-    dataset = PreferenceDataset(write_jsonl(tmp_path / "p.jsonl", PAIRS), tok, seq_length=96)
+    dataset = PreferenceDataset(write_jsonl(tmp_path / "p.jsonl", PAIRS), tok, seq_length=96, seed=None)
     assert len(dataset) == 2
     for idx, record in enumerate(PAIRS):
         pair = dataset[idx]
@@ -59,7 +59,7 @@ def test_overflow_truncate_or_drop(tmp_path):
     long_pair = {"prompt": "短", "chosen": "长" * 200, "rejected": "短答"}
     path = write_jsonl(tmp_path / "p.jsonl", PAIRS + [long_pair, {"prompt": "问" * 300, "chosen": "a", "rejected": "b"}])
     seq = 96
-    truncated = PreferenceDataset(path, tok, seq_length=seq)
+    truncated = PreferenceDataset(path, tok, seq_length=seq, seed=None)
     assert (truncated.stats["truncated"], truncated.stats["dropped_prompt_too_long"], len(truncated)) == (1, 1, 3)
     pair = truncated[2]
     assert pair["segment_ids"][0].eq(1).all() and pair["loss_mask"][0][-1] == 0  # cut: last label unknown
@@ -72,7 +72,19 @@ def test_indexed_source_gives_the_same_pairs(tmp_path):
     tok = tiny_tokenizer()
     path = write_jsonl(tmp_path / "p.jsonl", PAIRS * 3)
     result = preprocess(path, str(tmp_path / "pref"), str(tiny_tokenizer_dir()), mode="preference", progress=False)
-    from_jsonl, from_index = PreferenceDataset(path, tok, 64), PreferenceDataset(result.prefixes[0], tok, 64)
+    from_jsonl, from_index = PreferenceDataset(path, tok, 64, seed=3), PreferenceDataset(result.prefixes[0], tok, 64, seed=3)
     assert len(from_index) == len(from_jsonl) == 6
     for i in range(6):
         assert all(torch.equal(from_jsonl[i][k], from_index[i][k]) for k in from_jsonl[i])
+
+
+def test_build_preference_datasets_splits_disjointly(tmp_path):
+    from tinyllm_mcore.data.preference import build_preference_datasets
+
+    tok = tiny_tokenizer()
+    records = [{"prompt": f"问{i}", "chosen": f"好{i}", "rejected": f"坏{i}"} for i in range(40)]
+    train, valid, test = build_preference_datasets(write_jsonl(tmp_path / "p.jsonl", records), tok, 64,
+                                                   split="80,20,0", seed=9)
+    assert test is None and (len(train), len(valid)) == (32, 8)
+    prompts = lambda ds: {tok.detokenize(ds[i]["tokens"][0][ds[i]["loss_mask"][0] == 0].tolist()) for i in range(len(ds))}
+    assert not prompts(train) & prompts(valid)

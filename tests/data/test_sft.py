@@ -200,3 +200,16 @@ def test_no_usable_conversation_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / "sft.jsonl", [{"question": "only a question"}, {"answer": "only an answer"}])
     with pytest.raises(ValueError, match="skipped_missing_key=2"):
         SFTDataset(path, tiny_tokenizer(), seq_length=64)
+
+
+def test_build_sft_datasets_split_and_several_sources(tmp_path):
+    from tinyllm_mcore.data.sft import build_sft_datasets
+
+    tok = tiny_tokenizer()
+    a = write_jsonl(tmp_path / "a.jsonl", random_conversations(30, seed=5))
+    b = preprocess(write_jsonl(tmp_path / "b.jsonl", random_conversations(10, seed=6)), str(tmp_path / "b"),
+                   str(tiny_tokenizer_dir()), mode="sft", progress=False).prefixes[0]
+    train, valid, test = build_sft_datasets([a, b], tok, 128, split="90,10,0", seed=1, pack=False)
+    assert test is None and len(train) + len(valid) == 40 and len(valid) == 4  # 3 of a + 1 of b
+    key = lambda s: tuple(s["tokens"][s["segment_ids"] == 1].tolist())
+    assert not {key(train[i]) for i in range(len(train))} & {key(valid[i]) for i in range(len(valid))}

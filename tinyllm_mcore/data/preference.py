@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from tinyllm_mcore.data.conversations import load_conversations
-from tinyllm_mcore.data.sft import OVERFLOW_POLICIES, empty_sample, fill_sample_row
+from tinyllm_mcore.data.conversations import ConversationStore, load_conversations
+from tinyllm_mcore.data.sft import OVERFLOW_POLICIES, build_split_datasets, empty_sample, fill_sample_row, shuffled_range
 from tinyllm_mcore.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -24,16 +25,23 @@ CHOSEN, REJECTED = 0, 1
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    def __init__(self, source: str, tokenizer: Tokenizer, seq_length: int, overflow: str = "truncate",
-                 system: str | None = None):
+    """``source``: jsonl, a ``--mode preference`` prefix or a loaded ``ConversationStore``; ``split_range`` selects a
+    fraction of the pairs after the seeded shuffle (as in ``SFTDataset``)."""
+
+    def __init__(self, source: str | ConversationStore, tokenizer: Tokenizer, seq_length: int,
+                 overflow: str = "truncate", system: str | None = None, seed: int | None = 1234,
+                 split_range: tuple[float, float] = (0.0, 1.0)):
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
         self.tokenizer, self.seq_length = tokenizer, seq_length
-        self.pairs = load_conversations(source, tokenizer, "preference", system)
+        self.pairs = source if isinstance(source, ConversationStore) else \
+            load_conversations(source, tokenizer, "preference", system)
+        source = self.pairs.source
         self.stats = Counter({f"skipped_{reason}": n for reason, n in self.pairs.skipped.items()})
-        self.stats["pairs"] = len(self.pairs)
+        order = shuffled_range(len(self.pairs), seed, split_range)
+        self.stats["pairs"] = len(order)
 
-        lengths = self.pairs.sequence_lengths.reshape(-1, 3)  # prompt, chosen, rejected per pair
+        lengths = self.pairs.sequence_lengths.reshape(-1, 3)[order]  # prompt, chosen, rejected per pair
         longest = lengths[:, 0] + lengths[:, 1:].max(axis=1)
         too_long = longest > seq_length
         no_room = lengths[:, 0] >= seq_length  # not one answer token would fit
@@ -44,11 +52,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
             keep = ~no_room
             self.stats["truncated"] = int((too_long & ~no_room).sum())
             self.stats["dropped_prompt_too_long"] = int(no_room.sum())
-        self.indices = np.flatnonzero(keep)
+        self.indices = order[keep]
         self.stats["samples"] = len(self.indices)
         if not len(self.indices):
             raise ValueError(f"{source}: no usable preference pair ({self.summary()})")
-        log = logger.warning if any(k.startswith(("skipped", "dropped", "truncated")) for k in self.stats) \
+        log = logger.warning if any(v and k.startswith(("skipped", "dropped", "truncated")) for k, v in self.stats.items()) \
             else logger.info
         log("preference data %s: %s", source, self.summary())
 
@@ -67,3 +75,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
             row = {key: value[which] for key, value in pair.items()}  # views into the pair tensors
             fill_sample_row(row, 0, ids, trainable[:self.seq_length], segment_id=1)
         return pair
+
+
+def build_preference_datasets(paths: str | Sequence[str], tokenizer: Tokenizer, seq_length: int,
+                              split: str = "969,30,1", seed: int = 1234, overflow: str = "truncate",
+                              system: str | None = None):
+    """(train, valid, test) preference datasets over jsonl files and/or ``--mode preference`` prefixes."""
+    return build_split_datasets(PreferenceDataset, paths, tokenizer, "preference", split, seed, system,
+                                seq_length=seq_length, overflow=overflow)

@@ -20,7 +20,9 @@ counted in ``stats``, as are conversations left with no answer token and malform
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -73,33 +75,35 @@ def empty_sample(seq_length: int, pad_id: int, leading: tuple = ()) -> dict:
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    """``source``: jsonl (``{"question", "answer", "system"?}`` or ``{"messages": [...]}``) or a prefix written by
-    ``tools/preprocess_data.py --mode sft``."""
+    """``source``: jsonl (``{"question", "answer", "system"?}`` or ``{"messages": [...]}``), a prefix written by
+    ``tools/preprocess_data.py --mode sft``, or an already loaded ``ConversationStore``. ``split_range`` selects a
+    fraction of the conversations after the seeded shuffle (disjoint train/valid/test with the same seed)."""
 
-    def __init__(self, source: str, tokenizer: Tokenizer, seq_length: int, pack: bool = True,
-                 overflow: str = "truncate", seed: int | None = 1234, system: str | None = None):
+    def __init__(self, source: str | ConversationStore, tokenizer: Tokenizer, seq_length: int, pack: bool = True,
+                 overflow: str = "truncate", seed: int | None = 1234, system: str | None = None,
+                 split_range: tuple[float, float] = (0.0, 1.0)):
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
         self.tokenizer, self.seq_length, self.pack, self.overflow = tokenizer, seq_length, pack, overflow
-        self.conversations: ConversationStore = load_conversations(source, tokenizer, "sft", system)
+        self.conversations = source if isinstance(source, ConversationStore) else \
+            load_conversations(source, tokenizer, "sft", system)
+        source = self.conversations.source
         self.stats = Counter({f"skipped_{reason}": n for reason, n in self.conversations.skipped.items()})
-        self.stats["conversations"] = len(self.conversations)
+        order = shuffled_range(len(self.conversations), seed, split_range)
+        self.stats["conversations"] = len(order)
 
-        usable = self._select_conversations(seed)
+        usable = self._select_conversations(order)
         self.lengths = np.minimum(self.conversations.lengths[usable], seq_length)
         self.samples = _next_fit(usable, self.lengths, seq_length) if pack else [[int(c)] for c in usable]
         self.stats["samples"] = len(self.samples)
         if not self.samples:
             raise ValueError(f"{source}: no usable SFT conversation ({self.summary()})")
-        log = logger.warning if any(k.startswith(("skipped", "dropped", "truncated")) for k in self.stats) \
+        log = logger.warning if any(v and k.startswith(("skipped", "dropped", "truncated")) for k, v in self.stats.items()) \
             else logger.info
         log("SFT data %s: %s", source, self.summary())
 
-    def _select_conversations(self, seed: int | None) -> np.ndarray:
-        """Conversation ids to use (shuffled with ``seed``), after the overflow policy."""
-        order = np.arange(len(self.conversations))
-        if seed is not None:
-            order = np.random.default_rng(seed).permutation(order)
+    def _select_conversations(self, order: np.ndarray) -> np.ndarray:
+        """The conversations of ``order`` that survive the overflow policy."""
         too_long = self.conversations.lengths[order] > self.seq_length
         if self.overflow == "drop":
             self.stats["dropped_too_long"] = int(too_long.sum())
@@ -144,9 +148,42 @@ def _next_fit(conversations: np.ndarray, lengths: np.ndarray, seq_length: int) -
     return samples
 
 
-def build_sft_datasets(train_path: str, tokenizer: Tokenizer, seq_length: int, valid_path: str | None = None,
-                       **kwargs) -> tuple[SFTDataset, SFTDataset | None]:
-    """(train, valid) SFT datasets; ``kwargs`` go to ``SFTDataset`` (pack, overflow, seed, system)."""
-    train = SFTDataset(train_path, tokenizer, seq_length, **kwargs)
-    valid = SFTDataset(valid_path, tokenizer, seq_length, **kwargs) if valid_path else None
-    return train, valid
+def shuffled_range(count: int, seed: int | None, split_range: tuple[float, float]) -> np.ndarray:
+    """Indices ``0..count-1`` permuted with ``seed`` (kept in order when None), then the ``split_range`` slice."""
+    order = np.arange(count) if seed is None else np.random.default_rng(seed).permutation(count)
+    begin, end = (int(round(fraction * count)) for fraction in split_range)
+    return order[begin:end]
+
+
+def split_ranges(split: str) -> list[tuple[float, float] | None]:
+    """Megatron's ``--split "969,30,1"`` -> [(0, .969), (.969, .999), (.999, 1)], None for a zero share
+    (megatron-core's own parser)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+
+    return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+
+
+def build_split_datasets(dataset_class, paths: str | Sequence[str], tokenizer: Tokenizer, mode: str, split: str,
+                         seed: int, system: str | None, **dataset_kwargs):
+    """(train, valid, test) of ``dataset_class`` over ``paths``: each source split by ``split`` after a seeded
+    shuffle, sources concatenated. Empty valid/test splits are None; an empty train split is an error."""
+    from tinyllm_mcore.data.conversations import load_conversations
+
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    stores = [load_conversations(p, tokenizer, mode, system) for p in paths]
+    datasets = []
+    for name, split_range in zip(("train", "valid", "test"), split_ranges(split)):
+        parts = [dataset_class(store, tokenizer, seed=seed, split_range=split_range, **dataset_kwargs)
+                 for store in stores if split_range and shuffled_range(len(store), seed, split_range).size]
+        if not parts and name == "train":
+            raise ValueError(f"the train split of {', '.join(map(str, paths))} is empty (--split {split})")
+        datasets.append(None if not parts else parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts))
+    return tuple(datasets)
+
+
+def build_sft_datasets(paths: str | Sequence[str], tokenizer: Tokenizer, seq_length: int, split: str = "969,30,1",
+                       seed: int = 1234, pack: bool = True, overflow: str = "truncate", system: str | None = None):
+    """(train, valid, test) SFT datasets over jsonl files and/or ``--mode sft`` prefixes, split by ``split``."""
+    return build_split_datasets(SFTDataset, paths, tokenizer, "sft", split, seed, system, seq_length=seq_length,
+                                pack=pack, overflow=overflow)
