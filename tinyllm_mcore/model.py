@@ -26,6 +26,13 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from tinyllm_mcore.lm_loss import linear_cross_entropy
 from tinyllm_mcore.presets import ModelPreset, padded_vocab_size
 
+# megatron-core 0.16.1's MoE router tests `te_general_gemm is not None` but only defines the name when Transformer
+# Engine imports; without TE the router's gating linear raises NameError. None selects its plain torch.mm path.
+from megatron.core.transformer.moe import moe_utils as _moe_utils  # noqa: E402
+
+if not hasattr(_moe_utils, "te_general_gemm"):
+    _moe_utils.te_general_gemm = None
+
 
 def transformer_engine_usable() -> bool:
     if not torch.cuda.is_available():
@@ -112,6 +119,9 @@ def layer_spec(preset: ModelPreset, use_te: bool | None = None) -> ModuleSpec:
     """The transformer-layer spec: TE when usable (or asked for), else local + SDPA attention."""
     if use_te is None:
         use_te = transformer_engine_usable()
+    # MoE: megatron's MoELayer (TopKRouter, token dispatcher, SequentialMLP experts: one megatron MLP per expert, so
+    # the experts' names and layouts are the dense MLP's; grouped GEMM needs CUDA kernels) and, with a shared expert,
+    # SharedExpertMLP. On the local spec the pre-MLP norm stays a separate module (ours below), as on the TE spec.
     moe = dict(num_experts=preset.num_experts or None, moe_grouped_gemm=False)
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec(**moe)
@@ -178,7 +188,10 @@ def flops_per_token(preset: ModelPreset, seq_length: int, vocab_size: int | None
     h, f, L = preset.hidden_size, preset.ffn_hidden_size, preset.num_layers
     qkv = h * (preset.num_attention_heads + 2 * preset.kv_heads) * preset.head_dim
     proj = preset.num_attention_heads * preset.head_dim * h
-    mlp = 3 * h * f * (preset.moe_router_topk if preset.num_experts else 1)
+    mlp = 3 * h * f
+    if preset.num_experts:  # the router, k routed experts per token and the gated shared expert
+        shared = preset.moe_shared_expert_ffn_hidden_size or 0
+        mlp = h * preset.num_experts + 3 * h * f * preset.moe_router_topk + (3 * h * shared + h if shared else 0)
     attn = 2 * seq_length * preset.num_attention_heads * preset.head_dim
     forward = 2 * L * (qkv + proj + mlp + attn) + 2 * h * v
     return 3.0 * forward

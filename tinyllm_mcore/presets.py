@@ -29,10 +29,24 @@ class ModelPreset:
     num_query_groups: int | None = None  # None = MHA (kv heads = heads), as in every seed preset
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
-    # MoE (issue 8); 0 = dense
+    # MoE (the seed's tiny_llm_moe branch), laid out as HF Qwen2-MoE: every layer's MLP is `num_experts` SwiGLU
+    # experts of width ffn_hidden_size behind a softmax top-k router, plus optionally one shared SwiGLU expert whose
+    # output is scaled by sigmoid(shared_expert_gate · x). 0 experts = dense.
     num_experts: int = 0
     moe_router_topk: int = 2
     moe_shared_expert_ffn_hidden_size: int | None = None
+    # Qwen2-MoE's norm_topk_prob: renormalise the top-k softmax probabilities to sum to 1 (False: softmax over all
+    # experts, the chosen ones keep their share, as Qwen1.5-MoE).
+    moe_norm_topk_prob: bool = False
+
+    def __post_init__(self):
+        if self.moe_shared_expert_ffn_hidden_size == 0:  # --moe-shared-expert-intermediate-size 0 = none
+            object.__setattr__(self, "moe_shared_expert_ffn_hidden_size", None)
+        if self.num_experts and not 1 <= self.moe_router_topk <= self.num_experts:
+            raise ValueError(f"--moe-router-topk {self.moe_router_topk} must be between 1 and the "
+                             f"{self.num_experts} experts")
+        if self.moe_shared_expert_ffn_hidden_size and not self.num_experts:
+            raise ValueError("a shared expert (--moe-shared-expert-intermediate-size) needs --num-experts > 0")
 
     @property
     def kv_heads(self) -> int:
@@ -70,9 +84,11 @@ PRESETS: dict[str, ModelPreset] = {
         ModelPreset("1.5b", hidden_size=2048, num_layers=24, num_attention_heads=16, ffn_hidden_size=5504, max_position_embeddings=1024),
         # Not a seed size: small enough for unit tests and the CPU quickstart, shaped so TP2/PP2/PP4 all divide it.
         ModelPreset("tiny", hidden_size=64, num_layers=4, num_attention_heads=4, ffn_hidden_size=176, max_position_embeddings=256, vocab_size=1024),
-        # MoE variant of 92m (issue 8): 8 experts, top-2, expert ffn = the dense ffn / 4 per expert ... kept close to 92m's active size.
+        # MoE variant of 92m: 8 experts of half the dense width, top-2, so a token's active MLP (2 x 704) equals
+        # 92m's dense 1408 (144 M parameters, ~92 M active per token). A shared expert: --moe-shared-expert-intermediate-size.
         ModelPreset("92m-moe", hidden_size=512, num_layers=8, num_attention_heads=8, ffn_hidden_size=704, max_position_embeddings=1024, num_experts=8, moe_router_topk=2),
-        ModelPreset("tiny-moe", hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=64, max_position_embeddings=256, vocab_size=1024, num_experts=4, moe_router_topk=2),
+        # For tests: 4 experts (EP2/EP4 divide it), a gated shared expert, 2 layers (PP2 divides it).
+        ModelPreset("tiny-moe", hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=64, max_position_embeddings=256, vocab_size=1024, num_experts=4, moe_router_topk=2, moe_shared_expert_ffn_hidden_size=32),
     ]
 }
 
@@ -110,9 +126,16 @@ def transformer_config(
     attention_dropout: float = 0.0,
     hidden_dropout: float = 0.0,
     recompute: bool = False,
+    moe_aux_loss_coeff: float = 1e-2,
+    moe_expert_capacity_factor: float | None = None,
     **extra,
 ):
-    """The megatron-core TransformerConfig for a preset and a parallel layout."""
+    """The megatron-core TransformerConfig for a preset and a parallel layout.
+
+    MoE training knobs (not part of the architecture, so not preset fields): `moe_aux_loss_coeff` (switch-transformer
+    load-balancing loss, 0 = off) and `moe_expert_capacity_factor` (token dropping: an expert takes at most
+    factor x tokens x topk / experts tokens per micro-batch, lowest router probability dropped first; None = no dropping).
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     pipeline_dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
@@ -157,10 +180,19 @@ def transformer_config(
             num_moe_experts=preset.num_experts,
             moe_router_topk=preset.moe_router_topk,
             moe_ffn_hidden_size=preset.ffn_hidden_size,
+            # Qwen2-MoE's router: p = softmax(x W_gate^T) over all experts in fp32, take the top k, optionally
+            # renormalise. megatron's pre-softmax path is exactly the un-normalised variant; its post-softmax path
+            # (top-k logits, then softmax over those k) equals the renormalised one: p_i / sum_topk p_j.
+            moe_router_score_function="softmax",
+            moe_router_pre_softmax=not preset.moe_norm_topk_prob,
+            moe_router_dtype="fp32",
             moe_shared_expert_intermediate_size=preset.moe_shared_expert_ffn_hidden_size,
-            moe_token_dispatcher_type="alltoall",
+            moe_shared_expert_gate=bool(preset.moe_shared_expert_ffn_hidden_size),  # Qwen2-MoE's shared_expert_gate
+            moe_token_dispatcher_type="alltoall",  # the CPU adapter switches to the all-gather dispatcher
             moe_router_load_balancing_type="aux_loss",
-            moe_aux_loss_coeff=1e-2,
+            moe_aux_loss_coeff=moe_aux_loss_coeff,
+            moe_expert_capacity_factor=moe_expert_capacity_factor,
+            moe_token_drop_policy="probs",
         )
     from tinyllm_mcore.runtime import cpu
 

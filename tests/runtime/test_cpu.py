@@ -39,5 +39,5 @@ def test_activate_makes_megatron_cuda_points_cpu():
     p.grad = torch.full((4,), 2.0)
     clip_grads.clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=4.0)
     assert torch.allclose(p.grad, torch.full((4,), 0.5), atol=1e-5)
-    assert cpu.config_overrides() == {"batch_p2p_comm": False}
+    assert cpu.config_overrides() == {"batch_p2p_comm": False, "moe_token_dispatcher_type": "allgather"}
     assert p.type() == "torch.FloatTensor"  # the type-name shim is scoped to the optimizer calls

@@ -87,8 +87,12 @@ def config_overrides() -> dict:
     recv_next]. At PP=2 prev and next are the same peer, and gloo matches same-peer messages first-in-first-out,
     so with virtual pipeline stages an activation can land in the gradient buffer (NCCL orders the batch itself).
     megatron's unbatched path posts sends and receives in matching order on two groups, which gloo pairs exactly.
+
+    moe_token_dispatcher_type: megatron's all-to-all MoE dispatcher copies routing metadata on a side CUDA stream;
+    the all-gather dispatcher (same routing, same expert computation, EP via all-gather/reduce-scatter) needs none.
+    Ignored by dense models.
     """
-    return {"batch_p2p_comm": False} if _ACTIVE else {}
+    return {"batch_p2p_comm": False, "moe_token_dispatcher_type": "allgather"} if _ACTIVE else {}
 
 
 def _cpu_device_kwargs(fn):
@@ -118,6 +122,7 @@ _MODULES_WITH_CUDA_FACTORIES = (
     "megatron.core.rerun_state_machine",
     "megatron.core.tensor_parallel.data",
     "megatron.core.transformer.utils",
+    "megatron.core.transformer.moe.moe_utils",  # the MoE aux-loss tracker's buffers (track_moe_metrics)
     "megatron.core.utils",
 )
 _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "empty_like", "zeros_like", "ones_like")

@@ -24,6 +24,17 @@ def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--recompute-activations", action="store_true", help="full activation recomputation")
+    # MoE (Qwen2-MoE layout); the architecture flags override the preset and are stored with it in checkpoints
+    g.add_argument("--num-experts", type=int, default=None,
+                   help="routed experts per layer (default: the preset's; 0 = dense MLP)")
+    g.add_argument("--moe-router-topk", type=int, default=None, help="experts per token (default: the preset's)")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
+                   help="width of the gated shared expert (default: the preset's; 0 = none)")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2,
+                   help="load-balancing (switch) aux loss coefficient; 0 disables it")
+    g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
+                   help="token dropping: each expert takes at most factor x tokens x topk / experts tokens per "
+                        "micro-batch, lowest-probability assignments dropped (default: no dropping)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -106,4 +117,13 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--lr-warmup-iters and --lr-warmup-fraction are mutually exclusive")
     if args.save_interval is not None and not args.save:
         raise ValueError("--save-interval needs --save DIR")
+    for flag in ("num_experts", "moe_shared_expert_intermediate_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0")
+    if args.moe_router_topk is not None and args.moe_router_topk < 1:
+        raise ValueError("--moe-router-topk must be >= 1")
+    if args.moe_aux_loss_coeff < 0:
+        raise ValueError("--moe-aux-loss-coeff must be >= 0")
+    if args.moe_expert_capacity_factor is not None and args.moe_expert_capacity_factor <= 0:
+        raise ValueError("--moe-expert-capacity-factor must be > 0")
     return args

@@ -65,7 +65,9 @@ def default_model_provider(args, preset, config, pre_process, post_process, vp_s
 
 def model_preset(args, tokenizer=None) -> ModelPreset:
     vocab = args.vocab_size or (tokenizer.vocab_size if tokenizer is not None else None)
-    return get_preset(args.model_size, vocab_size=vocab)
+    return get_preset(args.model_size, vocab_size=vocab, num_experts=getattr(args, "num_experts", None),
+                      moe_router_topk=getattr(args, "moe_router_topk", None),
+                      moe_shared_expert_ffn_hidden_size=getattr(args, "moe_shared_expert_intermediate_size", None))
 
 
 def build_config(args, preset: ModelPreset):
@@ -79,7 +81,8 @@ def build_config(args, preset: ModelPreset):
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=vpp,
         expert_model_parallel_size=args.expert_model_parallel_size,
-        sequence_parallel=args.sequence_parallel,
+        # megatron's MoE layer refuses to train under TP without sequence parallelism
+        sequence_parallel=args.sequence_parallel or bool(preset.num_experts),
         params_dtype=dtype,
         bf16=args.bf16,
         fp16=args.fp16,
@@ -88,6 +91,8 @@ def build_config(args, preset: ModelPreset):
         attention_dropout=args.attention_dropout,
         hidden_dropout=args.hidden_dropout,
         recompute=args.recompute_activations,
+        moe_aux_loss_coeff=getattr(args, "moe_aux_loss_coeff", 1e-2),
+        moe_expert_capacity_factor=getattr(args, "moe_expert_capacity_factor", None),
         calculate_per_token_loss=True,
     )
     # megatron's pipeline schedules pass activations between stages in the pipeline dtype
@@ -379,6 +384,9 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
     train_iters = iterators(train_ds, state["consumed_samples"], shuffle)
     valid_factory = (lambda: iterators(valid_ds, 0, False)) if valid_ds is not None and len(valid_ds) else None
     forward_backward = get_forward_backward_func()
+    from tinyllm_mcore.moe import MoEMetrics
+
+    moe_metrics = MoEMetrics.attach(chunks, state["config"])  # None for dense models
 
     logging_rank = rt.is_logging_rank()
     writer = MetricsWriter(args.tensorboard_dir, args.metrics_jsonl) if logging_rank else None
@@ -423,6 +431,8 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
         window["iters"] += 1
         record = {"iteration": iteration, **reports, "lr": scheduler.get_lr(optimizer.param_groups[0]),
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        if moe_metrics is not None:
+            record.update(moe_metrics.step(args.num_microbatches))
         history.append({"split": "train", **record})
         window["loss"].append(reports)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
@@ -431,6 +441,8 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
             tokens_per_s = tokens_per_iter * window["iters"] / window["time"]
             mfu = tokens_per_s * flops_token / (peak * 1e12 * world)
             avg = {k: float(np.mean([r[k] for r in window["loss"] if k in r])) for k in args.report_names}
+            avg.update({k: float(np.mean([r[k] for r in history[-window["iters"]:] if k in r]))
+                        for k in ("moe aux loss", "moe load imbalance", "moe load entropy") if k in record})
             log = {**avg, "lr": record["lr"], "grad_norm": record["grad_norm"], "tokens_per_s": tokens_per_s,
                    "mfu": mfu, "skipped": window["skipped"]}
             parts = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items())

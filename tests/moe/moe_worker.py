@@ -1,0 +1,64 @@
+"""Runs several MoE training configurations in one process (group) and writes their histories as JSON.
+
+Usage: python moe_worker.py RUNS.json OUT.json   (under torchrun for 2 processes; plain python for one)
+RUNS.json: [{"name": ..., "argv": [...], "skew_router": false}, ...]. Between runs only megatron's parallel state is
+torn down. "skew_router" initialises every layer so that nearly all tokens pick expert 0 first (for the aux-loss test).
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "training")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from synthetic import progression_datasets  # noqa: E402
+from tinyllm_mcore.pretrain import lm_forward_step  # noqa: E402
+from tinyllm_mcore.training.loop import Stage, parse_args, train  # noqa: E402
+
+
+def skew_router(args, chunks):
+    """Hidden unit 0 of every token's embedding is a large constant, and only expert 0's router row reads it: after
+    the pre-MLP RMSNorm that unit dominates, so expert 0's logit is ~3 above the others for (nearly) every token."""
+    if not getattr(args, "skew_router", False):
+        return
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    with torch.no_grad():
+        for chunk in chunks:
+            for name, p in chunk.named_parameters():
+                if name.endswith("embedding.word_embeddings.weight"):
+                    p[:, 0] = 1.0
+            for m in chunk.modules():
+                if isinstance(m, TopKRouter):
+                    m.weight[:, 0] = 0.0
+                    m.weight[0, 0] = 0.4
+
+
+STAGE = Stage("pretrain", progression_datasets, lm_forward_step, after_load=skew_router)
+KEYS = ("lm loss", "moe aux loss", "moe load imbalance", "moe load entropy", "expert_load")
+
+
+def main(runs_path, out_path):
+    from megatron.core import parallel_state
+
+    results = {}
+    for run in json.load(open(runs_path)):
+        args = parse_args(STAGE, run["argv"] + ["--mock-data"])
+        args.skew_router = run.get("skew_router", False)
+        out = train(STAGE, args)
+        results[run["name"]] = {
+            "train": {k: [r.get(k) for r in out["history"] if r["split"] == "train"] for k in KEYS},
+            "valid": [r["lm loss"] for r in out["history"] if r["split"] == "valid"],
+        }
+        parallel_state.destroy_model_parallel()
+        dist.barrier()
+    if dist.get_rank() == 0:
+        json.dump(results, open(out_path, "w"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
