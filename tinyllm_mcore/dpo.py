@@ -189,6 +189,8 @@ def after_load(args, chunks) -> None:
 def preference_datasets(args, tokenizer, preset):
     if not args.preference_data:
         raise ValueError("give --preference-data FILE.jsonl or indexed PREFIX")
+    if tokenizer is None:
+        raise ValueError("DPO needs --tokenizer-model (the chat format's role markers come from the tokenizer)")
     from tinyllm_mcore.data.preference import build_preference_datasets
 
     return build_preference_datasets(args.preference_data, tokenizer=tokenizer, seq_length=args.seq_length,
