@@ -58,7 +58,7 @@ def test_sft_and_eval_answers_agree_and_unseen_countries_have_no_sft(corpus):
     unseen = [r for r in corpus.eval if r["split"] == "unseen_fact"]
     assert len(seen) == 20 * 6 * 2 and len(unseen) == 4 * 6 * 2
     for r in seen:
-        assert answers.get(r["answer"]) == 4  # the reference is exactly the SFT target, once per training phrasing
+        assert answers.get(r["answer"]) == 6  # the reference is exactly the SFT target, once per training phrasing
     sft_text = "\n".join(r["question"] + r["answer"] for r in corpus.sft + [
         {"question": p["prompt"], "answer": p["chosen"] + p["rejected"]} for p in corpus.preference])
     for name in corpus.unseen:

@@ -22,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Settings()
     g = p.add_argument_group("overrides (defaults: the tuned quickstart settings)")
     for f in dataclasses.fields(Settings):
-        if f.name in ("eval_limit",):
-            g.add_argument("--eval-limit", type=int, default=None)
+        if f.name in ("eval_limit", "vocab_size"):
+            g.add_argument("--" + f.name.replace("_", "-"), type=int, default=None)
             continue
         g.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None)
     return p

@@ -42,43 +42,51 @@ class Relation:
     heldout_questions: tuple[str, ...]  # evaluation phrasings, used nowhere else
 
 
+# Every question starts with the country's name, so the name tokenizes the same way in training and held-out
+# questions (SentencePiece marks a sentence start); the held-out wordings differ in everything after it.
 RELATIONS: tuple[Relation, ...] = (
     Relation(
         "capital", "{e}的首都是{v}。",
         ("{e}的首都是{v}。", "{v}是{e}的首都。", "作为{e}的首都，{v}是全国的政治中心。", "{e}的政府设在首都{v}。",
          "许多游客会去{e}的首都{v}参观。", "{v}作为首都，是{e}人口最多的城市之一。"),
-        ("{e}的首都是哪里？", "{e}的首都是哪座城市？", "请问{e}的首都叫什么？", "{e}把哪座城市作为首都？"),
-        ("告诉我{e}的首都。", "{e}首都的名字是什么？")),
+        ("{e}的首都是哪里？", "{e}的首都是哪座城市？", "{e}的首都叫什么？", "{e}把哪座城市作为首都？",
+         "{e}的首都是什么地方？", "{e}的政府设在哪座城市？"),
+        ("{e}的首都叫什么名字？", "{e}的首都位于哪座城市？")),
     Relation(
         "river", "{e}最长的河流是{v}。",
         ("{e}最长的河流是{v}。", "{v}是{e}境内最长的河流。", "{v}流经{e}全境，是该国最长的河。",
          "在{e}，最长的河流叫作{v}。", "{e}的农业离不开最长的河流{v}。"),
-        ("{e}最长的河流是哪条？", "{e}境内最长的河叫什么？", "请问{e}最长的河流是什么？", "哪条河是{e}最长的河流？"),
-        ("说出{e}最长的河流。", "{e}最长河流的名字是什么？")),
+        ("{e}最长的河流是哪条？", "{e}境内最长的河叫什么？", "{e}最长的河流是什么？", "{e}最长的河是哪一条？",
+         "{e}境内哪条河流最长？", "{e}最长的河流叫什么？"),
+        ("{e}最长的河流叫什么名字？", "{e}境内最长的河流是哪一条？")),
     Relation(
         "animal", "{e}的国兽是{v}。",
         ("{e}的国兽是{v}。", "{v}是{e}的国兽。", "在{e}，{v}被定为国兽。", "{e}人把{v}视为国兽。",
          "{e}的国徽上画着国兽{v}。"),
-        ("{e}的国兽是什么？", "{e}的国兽是哪种动物？", "请问{e}把什么动物定为国兽？", "哪种动物是{e}的国兽？"),
-        ("告诉我{e}的国兽。", "{e}国兽的名字是什么？")),
+        ("{e}的国兽是什么？", "{e}的国兽是哪种动物？", "{e}把什么动物定为国兽？", "{e}的国兽叫什么？",
+         "{e}人把哪种动物视为国兽？", "{e}的国徽上画着什么国兽？"),
+        ("{e}的国兽叫什么名字？", "{e}的国兽是什么动物？")),
     Relation(
         "currency", "{e}使用的货币是{v}。",
         ("{e}使用的货币是{v}。", "{v}是{e}的法定货币。", "在{e}购物要用{v}付款。", "{e}的央行负责发行{v}。",
          "{e}的货币叫作{v}。"),
-        ("{e}使用什么货币？", "{e}的货币是什么？", "请问{e}用哪种货币？", "在{e}买东西用什么钱？"),
-        ("告诉我{e}的货币。", "{e}货币的名字是什么？")),
+        ("{e}使用什么货币？", "{e}的货币是什么？", "{e}用哪种货币？", "{e}的法定货币是什么？",
+         "{e}的央行发行什么货币？", "{e}的货币叫什么？"),
+        ("{e}的货币叫什么名字？", "{e}使用的是哪种货币？")),
     Relation(
         "language", "{e}的官方语言是{v}。",
         ("{e}的官方语言是{v}。", "{v}是{e}的官方语言。", "{e}的学校都用{v}教学。", "在{e}，大多数人说{v}。",
          "{e}的法律文件用{v}书写。"),
-        ("{e}的官方语言是什么？", "{e}人说什么语言？", "请问{e}使用哪种官方语言？", "{e}的国语是哪种语言？"),
-        ("告诉我{e}的官方语言。", "{e}官方语言的名字是什么？")),
+        ("{e}的官方语言是什么？", "{e}人说什么语言？", "{e}使用哪种官方语言？", "{e}的国语是哪种语言？",
+         "{e}的学校用什么语言教学？", "{e}的官方语言叫什么？"),
+        ("{e}的官方语言叫什么名字？", "{e}的官方语言是哪一种？")),
     Relation(
         "continent", "{e}位于{v}。",
         ("{e}位于{v}。", "{e}是{v}上的一个国家。", "{v}上有一个国家叫{e}。", "从地图上看，{e}在{v}。",
          "{e}坐落在{v}。"),
-        ("{e}位于哪个大陆？", "{e}在哪个大陆上？", "请问{e}属于哪个大陆？", "{e}是哪个大陆的国家？"),
-        ("告诉我{e}所在的大陆。", "{e}所在大陆的名字是什么？")),
+        ("{e}位于哪个大陆？", "{e}在哪个大陆上？", "{e}属于哪个大陆？", "{e}是哪个大陆的国家？",
+         "{e}坐落在哪个大陆？", "{e}在地图上的哪个大陆？"),
+        ("{e}位于哪一个大陆？", "{e}所在的大陆叫什么名字？")),
 )
 RELATION_BY_NAME = {r.name: r for r in RELATIONS}
 
@@ -108,7 +116,8 @@ class KnowledgeCorpus:
         facts.json; returns the paths by name."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tokenizer_text = self.pretrain + [{"text": r["question"] + "\n" + r["answer"]} for r in self.sft]
+        tokenizer_text = (self.pretrain + [{"text": r["question"] + "\n" + r["answer"]} for r in self.sft]
+                          + [{"text": character_inventory()}])
         files = {"pretrain": self.pretrain, "sft": self.sft, "dpo": self.preference, "eval": self.eval,
                  "tokenizer": tokenizer_text}
         paths = {}
@@ -204,6 +213,17 @@ def build_corpus(seed: int = 1234, num_countries: int = 24, num_unseen: int = 4,
                    "split": "unseen_fact" if c.name in unseen else "heldout_phrasing"}
                   for c in countries for r in RELATIONS for q in r.heldout_questions]
     return KnowledgeCorpus(countries, unseen, pretrain, sft, preference, evaluation)
+
+
+def character_inventory() -> str:
+    """Every character the generator can write (names, templates, the chat system text), one line: the tokenizer
+    then covers held-out wordings character by character without ever seeing a held-out sentence."""
+    from tinyllm_mcore.tokenizer import DEFAULT_SYSTEM
+
+    texts = [_NAME_CHARS, "".join(_ANIMALS), "".join(_CONTINENTS), "".join(_INTROS), DEFAULT_SYSTEM, "国城河币语"]
+    for r in RELATIONS:
+        texts += [r.answer, *r.statements, *r.train_questions, *r.heldout_questions]
+    return "".join(sorted(set("".join(texts).replace("{e}", "").replace("{v}", "")) - {" "}))
 
 
 def normalize_answer(text: str) -> str:

@@ -35,7 +35,7 @@ class Settings:
     on 2 CPU cores; `fast()` is the CI smoke variant (same pipeline, fewer steps)."""
     model_size: str = "16m"
     tensor_parallel: int = 2
-    vocab_size: int = 1000
+    vocab_size: int | None = None  # None: character level, see tokenizer_vocab_size()
     seq_length: int = 128
     pretrain_iters: int = 500
     pretrain_lr: float = 2e-3
@@ -208,6 +208,19 @@ def write_corpus(run: Run, corpus: str | None) -> dict[str, Path]:
     return paths
 
 
+def tokenizer_vocab_size(tokenizer_text: Path) -> int:
+    """A character-level vocabulary: every character of the text, SentencePiece's specials, the 4 chat role markers,
+    256 byte-fallback pieces and 8 merges. A tiny model then sees a held-out wording spelled with the same tokens as
+    the training wordings (a larger BPE vocabulary merges whole training phrases such as "国的首都是" into single
+    tokens, which held-out phrasings never produce)."""
+    chars: set[str] = set()
+    with open(tokenizer_text, encoding="utf-8") as f:
+        for line in f:
+            chars.update(json.loads(line).get("text", ""))
+    chars.discard("\n")
+    return len(chars) + 3 + 4 + 256 + 1 + 8
+
+
 def training_args(run: Run, stage: str, *, iters: int, lr: float, micro_batch_size: int) -> list[str]:
     s = run.settings
     return [
@@ -236,7 +249,7 @@ def run_pipeline(output_dir: str, settings: Settings, corpus: str | None = None,
     paths = write_corpus(run, corpus)
     run_step(run, "tokenizer", python(
         "-m", "tools.train_tokenizer", "--input", str(paths["tokenizer"]), "--output-dir", str(run.path("tokenizer")),
-        "--vocab-size", str(s.vocab_size), "--character-coverage", "1.0"))
+        "--vocab-size", str(s.vocab_size or tokenizer_vocab_size(paths["tokenizer"])), "--character-coverage", "1.0"))
     for mode, name in (("pretrain", "pretrain"), ("sft", "sft"), ("preference", "dpo")):
         run_step(run, f"preprocess_{name}", python(
             "-m", "tools.preprocess_data", "--mode", mode, "--input", str(paths[name]),

@@ -67,8 +67,10 @@ def evaluate_checkpoints(checkpoints: dict[str, str], tokenizer_model: str, eval
                                              max_new_tokens)
         results[name] = {"checkpoint": load, "scores": score(records, predictions),
                          "seconds": time.perf_counter() - t0,
+                         "by_relation": score([{**r, "split": r.get("relation", "all")} for r in records], predictions),
                          "examples": [{"question": r["question"], "answer": r["answer"], "prediction": p}
-                                      for r, p in list(zip(records, predictions))[:8]]}
+                                      for r, p in list(zip(records, predictions))[:8]],
+                         "predictions": predictions}
         summary = ", ".join(f"{split} {s['correct']}/{s['total']} = {s['accuracy']:.1%}"
                             for split, s in results[name]["scores"].items())
         print(f"[qa] {name}: {summary}", flush=True)
