@@ -484,7 +484,10 @@ def main(stage: Stage, argv=None, tokenizer_loader=None) -> int:
     def run():
         args = parse_args(stage, argv)
         tokenizer = tokenizer_loader(args) if tokenizer_loader else None
-        train(stage, args, tokenizer)
-        rt.destroy()
+        try:
+            train(stage, args, tokenizer)
+        finally:  # also on bad input found after init: leave no process group behind for in-process callers
+            if dist.is_initialized():
+                rt.destroy()
 
     return run_cli(run)
