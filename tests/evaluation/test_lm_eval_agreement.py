@@ -65,7 +65,7 @@ def test_lm_eval_agrees_on_real_cmmlu_with_the_seed_tokenizer(shared_dir, chatgl
     hf_dir = tmp_path / "hf"
     LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(hf_dir)
     write_tokenizer(tokenizer, hf_dir)
-    subjects = ["chinese_history", "college_mathematics", "high_school_physics"]
+    subjects = ["chinese_history", "college_mathematics"]
     for shots in (0, 2):
         assert compare(hf_dir, bench, subjects, shots, tmp_path / f"k{shots}", split="dev",
-                       tokenizer_model=chatglm3_tokenizer_model) == 15
+                       tokenizer_model=chatglm3_tokenizer_model) == 10

@@ -88,9 +88,9 @@ def score_continuations(lm: CausalLM, pairs: Sequence[tuple[Sequence[int], Seque
 
     Each pair needs the forward of row = (context + continuation)[:-1] and the log-probs at the continuation's
     positions. Identical rows (the options of one question when each option is one token) are forwarded once. With
-    `share_prefix` and a backend that supports it, rows are batched in sorted order and the prefix all rows of a
-    batch share (the header and shots of a k-shot subject; at least `min_shared_prefix` tokens) is forwarded once and
-    continued from its KV cache. Rows longer than the model are cut on the left (the continuation is kept whole).
+    `share_prefix` and a backend that supports it, rows sharing a prefix of at least `min_shared_prefix` tokens (the
+    header and shots of a k-shot subject) form a group whose prefix is forwarded once and continued from its KV
+    cache. Rows longer than the model are cut on the left (the continuation is kept whole).
     """
     stats = stats if stats is not None else ScoreStats()
     start = time.perf_counter()
@@ -119,50 +119,56 @@ def score_continuations(lm: CausalLM, pairs: Sequence[tuple[Sequence[int], Seque
         row_requests[row_ids[row]].append((i, positions, continuation))
 
     scores = [0.0] * len(pairs)
-    share = share_prefix and getattr(lm, "supports_prefix_cache", False)
-    if share:  # rows with common prefixes (one subject's k-shot prompts) side by side
-        order = sorted(range(len(rows)), key=lambda r: rows[r])
-    else:  # similar lengths together: little padding
-        order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
-    cached_prefix: tuple[int, ...] = ()
-    cache = None
-    at = 0
-    while at < len(order):
-        batch = [order[at]]
-        width = len(rows[order[at]])
-        while at + len(batch) < len(order) and len(batch) < batch_size:
-            width = max(width, len(rows[order[at + len(batch)]]))
-            if (len(batch) + 1) * width > max_batch_tokens:
-                break
-            batch.append(order[at + len(batch)])
-        at += len(batch)
-        positions_per_row = [sorted({p for _, ps, _ in row_requests[r] for p in ps}) for r in batch]
-        n = max(len(p) for p in positions_per_row)
-        padded_positions = [p + [p[-1]] * (n - len(p)) for p in positions_per_row]
-        batch_rows = [rows[r] for r in batch]
-        shared = 0
-        if share:
-            # the prefix every row of the batch shares, ending before the first position read
-            shared = min(_common_prefix_length(batch_rows), min(p[0] for p in positions_per_row))
-            if cache is not None and len(cached_prefix) <= shared and batch_rows[0][: len(cached_prefix)] == cached_prefix:
-                shared = len(cached_prefix)  # the previous batch's prefix still fits: reuse it
-            elif shared >= min_shared_prefix:
-                cached_prefix = batch_rows[0][:shared]
-                cache = lm.prefix_cache(list(cached_prefix))
-                stats.tokens += shared
+    # Groups of rows that share a long prefix (one k-shot subject's prompts: header + shots): sorted order puts them
+    # side by side; each group's prefix then runs once. Everything else forms one group without a shared prefix.
+    groups: list[tuple[list[int], int]] = []
+    loose: list[int] = list(range(len(rows)))
+    if share_prefix and getattr(lm, "supports_prefix_cache", False):
+        order, loose = sorted(range(len(rows)), key=lambda r: rows[r]), []
+        i = 0
+        while i < len(order):
+            j = i + 1
+            while j < len(order) and _common_prefix_length([rows[order[i]], rows[order[j]]]) >= min_shared_prefix:
+                j += 1
+            run = order[i:j]
+            # the shared prefix ends before the first position any row reads
+            shared = min(_common_prefix_length([rows[run[0]], rows[run[-1]]]),
+                         min(ps[0] for r in run for _, ps, _ in row_requests[r]))
+            if len(run) > 1 and shared >= min_shared_prefix:
+                groups.append((run, shared))
             else:
-                shared = 0
-        if shared:
-            logits = lm.logits_after_prefix(cache, shared, pad_rows([r[shared:] for r in batch_rows]),
-                                            torch.tensor(padded_positions) - shared)
-        else:
-            logits = lm.logits_at(pad_rows(batch_rows), torch.tensor(padded_positions))
-        logprobs = torch.log_softmax(logits, dim=-1)
-        for b, r in enumerate(batch):
-            column = {p: j for j, p in enumerate(positions_per_row[b])}
-            for request, ps, targets in row_requests[r]:
-                scores[request] = float(sum(logprobs[b, column[p], t] for p, t in zip(ps, targets)))
-        stats.tokens += sum(len(row) - shared for row in batch_rows)
+                loose += run
+            i = j
+    groups.append((loose, 0))
+
+    for group, shared in groups:
+        if not group:
+            continue
+        group = sorted(group, key=lambda r: -len(rows[r]))  # similar lengths together: little padding
+        cache = lm.prefix_cache(list(rows[group[0]][:shared])) if shared else None
+        stats.tokens += shared
+        at = 0
+        while at < len(group):
+            batch = [group[at]]
+            width = len(rows[group[at]]) - shared
+            while (at + len(batch) < len(group) and len(batch) < batch_size
+                   and (len(batch) + 1) * width <= max_batch_tokens):
+                batch.append(group[at + len(batch)])
+            at += len(batch)
+            positions_per_row = [sorted({p for _, ps, _ in row_requests[r] for p in ps}) for r in batch]
+            n = max(len(p) for p in positions_per_row)
+            positions = torch.tensor([p + [p[-1]] * (n - len(p)) for p in positions_per_row]) - shared
+            suffixes = pad_rows([rows[r][shared:] for r in batch])
+            if shared:
+                logits = lm.logits_after_prefix(cache, shared, suffixes, positions)
+            else:
+                logits = lm.logits_at(suffixes, positions)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            for b, r in enumerate(batch):
+                column = {p: j for j, p in enumerate(positions_per_row[b])}
+                for request, ps, targets in row_requests[r]:
+                    scores[request] = float(sum(logprobs[b, column[p], t] for p, t in zip(ps, targets)))
+            stats.tokens += sum(len(rows[r]) - shared for r in batch)
     stats.rows += len(rows)
     stats.requests += len(pairs)
     stats.seconds += time.perf_counter() - start
