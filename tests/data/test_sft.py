@@ -213,3 +213,36 @@ def test_build_sft_datasets_split_and_several_sources(tmp_path):
     assert test is None and len(train) + len(valid) == 40 and len(valid) == 4  # 3 of a + 1 of b
     key = lambda s: tuple(s["tokens"][s["segment_ids"] == 1].tolist())
     assert not {key(train[i]) for i in range(len(train))} & {key(valid[i]) for i in range(len(valid))}
+
+
+def test_packed_and_unpacked_losses_match_with_the_megatron_model(tmp_path):
+    """The same check through the project's megatron-core GPTModel (RoPE positions, SDPA with the bool mask)."""
+    from tinyllm_mcore.model import build_model
+    from tinyllm_mcore.presets import get_preset, transformer_config
+    from tinyllm_mcore.runtime import distributed as rt
+
+    tok = tiny_tokenizer()
+    path = write_jsonl(tmp_path / "sft.jsonl", random_conversations(8, seed=8))
+    unpacked = SFTDataset(path, tok, seq_length=256, pack=False, seed=5)
+    packed = SFTDataset(path, tok, seq_length=256, pack=True, seed=5)
+    rt.initialize()
+    try:
+        torch.manual_seed(0)
+        preset = get_preset("tiny", vocab_size=tok.vocab_size)
+        config = transformer_config(preset, use_cpu_initialization=True)
+        model = build_model(preset, config, make_vocab_size_divisible_by=1).eval()
+
+        def forward(tokens, position_ids, attention_mask):  # megatron returns [b, s, vocab] logits without labels
+            return model(tokens, position_ids, attention_mask)
+
+        collate = torch.utils.data.default_collate
+        unpacked_batch = collate([unpacked[i] for i in range(len(unpacked))])
+        packed_batch = collate([packed[i] for i in range(len(packed))])
+        with torch.no_grad():
+            expected = per_segment_losses(forward, unpacked_batch, packed_attention_mask(unpacked_batch["segment_ids"]))
+            got = per_segment_losses(forward, packed_batch, packed_attention_mask(packed_batch["segment_ids"]))
+        assert len(packed) < len(unpacked) and expected.keys() == got.keys()
+        for key in expected:
+            assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-4)
+    finally:
+        rt.destroy()
