@@ -3,7 +3,8 @@
     python checkpoint_convert/hf_to_mcore.py --load HF_DIR --save CKPT_DIR \
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
 
-Accepts our own exports (Llama with zero o_proj bias), Qwen2, Llama (with or without attention bias) and the seed's
+Accepts our own exports (Llama with zero o_proj bias; Qwen2-MoE for MoE models), Qwen2, Qwen2-MoE (every layer MoE),
+Llama (with or without attention bias) and the seed's
 released ``tinyllm`` layout (Qwen2 weight names; fp16 ``pytorch_model.bin`` or safetensors) — the seed's remote code is
 never run: only config.json and the tensors are read. One CPU process; tensors stream from the (memory-mapped) HF
 files into the global model, which megatron's dist_checkpointing writes under its sharded keys. The result is
@@ -27,7 +28,7 @@ import torch
 
 from tinyllm_mcore.hf_export import HFWeights
 from tinyllm_mcore.hf_mapping import (
-    HF_O_BIAS, MappingError, build_global_model, hf_shapes, hf_to_megatron, preset_from_hf_config,
+    HF_O_BIAS, HF_SHARED_EXPERT, MappingError, build_global_model, hf_shapes, hf_to_megatron, preset_from_hf_config,
     single_process_megatron,
 )
 from tinyllm_mcore.presets import ModelPreset, padded_vocab_size
@@ -71,6 +72,8 @@ def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, tensor
     # Llama without attention bias has no q/k/v biases: they become zeros.
     optional = {n for n in expected if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))} \
         if not facts["attention_bias"] else set()
+    if preset.num_experts and not preset.moe_shared_expert_ffn_hidden_size:  # Qwen2-MoE's empty shared expert
+        optional |= {n for n in expected if n.endswith(HF_SHARED_EXPERT)}
     missing = [n for n in expected if n not in names and n not in optional]
     if missing:
         raise MappingError(f"{len(missing)} tensors are missing from {hf_dir}, e.g. {missing[:3]}")

@@ -57,7 +57,7 @@ def _check_checkpoint_shapes(path, preset, saved_shapes: dict) -> int:
 
 
 def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype: str = "fp32",
-                        tokenizer_model: str | None = None, hf_arch: str = "llama", prompt_prefix: bool = True,
+                        tokenizer_model: str | None = None, hf_arch: str | None = None, prompt_prefix: bool = True,
                         max_shard_bytes: int = 2 * 1024**3, log=print) -> Path:
     from tinyllm_mcore.tokenizer import Tokenizer
     from tinyllm_mcore.training.checkpoint import resolve_load_dir, saved_preset
@@ -65,12 +65,14 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
     t0 = time.perf_counter()
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
-    if hf_arch not in hf_export.HF_ARCHS:
+    if hf_arch is not None and hf_arch not in hf_export.HF_ARCHS:
         raise ValueError(f"unsupported --hf-arch {hf_arch!r}; choose one of {', '.join(hf_export.HF_ARCHS)}")
     path = resolve_load_dir(load)
     preset, saved_args = saved_preset(load)
-    if preset.num_experts:
-        raise MappingError(f"MoE checkpoints ({preset.num_experts} experts) have no HF export yet")
+    hf_arch = hf_arch or hf_export.default_hf_arch(preset)
+    if (hf_arch == "qwen2_moe") != bool(preset.num_experts):
+        raise MappingError(f"--hf-arch {hf_arch} does not fit this {'MoE' if preset.num_experts else 'dense'} "
+                           f"checkpoint; use {hf_export.default_hf_arch(preset)}")
     tokenizer_model = tokenizer_model or saved_args.get("tokenizer_model")
     tokenizer = None
     if tokenizer_model:
@@ -82,6 +84,9 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
     out.mkdir(parents=True, exist_ok=True)
     if hf_arch == "qwen2":
         log(QWEN2_TOKENIZER_WARNING)
+    elif hf_arch == "qwen2_moe":  # same AutoTokenizer behaviour; no llama alternative for MoE
+        log(QWEN2_TOKENIZER_WARNING.replace("--hf-arch qwen2", "qwen2_moe").replace("qwen2 directories",
+            "qwen2_moe directories").replace(" or use the default --hf-arch llama", ""))
 
     with single_process_megatron():
         saved_shapes = checkpoint_tensor_shapes(path)
@@ -121,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the exported weights")
     p.add_argument("--tokenizer-model", default=None,
                    help="tokenizer.model or directory (default: the one recorded in the checkpoint)")
-    p.add_argument("--hf-arch", choices=list(hf_export.HF_ARCHS), default="llama",
-                   help="llama (default; exact tokenizer loading) or qwen2 (see the warning it prints)")
+    p.add_argument("--hf-arch", choices=list(hf_export.HF_ARCHS), default=None,
+                   help="dense: llama (default; exact tokenizer loading) or qwen2 (see the warning it prints); "
+                        "MoE: qwen2_moe (the default and only choice)")
     p.add_argument("--no-prompt-prefix", action="store_true",
                    help="tokenizer(text) adds nothing (default: the chat prefix the model was trained with)")
     p.add_argument("--max-shard-size-mb", type=int, default=2048)

@@ -30,7 +30,12 @@ from pathlib import Path
 from tinyllm_mcore.presets import ModelPreset
 from tinyllm_mcore.tokenizer import DEFAULT_SYSTEM, Tokenizer
 
-HF_ARCHS = ("llama", "qwen2")
+HF_ARCHS = ("llama", "qwen2", "qwen2_moe")
+
+
+def default_hf_arch(preset: ModelPreset) -> str:
+    """llama for dense models (see the module docstring), Qwen2-MoE for MoE models (the only HF fit)."""
+    return "qwen2_moe" if preset.num_experts else "llama"
 
 # The seed's demo (web_demo.py): nucleus sampling at top_p 0.8, no top-k, temperature 1; a mild repetition penalty
 # because 92M-class models loop otherwise.
@@ -44,11 +49,16 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 # ---------------------------------------------------------------------------------------------------- model config
 def hf_config(preset: ModelPreset, arch: str = "llama", *, torch_dtype: str = "float32", bos_token_id: int | None = 1,
               eos_token_id: int = 2, pad_token_id: int | None = 0) -> dict:
-    """config.json for the preset as ``LlamaForCausalLM`` (default) or ``Qwen2ForCausalLM``."""
+    """config.json for the preset as ``LlamaForCausalLM`` (default) or ``Qwen2ForCausalLM``; MoE presets as
+    ``Qwen2MoeForCausalLM`` (the mapping: hf_mapping's module docstring)."""
     if arch not in HF_ARCHS:
         raise ValueError(f"unsupported --hf-arch {arch!r}; choose one of {', '.join(HF_ARCHS)}")
+    if (arch == "qwen2_moe") != bool(preset.num_experts):
+        raise ValueError(f"--hf-arch {arch} does not fit a {'MoE' if preset.num_experts else 'dense'} model; "
+                         f"use {default_hf_arch(preset)}")
     config = {
-        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                           "qwen2_moe": "Qwen2MoeForCausalLM"}[arch]],
         "model_type": arch,
         "vocab_size": preset.vocab_size,
         "hidden_size": preset.hidden_size,
@@ -75,6 +85,19 @@ def hf_config(preset: ModelPreset, arch: str = "llama", *, torch_dtype: str = "f
         config.update(attention_bias=True, mlp_bias=False, pretraining_tp=1)
     else:
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=preset.num_layers)
+    if arch == "qwen2_moe":
+        config.update(
+            moe_intermediate_size=preset.ffn_hidden_size,
+            shared_expert_intermediate_size=preset.moe_shared_expert_ffn_hidden_size or 0,  # 0: an empty one
+            num_experts=preset.num_experts,
+            num_experts_per_tok=preset.moe_router_topk,
+            norm_topk_prob=preset.moe_norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            qkv_bias=True,
+            output_router_logits=False,
+            router_aux_loss_coef=0.001,
+        )
     return config
 
 

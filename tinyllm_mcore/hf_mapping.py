@@ -25,6 +25,26 @@ megatron side: the GPTModel's ``state_dict()`` names (what a TP1/PP1 model holds
     decoder.final_layernorm.weight
     output_layer.weight                              [V_pad, h]
 
+MoE models (preset.num_experts > 0) are HF's native Qwen2-MoE (``Qwen2MoeForCausalLM``, the per-expert tensor names
+that transformers 4.x and 5.x save and load); attention, norms, embeddings as above, and each layer's MLP is::
+
+    HF model.layers.{i}.mlp.                          megatron decoder.layers.{i}.mlp.
+      gate.weight                [E, h]                 router.weight                      (TopKRouter, no bias)
+      experts.{e}.gate_proj.weight  [f, h]  \
+      experts.{e}.up_proj.weight    [f, h]  /            experts.local_experts.{e}.linear_fc1.weight  [gate; up] [2f, h]
+      experts.{e}.down_proj.weight  [h, f]              experts.local_experts.{e}.linear_fc2.weight
+      shared_expert.{gate,up}_proj.weight [s, h]        shared_experts.linear_fc1.weight  [gate; up] [2s, h]
+      shared_expert.down_proj.weight      [h, s]        shared_experts.linear_fc2.weight
+      shared_expert_gate.weight           [1, h]        shared_experts.gate_weight   (output x sigmoid(gate . x))
+
+f = moe_intermediate_size (preset.ffn_hidden_size), s = shared_expert_intermediate_size. The experts are megatron's
+SequentialMLP (one megatron MLP per expert; grouped GEMM needs CUDA), so their layouts are the dense MLP's. Without a
+shared expert megatron has none; Qwen2-MoE always builds one, so the export writes it with s = 0 (empty tensors and a
+zero gate: it adds exactly 0) and the import ignores an empty one. Routing is Qwen2-MoE's: softmax over all E router
+logits in fp32, top k, renormalised iff ``norm_topk_prob`` — presets.transformer_config sets megatron's router to
+match (``moe_router_pre_softmax = not norm_topk_prob``). Dist checkpoints stack experts under
+``decoder.layers.mlp.experts.experts.linear_fc{1,2}.weight`` with shape [L, E, ...] (EP ranks own slices of E).
+
 Dist checkpoints (``GPTModel.sharded_state_dict()``, measured on megatron-core 0.16.1) store the same tensors as
 *global* arrays under layer-stacked keys: ``decoder.layers.<suffix>`` with a leading axis of ``num_layers`` (global
 layer index, so PP stages write disjoint slices), both layer specs using the TE layer-norm names (the local spec maps
@@ -65,6 +85,51 @@ LAYER_MAP = {
 }
 HF_O_BIAS = "self_attn.o_proj.bias"
 
+# Qwen2-MoE's shared expert, written empty (width 0, gate 0) when the model has none
+HF_SHARED_EXPERT = ("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight",
+                    "mlp.shared_expert.down_proj.weight", "mlp.shared_expert_gate.weight")
+
+
+def layer_map(preset: ModelPreset) -> dict[str, list[str]]:
+    """megatron layer-local (local spec) name -> the HF layer-local names it is made of, dense or MoE."""
+    if not preset.num_experts:
+        return LAYER_MAP
+    m = {k: v for k, v in LAYER_MAP.items() if not k.startswith("mlp.")}
+    m["mlp.router.weight"] = ["mlp.gate.weight"]
+    for e in range(preset.num_experts):
+        m[f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = [f"mlp.experts.{e}.gate_proj.weight",
+                                                                 f"mlp.experts.{e}.up_proj.weight"]
+        m[f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = [f"mlp.experts.{e}.down_proj.weight"]
+    if preset.moe_shared_expert_ffn_hidden_size:
+        m["mlp.shared_experts.linear_fc1.weight"] = list(HF_SHARED_EXPERT[:2])
+        m["mlp.shared_experts.linear_fc2.weight"] = [HF_SHARED_EXPERT[2]]
+        m["mlp.shared_experts.gate_weight"] = [HF_SHARED_EXPERT[3]]
+    return m
+
+
+def _mlp_shapes(preset: ModelPreset, hf: bool) -> dict[str, tuple[int, ...]]:
+    """Per-layer MLP tensor shapes (HF or megatron local names)."""
+    h, f = preset.hidden_size, preset.ffn_hidden_size
+    if not preset.num_experts:
+        if hf:
+            return {"mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)}
+        return {"mlp.linear_fc1.weight": (2 * f, h), "mlp.linear_fc2.weight": (h, f)}
+    s = preset.moe_shared_expert_ffn_hidden_size or 0
+    out = {("mlp.gate.weight" if hf else "mlp.router.weight"): (preset.num_experts, h)}
+    for e in range(preset.num_experts):
+        if hf:
+            out.update({f"mlp.experts.{e}.gate_proj.weight": (f, h), f"mlp.experts.{e}.up_proj.weight": (f, h),
+                        f"mlp.experts.{e}.down_proj.weight": (h, f)})
+        else:
+            out.update({f"mlp.experts.local_experts.{e}.linear_fc1.weight": (2 * f, h),
+                        f"mlp.experts.local_experts.{e}.linear_fc2.weight": (h, f)})
+    if hf:
+        out.update(dict(zip(HF_SHARED_EXPERT, [(s, h), (s, h), (h, s), (1, h)])))
+    elif s:
+        out.update({"mlp.shared_experts.linear_fc1.weight": (2 * s, h), "mlp.shared_experts.linear_fc2.weight": (h, s),
+                    "mlp.shared_experts.gate_weight": (1, h)})
+    return out
+
 
 def hf_layer_name(layer: int, local: str) -> str:
     return f"model.layers.{layer}.{local}"
@@ -92,7 +157,7 @@ def hf_shapes(preset: ModelPreset, *, o_proj_bias: bool = False, tied: bool = Fa
         "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
         "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
         "self_attn.o_proj.weight": (h, q),
-        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+        **_mlp_shapes(preset, hf=True),
     }
     if o_proj_bias:
         per_layer[HF_O_BIAS] = (h,)
@@ -112,7 +177,7 @@ def megatron_shapes(preset: ModelPreset, padded_vocab: int) -> dict[str, tuple[i
     per_layer = {
         "input_layernorm.weight": (h,), "self_attention.linear_qkv.weight": (qkv, h),
         "self_attention.linear_qkv.bias": (qkv,), "self_attention.linear_proj.weight": (h, preset.num_attention_heads * d),
-        "pre_mlp_layernorm.weight": (h,), "mlp.linear_fc1.weight": (2 * f, h), "mlp.linear_fc2.weight": (h, f),
+        "pre_mlp_layernorm.weight": (h,), **_mlp_shapes(preset, hf=False),
     }
     shapes = {MC_EMBED: (padded_vocab, h)}
     for i in range(preset.num_layers):
@@ -124,12 +189,17 @@ def megatron_shapes(preset: ModelPreset, padded_vocab: int) -> dict[str, tuple[i
 
 def dist_checkpoint_shapes(preset: ModelPreset, tensor_model_parallel_size: int = 1,
                            make_vocab_size_divisible_by: int = 128) -> dict[str, tuple[int, ...]]:
-    """Dist-checkpoint key -> global shape, as GPTModel.sharded_state_dict() writes them (layers stacked, TE names)."""
+    """Dist-checkpoint key -> global shape, as GPTModel.sharded_state_dict() writes them (layers stacked, TE names;
+    MoE experts stacked too: ``decoder.layers.mlp.experts.experts.<linear>`` [L, E, ...])."""
     padded = padded_vocab_size(preset.vocab_size, tensor_model_parallel_size, make_vocab_size_divisible_by)
     out = {}
     for name, shape in megatron_shapes(preset, padded).items():
         if name.startswith("decoder.layers."):
             local = name.split(".", 3)[3]
+            if local.startswith("mlp.experts.local_experts."):
+                linear = local.split(".", 4)[4]
+                out[f"decoder.layers.mlp.experts.experts.{linear}"] = (preset.num_layers, preset.num_experts, *shape)
+                continue
             out[f"decoder.layers.{LOCAL_TO_TE.get(local, local)}"] = (preset.num_layers, *shape)
         else:
             out[name] = shape
@@ -199,12 +269,12 @@ def hf_to_megatron(preset: ModelPreset, read_hf: Callable[[str], Tensor | None],
         o_bias = read_hf(hf_layer_name(i, HF_O_BIAS))
         if o_bias is not None and torch.count_nonzero(o_bias):
             raise MappingError(f"{hf_layer_name(i, HF_O_BIAS)} is non-zero: this architecture has no o_proj bias")
-        for local, hf_locals in LAYER_MAP.items():
+        for local, hf_locals in layer_map(preset).items():
             names = [hf_layer_name(i, n) for n in hf_locals]
             parts = [get(n, allow_zero=n.endswith("_proj.bias")) for n in names]
             if local.startswith("self_attention.linear_qkv."):
                 t = fuse_qkv(*parts, preset)
-            elif local == "mlp.linear_fc1.weight":
+            elif local.endswith("linear_fc1.weight"):  # dense MLP, each expert, the shared expert: [gate; up]
                 t = torch.cat(parts)
             else:
                 t = parts[0]
@@ -225,18 +295,23 @@ def megatron_to_hf(preset: ModelPreset, read_mc: Callable[[str], Tensor], *, o_p
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     yield HF_EMBED, cast(read_mc(MC_EMBED)[:v]), MC_EMBED
     for i in range(preset.num_layers):
-        for local, hf_locals in LAYER_MAP.items():
+        for local, hf_locals in layer_map(preset).items():
             name = megatron_layer_name(i, local)
             t = read_mc(name)
             names = [hf_layer_name(i, n) for n in hf_locals]
             if local.startswith("self_attention.linear_qkv."):
                 parts = split_qkv(t, preset)
-            elif local == "mlp.linear_fc1.weight":
+            elif local.endswith("linear_fc1.weight"):
                 parts = t.chunk(2)
             else:
                 parts = (t,)
             for n, p in zip(names, parts):
                 yield n, cast(p), name
+        if preset.num_experts and not preset.moe_shared_expert_ffn_hidden_size:
+            # Qwen2-MoE always has a shared expert: an empty one with a zero gate adds exactly nothing
+            shapes = _mlp_shapes(preset, hf=True)
+            for n in HF_SHARED_EXPERT:
+                yield hf_layer_name(i, n), torch.zeros(shapes[n], dtype=dtype or torch.float32), "(no shared expert)"
         if o_proj_bias:
             yield hf_layer_name(i, HF_O_BIAS), torch.zeros(preset.hidden_size, dtype=dtype or torch.float32), "(zeros)"
     yield HF_NORM, cast(read_mc(MC_NORM)), MC_NORM
@@ -244,11 +319,12 @@ def megatron_to_hf(preset: ModelPreset, read_mc: Callable[[str], Tensor], *, o_p
 
 
 # ------------------------------------------------------------------------------------------------ HF configs
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "tinyllm")
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "tinyllm", "qwen2_moe")
 
 
 def preset_from_hf_config(config: dict, name: str | None = None) -> tuple[ModelPreset, dict]:
-    """ModelPreset for an HF config.json (qwen2, llama, the seed's tinyllm); raises MappingError naming the problem.
+    """ModelPreset for an HF config.json (qwen2, llama, the seed's tinyllm, qwen2_moe); raises MappingError naming
+    the problem.
 
     Returns (preset, facts) where facts holds ``tied`` (lm_head shares the embedding) and ``attention_bias``.
     """
@@ -258,6 +334,18 @@ def preset_from_hf_config(config: dict, name: str | None = None) -> tuple[ModelP
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise MappingError(f"unsupported architecture model_type={model_type!r} "
                            f"(architectures={config.get('architectures')}); supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    moe = {}
+    if model_type == "qwen2_moe":
+        if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1:
+            raise MappingError("Qwen2-MoE with dense layers (mlp_only_layers / decoder_sparse_step != 1) is not "
+                               "supported: every layer must be MoE")
+        try:
+            moe = dict(num_experts=int(config["num_experts"]), moe_router_topk=int(config["num_experts_per_tok"]),
+                       moe_shared_expert_ffn_hidden_size=int(config.get("shared_expert_intermediate_size") or 0),
+                       moe_norm_topk_prob=bool(config.get("norm_topk_prob", False)))
+            config = {**config, "intermediate_size": config["moe_intermediate_size"]}  # the experts' width
+        except KeyError as e:
+            raise MappingError(f"config.json lacks {e.args[0]!r}") from None
     try:
         h, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         preset = ModelPreset(
@@ -271,6 +359,7 @@ def preset_from_hf_config(config: dict, name: str | None = None) -> tuple[ModelP
             num_query_groups=int(config.get("num_key_value_heads") or heads),
             rope_theta=float(config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 1e4))),
             norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            **moe,
         )
     except KeyError as e:
         raise MappingError(f"config.json lacks {e.args[0]!r}") from None
@@ -289,11 +378,12 @@ def preset_from_hf_config(config: dict, name: str | None = None) -> tuple[ModelP
     rope_type = scaling.get("rope_type", scaling.get("type")) or rope_params.get("rope_type", "default")
     if rope_type not in (None, "default"):
         raise MappingError(f"rope scaling {rope_type!r} is not supported")
-    if model_type == "qwen2" and config.get("use_sliding_window"):
+    if model_type in ("qwen2", "qwen2_moe") and config.get("use_sliding_window"):
         raise MappingError("Qwen2 sliding-window attention is not supported")
     if config.get("mlp_bias"):
         raise MappingError("mlp_bias is not supported (the MLP has no biases)")
-    attention_bias = config.get("attention_bias", True) if model_type == "llama" else True
+    attention_bias = (config.get("attention_bias", True) if model_type == "llama"
+                      else config.get("qkv_bias", True) if model_type == "qwen2_moe" else True)
     # Match a named preset when every architectural field agrees (the vocab may differ: --vocab-size).
     for p in PRESETS.values():
         if p.replace(name=preset.name, vocab_size=preset.vocab_size, max_position_embeddings=preset.max_position_embeddings) == preset:
@@ -318,8 +408,9 @@ def single_process_megatron():
     from tinyllm_mcore.runtime import distributed as rt
 
     if ps.model_parallel_is_initialized():
-        if ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
-            raise RuntimeError("the converters need a process without a TP/PP > 1 megatron state")
+        if (ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1
+                or ps.get_expert_model_parallel_world_size() != 1):
+            raise RuntimeError("the converters need a process without a TP/PP/EP > 1 megatron state")
         yield
         return
     rt.initialize(1, 1)

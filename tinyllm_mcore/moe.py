@@ -9,7 +9,10 @@ step on every rank (the numbers are reduced collectively):
 * ``moe load imbalance`` — max over experts of the expert's token count / the mean count, averaged over layers
   (1.0 = balanced, E = every token on one expert), and ``moe load entropy`` — the entropy of each layer's token
   distribution over experts / log(E), averaged over layers (1.0 = balanced).
-* ``expert_load`` (history only) — per layer, each expert's share of the routed token assignments.
+* ``moe dropped fraction`` — the share of token-to-expert assignments dropped by ``--moe-expert-capacity-factor``
+  (0 without it).
+* ``expert_load`` and ``expert_tokens`` (history only) — per layer, each expert's share of the processed token
+  assignments, and their counts.
 
 Counts come from a forward hook on every `TopKRouter`: the routing map after token dropping, summed over this rank's
 tokens, then over TP (sequence-parallel shards) x DP ranks and over pipeline stages (disjoint layers). The hook counts
@@ -30,6 +33,7 @@ class MoEMetrics:
         self.num_layers = config.num_layers
         self.num_experts = config.num_moe_experts
         self.counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64)
+        self.assigned = torch.zeros(self.num_layers, 1, dtype=torch.float64)  # tokens x topk, before dropping
         self.handles = [r.register_forward_hook(self._count) for r in routers]
 
     @classmethod
@@ -48,6 +52,7 @@ class MoEMetrics:
         _, routing_map = outputs
         with torch.no_grad():
             self.counts[router.layer_number - 1] += routing_map.sum(dim=0).to(torch.float64).cpu()
+            self.assigned[router.layer_number - 1] += routing_map.shape[0] * router.topk
 
     def step(self, num_microbatches: int) -> dict:
         """Reduce this step's counts (and megatron's aux-loss tracker) over all ranks; reset; return the metrics."""
@@ -55,10 +60,12 @@ class MoEMetrics:
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, track_moe_metrics
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        counts = self.counts.clone().to(device)
+        counts = torch.cat([self.counts, self.assigned], dim=1).to(device)  # a copy: the buffers are reset below
         dist.all_reduce(counts, group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
         dist.all_reduce(counts, group=ps.get_pipeline_model_parallel_group())
+        counts, assigned = counts.cpu().split([self.num_experts, 1], dim=1)
         self.counts.zero_()
+        self.assigned.zero_()
         metrics: dict = {}
         if self.config.moe_aux_loss_coeff:
             totals: dict = {}
@@ -68,15 +75,16 @@ class MoEMetrics:
             metrics["moe aux loss"] = float(totals["load_balancing_loss"])
         else:
             clear_aux_losses_tracker()
-        load = counts.cpu()
-        seen = load.sum(dim=1) > 0
+        seen = assigned[:, 0] > 0
         if seen.any():
-            load = load[seen]
+            load = counts[seen]
+            metrics["moe dropped fraction"] = float(1 - load.sum() / assigned[seen].sum())
             share = load / load.sum(dim=1, keepdim=True)
             entropy = -(share * share.clamp(min=1e-30).log()).sum(dim=1) / math.log(self.num_experts)
             metrics["moe load imbalance"] = float((share.max(dim=1).values * self.num_experts).mean())
             metrics["moe load entropy"] = float(entropy.mean())
             metrics["expert_load"] = share.tolist()
+            metrics["expert_tokens"] = load.tolist()
         return metrics
 
     def detach(self) -> None:

@@ -38,7 +38,26 @@ def skew_router(args, chunks):
 
 
 STAGE = Stage("pretrain", progression_datasets, lm_forward_step, after_load=skew_router)
-KEYS = ("lm loss", "moe aux loss", "moe load imbalance", "moe load entropy", "expert_load")
+KEYS = ("lm loss", "moe aux loss", "moe load imbalance", "moe load entropy", "moe dropped fraction", "expert_load",
+        "expert_tokens")
+
+
+def inference_logits(load, tokens, tp=1, ep=1):
+    """Full-vocab logits of a checkpoint loaded at TP x EP (model in eval mode, no sequence parallelism)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from tinyllm_mcore.runtime import distributed as rt
+    from tinyllm_mcore.training.checkpoint import load_model_for_inference
+
+    rt.initialize(tp, 1, ep=ep)
+    (model,), preset = load_model_for_inference(load)
+    tokens = torch.tensor(tokens)
+    position_ids = torch.arange(tokens.size(1)).expand_as(tokens)
+    with torch.no_grad():
+        logits = gather_from_tensor_model_parallel_region(model(tokens, position_ids, None))
+    assert ps.get_expert_model_parallel_world_size() == ep
+    return logits[..., :preset.vocab_size].tolist()
 
 
 def main(runs_path, out_path):
@@ -46,6 +65,11 @@ def main(runs_path, out_path):
 
     results = {}
     for run in json.load(open(runs_path)):
+        if "logits" in run:  # {"name", "logits": {"load": CKPT, "tokens": [[...]], "tp": 1, "ep": 2}}
+            results[run["name"]] = inference_logits(**run["logits"])
+            parallel_state.destroy_model_parallel()
+            dist.barrier()
+            continue
         args = parse_args(STAGE, run["argv"] + ["--mock-data"])
         args.skew_router = run.get("skew_router", False)
         out = train(STAGE, args)

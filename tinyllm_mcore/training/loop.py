@@ -442,7 +442,8 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
             mfu = tokens_per_s * flops_token / (peak * 1e12 * world)
             avg = {k: float(np.mean([r[k] for r in window["loss"] if k in r])) for k in args.report_names}
             avg.update({k: float(np.mean([r[k] for r in history[-window["iters"]:] if k in r]))
-                        for k in ("moe aux loss", "moe load imbalance", "moe load entropy") if k in record})
+                        for k in ("moe aux loss", "moe load imbalance", "moe load entropy", "moe dropped fraction")
+                        if k in record})
             log = {**avg, "lr": record["lr"], "grad_norm": record["grad_norm"], "tokens_per_s": tokens_per_s,
                    "mfu": mfu, "skipped": window["skipped"]}
             parts = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items())
