@@ -37,12 +37,12 @@ class Settings:
     tensor_parallel: int = 2
     vocab_size: int | None = None  # None: character level, see tokenizer_vocab_size()
     seq_length: int = 128
-    pretrain_iters: int = 500
+    pretrain_iters: int = 400
     pretrain_lr: float = 2e-3
-    sft_iters: int = 300
+    sft_iters: int = 150
     sft_lr: float = 1e-3
     dpo_iters: int = 60
-    dpo_lr: float = 2e-5
+    dpo_lr: float = 1e-5
     dpo_beta: float = 0.1
     micro_batch_size: int = 16
     dpo_micro_batch_size: int = 8
