@@ -42,8 +42,23 @@ def num_samples(args) -> tuple[int, int, int]:
             args.eval_iters * args.global_batch_size)
 
 
+class SyntheticTokenizer:
+    """For --mock-data without --tokenizer-model: megatron's mock dataset needs only a vocab size and an eod id."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.eod = self.eos = 0
+        self.pad = -1  # never a real id: no label is masked as padding
+        self.unique_identifiers = {"class": "SyntheticTokenizer", "vocab_size": vocab_size}
+
+
 def pretrain_datasets(args, tokenizer, preset):
     from tinyllm_mcore.data.pretrain import build_pretrain_datasets
+
+    if tokenizer is None:
+        if not args.mock_data:
+            raise ValueError("--data-path needs --tokenizer-model (its eod/pad ids define documents and padding)")
+        tokenizer = SyntheticTokenizer(preset.vocab_size)
 
     return build_pretrain_datasets(
         data_path=args.data_path, split=args.split, seq_length=args.seq_length, seed=args.seed,
