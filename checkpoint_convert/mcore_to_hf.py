@@ -49,7 +49,7 @@ def _check_checkpoint_shapes(path, preset, saved_shapes: dict) -> int:
         if key.startswith(("embedding.", "decoder.", "output_layer.")):
             if key not in expected:
                 raise MappingError(f"checkpoint tensor {key} is not part of the {preset.name} model "
-                                   "(unsupported architecture, e.g. MoE?)")
+                                   "(unsupported architecture?)")
             if tuple(shape) != expected[key]:
                 raise MappingError(f"checkpoint tensor {key} has shape {tuple(shape)}, the saved preset implies "
                                    f"{expected[key]} (shape/config mismatch)")

@@ -158,6 +158,9 @@ def test_bad_moe_flags_and_layouts():
         validate(args)
     with pytest.raises(ParallelConfigError, match="not divisible by expert-parallel"):
         check_parallel_layout(2, 1, 1, 4, 2, ep=2, num_experts=3)
+    with pytest.raises(ParallelConfigError, match="must divide the data-parallel size 1"):
+        check_parallel_layout(2, 2, 1, 4, 2, ep=2, num_experts=4)  # TP2 x EP2 needs 4 ranks
+    assert check_parallel_layout(4, 2, 1, 4, 2, ep=2, num_experts=4) == 2
     with pytest.raises(ParallelConfigError, match="needs a MoE model"):
         check_parallel_layout(2, 1, 1, 4, 2, ep=2, num_experts=0)
 

@@ -72,8 +72,10 @@ def check_parallel_layout(world_size: int, tp: int, pp: int, num_attention_heads
             raise ParallelConfigError("--expert-model-parallel-size > 1 needs a MoE model")
         if num_experts % ep:
             raise ParallelConfigError(f"{num_experts} experts are not divisible by expert-parallel size {ep}")
-        if (dp * tp) % ep:
-            raise ParallelConfigError(f"expert-parallel size {ep} must divide data-parallel x tensor-parallel = {dp * tp}")
+        # experts are tensor-parallel like the dense layers (megatron's expert TP = TP), so EP groups span DP ranks
+        if dp % ep:
+            raise ParallelConfigError(f"expert-parallel size {ep} must divide the data-parallel size {dp} "
+                                      f"(world {world_size} / (TP {tp} x PP {pp}))")
     return dp
 
 
