@@ -7,7 +7,7 @@ fp32 logits stay cache-sized: the forward keeps only the per-token log-sum-exp, 
 slice's logits (one extra matmul) to form softmax − one-hot in place. Numerics are those of `F.cross_entropy` on
 fp32 logits: the softmax is fp32, only the matmuls run in the weights' dtype.
 
-Used for the training loss without tensor parallelism (with TP the vocab is split across ranks and megatron's
+Used for the CPU training loss without tensor parallelism (with TP the vocab is split across ranks and megatron's
 vocab-parallel cross-entropy combines the partial softmaxes).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 # fp32 logits per chunk ≈ this many bytes. CPU: cache-sized (8 MB measured fastest of 8-128 MB at 42m, 2 threads).
-# GPU: bandwidth is plentiful and small matmuls are slow, so chunks only bound memory.
+# (The training model uses this on CPU only; on a GPU the chunks would merely bound memory.)
 CHUNK_BYTES = 8 * 1024 * 1024
 CHUNK_BYTES_CUDA = 1024 * 1024 * 1024
 
