@@ -56,9 +56,9 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(tensorboard_dir)
-        self.jsonl = open(jsonl_path, "a", encoding="utf-8") if jsonl_path else None
         if jsonl_path:
             Path(jsonl_path).parent.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(jsonl_path, "a", encoding="utf-8") if jsonl_path else None
 
     def write(self, iteration: int, scalars: dict, prefix: str = "train") -> None:
         if self.tb is not None:
