@@ -50,6 +50,8 @@ def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, tensor
                         log=print) -> Path:
     """Convert; return the written iteration directory. Raises ValueError/FileNotFoundError with one-line messages."""
     from megatron.core import dist_checkpointing
+
+    from tinyllm_mcore.training.checkpoint import _forked_write_results_queue
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     from tinyllm_mcore.training.checkpoint import TRACKER, _rng_state, iteration_dir
@@ -116,6 +118,7 @@ def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, tensor
 
             shutil.rmtree(path)
         path.mkdir(parents=True)
+        _forked_write_results_queue()
         dist_checkpointing.save(state, str(path))
     tmp = save_root / f".{TRACKER}.tmp"
     tmp.write_text("0")

@@ -31,6 +31,8 @@ def parser_for(words):
     if module == "pytest":
         return None, argv
     mod = importlib.import_module(module)
+    if hasattr(mod, "__path__"):  # `python -m package` runs package/__main__.py
+        mod = importlib.import_module(module + ".__main__")
     if hasattr(mod, "STAGE"):
         from tinyllm_mcore.training.arguments import build_parser
 

@@ -127,9 +127,27 @@ def _state_dict(models, optimizer, scheduler, *, iteration: int, consumed_sample
     return state
 
 
+def _forked_write_results_queue() -> None:
+    """Give megatron's checkpoint writer its results queue from a forked, not spawned, manager process.
+
+    megatron (0.16) creates the queue with a *spawn* multiprocessing Manager on the first save: a fresh interpreter
+    that re-imports the caller's `__main__` — seconds of start-up per process, and any script that saves without an
+    `if __name__ == "__main__"` guard recursively re-runs itself. The manager only relays write results (no CUDA,
+    no torch ops), so a forked one is equivalent and immediate.
+    """
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None and "fork" in multiprocessing.get_all_start_methods():
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+
+
 def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler, *, consumed_samples: int,
                     args=None) -> Path:
     from megatron.core import dist_checkpointing
+
+    _forked_write_results_queue()
 
     path = iteration_dir(save_dir, iteration)
     rank0 = dist.get_rank() == 0
