@@ -87,17 +87,22 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int | None = None, ep: int = 1, se
     cpu.activate()
     launch = launch_from_env()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if launch.world_size == 1:
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        elif "MASTER_PORT" not in os.environ:
-            raise ParallelConfigError("MASTER_PORT is not set (torchrun sets it; under srun export it in the sbatch script)")
+            # A world of one rendezvous on a fresh local port, and leaves os.environ alone: child processes
+            # (torchrun, srun) must not inherit a MASTER_ADDR/MASTER_PORT that belongs to this process.
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        else:
+            missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+            if missing:
+                raise ParallelConfigError(f"{' and '.join(missing)} not set (torchrun sets them; under srun export "
+                                          "them in the sbatch script)")
+            init_method = "env://"
         if cpu.is_active():
             backend = "gloo"
         else:
             backend = "nccl"
             torch.cuda.set_device(launch.local_rank)
-        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
+        dist.init_process_group(backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size,
                                 timeout=timedelta(minutes=timeout_minutes))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
