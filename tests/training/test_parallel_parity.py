@@ -41,6 +41,14 @@ def results(tmp_path_factory):
         {"name": "init", "argv": COMMON + ["--train-iters", "0", "--micro-batch-size", "4", "--save", str(init)]},
         {"name": "tp1", "argv": five + ["--micro-batch-size", "4"]},
         {"name": "tp1_accum", "argv": five + ["--micro-batch-size", "1"]},
+        # bf16: fp32 main weights live in the optimizer; a --finetune load must refresh them from the checkpoint
+        {"name": "bf16_train", "argv": COMMON + ["--bf16", "--train-iters", "40", "--lr", "1e-2", "--micro-batch-size",
+                                                 "4", "--eval-interval", "40", "--eval-iters", "2", "--load",
+                                                 str(init), "--finetune", "--save", str(tmp / "bf16")]},
+        {"name": "bf16_finetune", "argv": COMMON + ["--bf16", "--train-iters", "1", "--lr", "1e-9", "--min-lr",
+                                                    "1e-9", "--lr-warmup-iters", "0", "--micro-batch-size", "4",
+                                                    "--eval-interval", "1", "--eval-iters", "2", "--load",
+                                                    str(tmp / "bf16"), "--finetune"]},
     ], nproc=1)
     # Two processes: TP2, PP2, DP2 (half micro-batch), VPP, distributed optimizer + sequence parallel, resume,
     # and a TP2 checkpoint re-evaluated at PP2.
@@ -97,3 +105,10 @@ def test_checkpoint_saved_at_tp2_evaluates_identically_at_pp2(results):
     saved_eval = results["tp2_save"]["valid"][-1]
     loaded_eval = results["pp2_eval"]["valid"][-1]
     assert abs(saved_eval - loaded_eval) < 1e-5, (saved_eval, loaded_eval)
+
+
+def test_bf16_finetune_continues_from_the_loaded_weights(results):
+    trained = results["bf16_train"]
+    assert trained["valid"][-1] < trained["train"][0] - 0.1  # the checkpoint is clearly better than the init
+    after_one_tiny_step = results["bf16_finetune"]["valid"][-1]
+    assert abs(after_one_tiny_step - trained["valid"][-1]) < 0.02, (after_one_tiny_step, trained)

@@ -198,6 +198,11 @@ def load_checkpoint(load: str, models, optimizer=None, scheduler=None, *, finetu
         unwrap(m).load_state_dict(loaded[_model_key(i, len(models))], strict=True)
     if with_optim:
         optimizer.load_state_dict(loaded["optimizer"])
+    elif optimizer is not None:
+        # Mixed precision keeps fp32 main weights inside the optimizer, copied from the model when it was built
+        # (before this load); without optimizer state they must be refreshed from the loaded weights, or the first
+        # step would write the stale initial weights back into the model.
+        optimizer.reload_model_params()
     if scheduler is not None and not finetune and "opt_param_scheduler" in loaded:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if "rng_state" in loaded and load_rng and not finetune and same_layout:
