@@ -31,7 +31,7 @@ from tinyllm_mcore.hf_mapping import (
     HF_O_BIAS, HF_SHARED_EXPERT, MappingError, build_global_model, hf_shapes, hf_to_megatron, preset_from_hf_config,
     single_process_megatron,
 )
-from tinyllm_mcore.presets import ModelPreset, padded_vocab_size
+from tinyllm_mcore.presets import padded_vocab_size
 from tinyllm_mcore.runtime.distributed import check_parallel_layout
 
 # Buffers some HF checkpoints carry that are recomputed from the config.

@@ -1,6 +1,5 @@
 """Presets equal the seed's shapes: parameter counts from the formula and from a real megatron GPTModel."""
 import pytest
-import torch
 
 from tinyllm_mcore.presets import PRESETS, get_preset, padded_vocab_size, transformer_config
 

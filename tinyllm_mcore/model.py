@@ -8,10 +8,7 @@ between them.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-from torch import Tensor
 
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel

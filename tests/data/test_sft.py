@@ -1,7 +1,6 @@
 """SFT samples: loss only on answers, truncation/drop accounting, packing with per-conversation semantics intact."""
 import json
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,15 +1,13 @@
 """MoE (Qwen2-MoE layout): EP/TP parity of training, logit parity with transformers' Qwen2-MoE and bit-exact
 HF round trips, and the load-balancing aux loss pulling a skewed router toward balance (CPU, gloo)."""
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests import distributed_helpers
 
 from checkpoint_convert.hf_to_mcore import convert_hf_to_mcore
 from checkpoint_convert.mcore_to_hf import convert_mcore_to_hf
@@ -22,25 +20,8 @@ COMMON = ["--model-size", "tiny-moe", "--seq-length", "32", "--global-batch-size
 quiet = lambda msg: None  # noqa: E731
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_worker(tmp_path, name, runs, nproc):
-    runs_file, out_file = tmp_path / f"{name}_runs.json", tmp_path / f"{name}_out.json"
-    runs_file.write_text(json.dumps(runs))
-    if nproc == 1:
-        cmd = [sys.executable, str(WORKER), str(runs_file), str(out_file)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port()}",
-               str(WORKER), str(runs_file), str(out_file)]
-    # in-process tests leave MASTER_PORT in os.environ (runtime.distributed sets it for a world of one)
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(out_file.read_text())
+    return distributed_helpers.run_worker(WORKER, tmp_path, name, runs, nproc)
 
 
 def tiny_qwen2_moe(path: Path, *, shared: int = 32, norm_topk_prob: bool = False, seed: int = 0):

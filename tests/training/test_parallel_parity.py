@@ -1,34 +1,17 @@
 """Same weights ⇒ same loss under every parallel layout, exact resume, and resharded checkpoints (CPU, gloo)."""
-import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests import distributed_helpers
 
 WORKER = Path(__file__).with_name("loop_worker.py")
 COMMON = ["--model-size", "tiny", "--seq-length", "32", "--global-batch-size", "4", "--lr", "2e-3",
           "--min-lr", "2e-4", "--log-interval", "1", "--lr-warmup-iters", "1"]
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_worker(tmp_path, name, runs, nproc):
-    runs_file, out_file = tmp_path / f"{name}_runs.json", tmp_path / f"{name}_out.json"
-    runs_file.write_text(json.dumps(runs))
-    if nproc == 1:
-        cmd = [sys.executable, str(WORKER), str(runs_file), str(out_file)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port()}",
-               str(WORKER), str(runs_file), str(out_file)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(out_file.read_text())
+    return distributed_helpers.run_worker(WORKER, tmp_path, name, runs, nproc)
 
 
 @pytest.fixture(scope="module")

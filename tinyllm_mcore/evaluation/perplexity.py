@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np

@@ -82,7 +82,7 @@ def check_parallel_layout(world_size: int, tp: int, pp: int, num_attention_heads
 def initialize(tp: int = 1, pp: int = 1, vpp: int | None = None, ep: int = 1, seed: int = 1234,
                timeout_minutes: int = 30) -> Launch:
     """Start torch.distributed and megatron's parallel state for this process; idempotent per process."""
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
 
     cpu.activate()
     launch = launch_from_env()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -245,13 +244,9 @@ def _broadcast_from_last_stage(values: dict[str, float], names: list[str]) -> di
     return dict(zip(names, t.cpu().tolist()))
 
 
-def train_step(stage: Stage, forward_backward, data_iters, chunks, optimizer, scheduler, args):
-    from megatron.core import parallel_state as ps
-
-    for m in chunks:
-        m.zero_grad_buffer()
-    optimizer.zero_grad()
-    losses = forward_backward(
+def _run_schedule(stage: Stage, forward_backward, data_iters, chunks, args, forward_only: bool) -> list[dict]:
+    """One global batch through megatron's pipeline schedule (all micro-batches, every virtual chunk)."""
+    return forward_backward(
         forward_step_func=stage.forward_step,
         data_iterator=data_iters if len(chunks) > 1 else data_iters[0],
         model=chunks if len(chunks) > 1 else chunks[0],
@@ -259,11 +254,16 @@ def train_step(stage: Stage, forward_backward, data_iters, chunks, optimizer, sc
         seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size * args.sequences_per_sample,
         decoder_seq_length=args.seq_length,
-        forward_only=False,
+        forward_only=forward_only,
     )
-    reports = _reduce_reports(losses)
-    names = args.report_names
-    reports = _broadcast_from_last_stage(reports, names)
+
+
+def train_step(stage: Stage, forward_backward, data_iters, chunks, optimizer, scheduler, args):
+    for m in chunks:
+        m.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = _reduce_reports(_run_schedule(stage, forward_backward, data_iters, chunks, args, forward_only=False))
+    reports = _broadcast_from_last_stage(reports, args.report_names)
     finite = all(math.isfinite(v) for v in reports.values())
     flag = torch.tensor([0.0 if finite else 1.0], device="cuda" if torch.cuda.is_available() else "cpu")
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -282,16 +282,7 @@ def evaluate(stage: Stage, forward_backward, valid_iters_factory, chunks, args) 
     totals: dict[str, list[float]] = {}
     with torch.no_grad():
         for _ in range(args.eval_iters):
-            losses = forward_backward(
-                forward_step_func=stage.forward_step,
-                data_iterator=iters if len(chunks) > 1 else iters[0],
-                model=chunks if len(chunks) > 1 else chunks[0],
-                num_microbatches=args.num_microbatches,
-                seq_length=args.seq_length,
-                micro_batch_size=args.micro_batch_size * args.sequences_per_sample,
-                decoder_seq_length=args.seq_length,
-                forward_only=True,
-            )
+            losses = _run_schedule(stage, forward_backward, iters, chunks, args, forward_only=True)
             for k, v in _reduce_reports(losses).items():
                 totals.setdefault(k, []).append(v)
     for m in chunks:
