@@ -69,10 +69,15 @@ def model_preset(args, tokenizer=None) -> ModelPreset:
                       moe_shared_expert_ffn_hidden_size=getattr(args, "moe_shared_expert_intermediate_size", None))
 
 
+def virtual_pipeline_stages(args, preset: ModelPreset) -> int | None:
+    """Model chunks per pipeline rank (None without --num-layers-per-virtual-pipeline-stage)."""
+    if not args.num_layers_per_virtual_pipeline_stage:
+        return None
+    return preset.num_layers // args.pipeline_model_parallel_size // args.num_layers_per_virtual_pipeline_stage
+
+
 def build_config(args, preset: ModelPreset):
-    vpp = None
-    if args.num_layers_per_virtual_pipeline_stage:
-        vpp = preset.num_layers // args.pipeline_model_parallel_size // args.num_layers_per_virtual_pipeline_stage
+    vpp = virtual_pipeline_stages(args, preset)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     config = transformer_config(
         preset,
@@ -94,7 +99,6 @@ def build_config(args, preset: ModelPreset):
         moe_expert_capacity_factor=getattr(args, "moe_expert_capacity_factor", None),
         calculate_per_token_loss=True,
     )
-    # megatron's pipeline schedules pass activations between stages in the pipeline dtype
     return config
 
 
@@ -333,8 +337,7 @@ def setup(stage: Stage, args, tokenizer=None, preset: ModelPreset | None = None)
     if args.load:
         ckpt.resolve_load_dir(args.load)  # fail fast, before building anything
 
-    vpp = (preset.num_layers // args.pipeline_model_parallel_size // args.num_layers_per_virtual_pipeline_stage
-           if args.num_layers_per_virtual_pipeline_stage else None)
+    vpp = virtual_pipeline_stages(args, preset)
     rt.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, vpp,
                   args.expert_model_parallel_size, seed=args.seed)
     config = build_config(args, preset)
