@@ -6,7 +6,7 @@ tensors or asserts `torch.cuda.FloatTensor`. On a CPU-only machine we redirect e
 import-time patch sites, instead of intercepting every torch op (a global TorchFunctionMode costs time on every op).
 
 Call `activate()` once, before building models; it returns whether the CPU adapter is in use.
-Nothing else in the code base asks "am I on CPU?": it asks `runtime.device()`.
+Only runtime/distributed.py asks whether it is active (to pick gloo); other code asks torch.cuda.is_available().
 """
 from __future__ import annotations
 
@@ -22,11 +22,6 @@ _ACTIVE = False
 
 def cuda_usable() -> bool:
     return torch.cuda.is_available()
-
-
-def device() -> torch.device:
-    """The device this process computes on."""
-    return torch.device("cuda", torch.cuda.current_device()) if not _ACTIVE else torch.device("cpu")
 
 
 def is_active() -> bool:
