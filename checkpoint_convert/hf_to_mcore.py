@@ -28,6 +28,7 @@ import torch
 
 from tinyllm_mcore.hf_export import HFWeights
 from tinyllm_mcore.hf_mapping import (
+    conversion_log,
     HF_O_BIAS, HF_SHARED_EXPERT, MappingError, build_global_model, hf_shapes, hf_to_megatron, preset_from_hf_config,
     single_process_megatron,
 )
@@ -142,8 +143,7 @@ def main(argv=None) -> int:
     from tinyllm_mcore.training.errors import run_cli
 
     args = build_parser().parse_args(argv)
-    log = (lambda msg: None if msg.startswith("  ") else print(msg, flush=True)) if args.quiet else \
-        (lambda msg: print(msg, flush=True))
+    log = conversion_log(args.quiet)
     return run_cli(lambda: convert_hf_to_mcore(
         args.load, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
         args.make_vocab_size_divisible_by, log=log))

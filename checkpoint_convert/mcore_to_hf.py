@@ -23,6 +23,7 @@ import torch
 
 from tinyllm_mcore import hf_export
 from tinyllm_mcore.hf_mapping import (
+    conversion_log,
     MC_EMBED, MappingError, checkpoint_tensor_shapes, dist_checkpoint_shapes, load_global_state, megatron_to_hf,
     single_process_megatron,
 )
@@ -140,8 +141,7 @@ def main(argv=None) -> int:
     from tinyllm_mcore.training.errors import run_cli
 
     args = build_parser().parse_args(argv)
-    log = (lambda msg: None if msg.startswith("  ") else print(msg, flush=True)) if args.quiet else \
-        (lambda msg: print(msg, flush=True))
+    log = conversion_log(args.quiet)
     return run_cli(lambda: convert_mcore_to_hf(
         args.load, args.save, args.dtype, args.tokenizer_model, args.hf_arch, not args.no_prompt_prefix,
         args.max_shard_size_mb * 1024**2, log=log))

@@ -150,7 +150,7 @@ def to_local_name(name: str) -> str:
 # ------------------------------------------------------------------------------------------------ shapes
 def hf_shapes(preset: ModelPreset, *, o_proj_bias: bool = False, tied: bool = False) -> dict[str, tuple[int, ...]]:
     """Every HF tensor name -> shape for this preset (unpadded vocab)."""
-    h, f, d, v = preset.hidden_size, preset.ffn_hidden_size, preset.head_dim, preset.vocab_size
+    h, d, v = preset.hidden_size, preset.head_dim, preset.vocab_size
     q, kv = preset.num_attention_heads * d, preset.kv_heads * d
     per_layer = {
         "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
@@ -172,7 +172,7 @@ def hf_shapes(preset: ModelPreset, *, o_proj_bias: bool = False, tied: bool = Fa
 
 def megatron_shapes(preset: ModelPreset, padded_vocab: int) -> dict[str, tuple[int, ...]]:
     """Every megatron state-dict name (local spec) -> shape of the global (TP1/PP1) tensor."""
-    h, f, d = preset.hidden_size, preset.ffn_hidden_size, preset.head_dim
+    h, d = preset.hidden_size, preset.head_dim
     qkv = (preset.num_attention_heads + 2 * preset.kv_heads) * d
     per_layer = {
         "input_layernorm.weight": (h,), "self_attention.linear_qkv.weight": (qkv, h),
@@ -233,6 +233,15 @@ def pad_vocab_rows(w: Tensor, padded_vocab: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ conversion
+def conversion_log(quiet: bool):
+    """The converters' printer: every mapped tensor (lines indented by two spaces) unless quiet, always the rest."""
+    def log(msg: str) -> None:
+        if not (quiet and msg.startswith("  ")):
+            print(msg, flush=True)
+
+    return log
+
+
 class MappingError(ValueError):
     """Tensors that do not fit the preset (reported as one line by the converters)."""
 
