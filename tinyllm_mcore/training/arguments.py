@@ -51,7 +51,8 @@ def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
     g.add_argument("--seq-length", type=int, default=1024)
     g.add_argument("--train-iters", type=int, default=1000)
     g.add_argument("--lr", type=float, default=3e-4)
-    g.add_argument("--min-lr", type=float, default=3e-5)
+    g.add_argument("--min-lr", type=float, default=None,
+                   help="LR at the end of the decay (default: --lr / 10, the seed's 3e-4 -> 3e-5 for any --lr)")
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant", "inverse-square-root", "WSD"],
                    default="cosine")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
@@ -113,6 +114,11 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--bf16 and --fp16 are mutually exclusive")
     if not args.mock_data and not args.data_path and not getattr(args, "allow_no_data", False):
         raise ValueError("give --data-path PREFIX [...] or --mock-data")
+    # A fixed default min-lr would exceed a small --lr (DPO's 1e-6); the seed's ratio fits every stage.
+    if args.min_lr is None:
+        args.min_lr = args.lr / 10
+    if not 0 <= args.min_lr <= args.lr:
+        raise ValueError(f"--min-lr {args.min_lr:g} must be between 0 and --lr {args.lr:g}")
     if args.lr_warmup_iters is not None and args.lr_warmup_fraction is not None:
         raise ValueError("--lr-warmup-iters and --lr-warmup-fraction are mutually exclusive")
     if args.save_interval is not None and not args.save:
