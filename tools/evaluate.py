@@ -71,6 +71,8 @@ def run(args) -> dict:
         raise ValueError("give --benchmark-dir (multiple choice) or --data-path / --jsonl (perplexity)")
     if args.shots < 0 or args.batch_size < 1:
         raise ValueError("--shots must be >= 0 and --batch-size >= 1")
+    if args.max_new_tokens < 1:  # gen mode would score an empty answer as wrong for every question
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     add_prefix = not args.no_prompt_prefix
     if args.benchmark_dir:  # read the data before loading a model: bad input fails fast
         from tinyllm_mcore.evaluation.multiple_choice import load_tasks

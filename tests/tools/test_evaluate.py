@@ -82,3 +82,19 @@ def test_shots_without_dev_split(tmp_path, hf_dir, capsys):
 def test_runs_as_a_script():
     proc = subprocess.run([sys.executable, "tools/evaluate.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0 and "--benchmark-dir" in proc.stdout
+
+
+def test_more_shots_than_dev_questions_and_zero_new_tokens_are_refused(tmp_path, hf_dir, capsys):
+    """Issue 12 item 8: --shots 99 with 3 dev rows ran 3-shot silently; --mode gen --max-new-tokens 0 was accepted."""
+    bench = write_cmmlu_dir(tmp_path / "cmmlu", {"arts": 2}, dev=3)
+    assert evaluate.main(["--hf", str(hf_dir), "--benchmark-dir", str(bench), "--shots", "99"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --shots 99: ") and "arts.csv has only 3" in err[0], err
+    assert evaluate.main(["--hf", str(hf_dir), "--benchmark-dir", str(bench), "--shots", "3", "--output-json",
+                          str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["subjects"]["arts"]["shots"] == 3
+    capsys.readouterr()
+    assert evaluate.main(["--hf", str(hf_dir), "--benchmark-dir", str(bench), "--mode", "gen",
+                          "--max-new-tokens", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == "error: --max-new-tokens must be >= 1, got 0", err

@@ -243,6 +243,8 @@ def evaluate_multiple_choice(lm: CausalLM, encoder, tasks: Sequence[SubjectTask]
                  "scores": option_scores})
     else:
         prompts, owners = [], []
+        if max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1 in gen mode, got {max_new_tokens}")
         keep = lm.max_length - max_new_tokens  # long (k-shot) prompts are cut on the left to leave room to answer
         if keep < 1:
             raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room in the model's {lm.max_length} tokens")
@@ -350,5 +352,7 @@ def load_tasks(root, split: str, shots: int = 0, subjects: Sequence[str] | None 
             if not dev.is_file():
                 raise EvalDataError(f"{shots}-shot needs the dev split: {dev} not found")
             shot_questions = read_questions(dev, subject).questions[:shots]
+            if len(shot_questions) < shots:  # running fewer shots than asked would report a different benchmark
+                raise EvalDataError(f"--shots {shots}: {dev} has only {len(shot_questions)} usable question(s)")
         tasks.append(SubjectTask(subject, benchmark, data, shot_questions))
     return tasks
