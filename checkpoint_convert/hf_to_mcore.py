@@ -29,8 +29,8 @@ import torch
 from tinyllm_mcore.hf_export import HFWeights
 from tinyllm_mcore.hf_mapping import (
     conversion_log,
-    HF_O_BIAS, HF_SHARED_EXPERT, MappingError, build_global_model, hf_shapes, hf_to_megatron, preset_from_hf_config,
-    single_process_megatron,
+    HF_O_BIAS, HF_SHARED_EXPERT, MappingError, build_global_model, check_finite, hf_shapes, hf_to_megatron,
+    preset_from_hf_config, single_process_megatron, staged_output_dir,
 )
 from tinyllm_mcore.presets import padded_vocab_size
 from tinyllm_mcore.runtime.distributed import check_parallel_layout
@@ -43,13 +43,23 @@ def read_hf_config(hf_dir: Path) -> dict:
     path = hf_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no config.json in {hf_dir}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError names no file
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return config
 
 
 def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, tensor_model_parallel_size: int = 1,
                         pipeline_model_parallel_size: int = 1, make_vocab_size_divisible_by: int = 128,
-                        log=print) -> Path:
-    """Convert; return the written iteration directory. Raises ValueError/FileNotFoundError with one-line messages."""
+                        log=print, allow_non_finite: bool = False) -> Path:
+    """Convert; return the written iteration directory. Raises ValueError/FileNotFoundError with one-line messages.
+
+    Tensors with NaN/inf values are refused unless ``allow_non_finite``. The output appears only when complete: a new
+    ``save`` root (or, inside an existing root, the ``iter_0000000`` directory) is written under a temporary name
+    and renamed at the end, so a failure leaves nothing behind."""
     from megatron.core import dist_checkpointing
 
     from tinyllm_mcore.training.checkpoint import _forked_write_results_queue
@@ -83,16 +93,26 @@ def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, tensor
 
     padded = padded_vocab_size(preset.vocab_size, tp, make_vocab_size_divisible_by)
     save_root = Path(save)
-    save_root.mkdir(parents=True, exist_ok=True)
+    if save_root.exists() and not save_root.is_dir():
+        raise ValueError(f"--save {save_root} exists and is not a directory")
+    # Stage the whole root when it is new; inside an existing root (other checkpoints may live there) only the
+    # iteration directory, whose tracker moves last.
+    new_root = not save_root.exists()
+    target = save_root if new_root else iteration_dir(save_root, 0)
     path = iteration_dir(save_root, 0)
     log(f"[hf_to_mcore] {hf_dir} ({config.get('model_type')}, {preset.name}: h={preset.hidden_size} "
         f"L={preset.num_layers} heads={preset.num_attention_heads}/{preset.kv_heads} ffn={preset.ffn_hidden_size} "
         f"vocab={preset.vocab_size} -> {padded} padded for TP{tp}) -> {path} for TP{tp} PP{pp}")
-    with single_process_megatron():
+
+    def read_hf(name: str):
+        t = weights.get(name)
+        return t if t is None or allow_non_finite else check_finite(name, t, str(hf_dir))
+
+    with single_process_megatron(), staged_output_dir(target) as staged:
         model = build_global_model(preset, padded)
         params = model.state_dict(keep_vars=True)
         with torch.no_grad():
-            for name, tensor, sources in hf_to_megatron(preset, weights.get, padded, tied=facts["tied"]):
+            for name, tensor, sources in hf_to_megatron(preset, read_hf, padded, tied=facts["tied"]):
                 params[name].copy_(tensor)
                 log(f"  {' + '.join(sources)} -> {name} {tuple(tensor.shape)}")
         del weights
@@ -114,16 +134,16 @@ def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, tensor
             "rng_state": [ShardedObject("rng_state", rng, (pp, tp), (p, t), replica_id=0)
                           for p in range(pp) for t in range(tp)],
         }
-        if path.exists():
-            import shutil
-
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
+        staged_iter = iteration_dir(staged, 0) if new_root else staged
+        staged_iter.mkdir(exist_ok=True)
         _forked_write_results_queue()
-        dist_checkpointing.save(state, str(path))
-    tmp = save_root / f".{TRACKER}.tmp"
-    tmp.write_text("0")
-    os.replace(tmp, save_root / TRACKER)
+        dist_checkpointing.save(state, str(staged_iter))
+        if new_root:
+            (staged / TRACKER).write_text("0")
+    if not new_root:
+        tmp = save_root / f".{TRACKER}.tmp"
+        tmp.write_text("0")
+        os.replace(tmp, save_root / TRACKER)
     log(f"[hf_to_mcore] wrote {path} in {time.perf_counter() - t0:.1f} s")
     return path
 
@@ -135,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="convert even if tensors hold NaN/inf (refused by default, naming the tensor)")
     p.add_argument("--quiet", action="store_true", help="do not list every mapped tensor")
     return p
 
@@ -146,7 +168,7 @@ def main(argv=None) -> int:
     log = conversion_log(args.quiet)
     return run_cli(lambda: convert_hf_to_mcore(
         args.load, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-        args.make_vocab_size_divisible_by, log=log))
+        args.make_vocab_size_divisible_by, log=log, allow_non_finite=args.allow_non_finite))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ import torch
 from tinyllm_mcore import hf_export
 from tinyllm_mcore.hf_mapping import (
     conversion_log,
-    MC_EMBED, MappingError, checkpoint_tensor_shapes, dist_checkpoint_shapes, load_global_state, megatron_to_hf,
-    single_process_megatron,
+    MC_EMBED, MappingError, check_finite, checkpoint_tensor_shapes, dist_checkpoint_shapes, load_global_state,
+    megatron_to_hf, single_process_megatron, staged_output_dir,
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -59,7 +59,12 @@ def _check_checkpoint_shapes(path, preset, saved_shapes: dict) -> int:
 
 def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype: str = "fp32",
                         tokenizer_model: str | None = None, hf_arch: str | None = None, prompt_prefix: bool = True,
-                        max_shard_bytes: int = 2 * 1024**3, log=print) -> Path:
+                        max_shard_bytes: int = 2 * 1024**3, log=print, allow_non_finite: bool = False) -> Path:
+    """Export; return the HF directory. Raises ValueError/FileNotFoundError with one-line messages.
+
+    Tensors with NaN/inf values (also a finite value that overflows ``dtype``) are refused unless
+    ``allow_non_finite``. The directory is written under a temporary name beside ``save`` and renamed when
+    complete, so a failure (bad input, disk full) leaves nothing; an earlier export at ``save`` is replaced."""
     from tinyllm_mcore.tokenizer import Tokenizer
     from tinyllm_mcore.training.checkpoint import resolve_load_dir, saved_preset
 
@@ -77,12 +82,15 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
     tokenizer_model = tokenizer_model or saved_args.get("tokenizer_model")
     tokenizer = None
     if tokenizer_model:
-        tokenizer = Tokenizer.load(tokenizer_model, saved_args.get("tokenizer_type", "auto"))
+        try:
+            tokenizer = Tokenizer.load(tokenizer_model, saved_args.get("tokenizer_type", "auto"))
+        except RuntimeError as e:  # sentencepiece's parse error names no flag
+            raise ValueError(f"--tokenizer-model {tokenizer_model}: not a SentencePiece model "
+                             f"({str(e).splitlines()[0]})") from None
         if tokenizer.vocab_size != preset.vocab_size:
             raise MappingError(f"model vocab {preset.vocab_size} != tokenizer vocab {tokenizer.vocab_size} "
                                f"({tokenizer_model}): export needs the tokenizer the model was trained with")
     out = Path(save)
-    out.mkdir(parents=True, exist_ok=True)
     if hf_arch == "qwen2":
         log(QWEN2_TOKENIZER_WARNING)
     elif hf_arch == "qwen2_moe":  # same AutoTokenizer behaviour; no llama alternative for MoE
@@ -100,23 +108,27 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
     def tensors():
         for name, tensor, source in megatron_to_hf(preset, state.__getitem__, o_proj_bias=hf_arch == "llama",
                                                    dtype=DTYPES[dtype]):
+            if not allow_non_finite:
+                check_finite(name, tensor, f"from {source} of {path}, as {dtype}")
             log(f"  {source} -> {name} {tuple(tensor.shape)}")
             yield name, tensor
 
-    written = hf_export.write_safetensors(tensors(), out, max_shard_bytes=max_shard_bytes)
-    del state
     ids = dict(bos_token_id=tokenizer.bos if tokenizer else 1, eos_token_id=tokenizer.eos if tokenizer else 2,
                pad_token_id=tokenizer.pad if tokenizer else 0)
     torch_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
-    written.append(hf_export.write_json(out / "config.json", hf_export.hf_config(preset, hf_arch, torch_dtype=torch_dtype,
-                                                                                 **ids)))
-    written.append(hf_export.write_json(out / "generation_config.json", hf_export.generation_config(**ids)))
-    if tokenizer is not None:
-        written += hf_export.write_tokenizer(tokenizer, out, prompt_prefix=prompt_prefix,
-                                             model_max_length=preset.max_position_embeddings)
-    else:
-        log("warning: no tokenizer given (--tokenizer-model) or recorded in the checkpoint: wrote no tokenizer files")
-    log(f"[mcore_to_hf] wrote {', '.join(p.name for p in written)} in {time.perf_counter() - t0:.1f} s")
+    with staged_output_dir(out, replaceable=lambda d: (d / "config.json").is_file()) as staged:
+        written = hf_export.write_safetensors(tensors(), staged, max_shard_bytes=max_shard_bytes)
+        del state
+        written.append(hf_export.write_json(staged / "config.json", hf_export.hf_config(
+            preset, hf_arch, torch_dtype=torch_dtype, **ids)))
+        written.append(hf_export.write_json(staged / "generation_config.json", hf_export.generation_config(**ids)))
+        if tokenizer is not None:
+            written += hf_export.write_tokenizer(tokenizer, staged, prompt_prefix=prompt_prefix,
+                                                 model_max_length=preset.max_position_embeddings)
+        else:
+            log("warning: no tokenizer given (--tokenizer-model) or recorded in the checkpoint: wrote no tokenizer "
+                "files")
+    log(f"[mcore_to_hf] wrote {', '.join(p.name for p in written)} to {out} in {time.perf_counter() - t0:.1f} s")
     return out
 
 
@@ -133,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prompt-prefix", action="store_true",
                    help="tokenizer(text) adds nothing (default: the chat prefix the model was trained with)")
     p.add_argument("--max-shard-size-mb", type=int, default=2048)
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="export even if tensors hold NaN/inf (refused by default, naming the tensor)")
     p.add_argument("--quiet", action="store_true", help="do not list every mapped tensor")
     return p
 
@@ -144,7 +158,7 @@ def main(argv=None) -> int:
     log = conversion_log(args.quiet)
     return run_cli(lambda: convert_mcore_to_hf(
         args.load, args.save, args.dtype, args.tokenizer_model, args.hf_arch, not args.no_prompt_prefix,
-        args.max_shard_size_mb * 1024**2, log=log))
+        args.max_shard_size_mb * 1024**2, log=log, allow_non_finite=args.allow_non_finite))
 
 
 if __name__ == "__main__":

@@ -20,12 +20,21 @@ transformers 4.x and 5.x:
   gives SentencePiece's ids unchanged.
 * ``chat_template`` renders the seed's format (prefix, ``<|system|>\\n{sys}\\n<|user|>\\n{q}\\n<|assistant|>\\n``,
   answers followed by eos, multi-turn); ``apply_chat_template`` then equals ``Tokenizer.chat_prompt_ids``.
+* Role markers inside message *content* stay text, as in training (``Tokenizer.encode_conversation`` encodes content
+  with SentencePiece only, so a literal ``<|user|>`` there is ordinary pieces, never the role id). HF matches added
+  tokens anywhere in a string, so the template writes every special token found in content with ``NEUTRAL_MARK``
+  after its first character (no added token matches that), and the tokenizer's normalizer — which runs on the text
+  between added tokens only — deletes ``NEUTRAL_MARK`` again: the content is then encoded exactly as training did.
+  Without this, a user could inject a turn (``"...<|user|>\\n..."``) into a served export. ``NEUTRAL_MARK`` is a
+  Unicode noncharacter (reserved for internal use), so deleting it changes no real text. ``tokenizer(text)`` itself
+  still turns literal markers into role ids, as the seed's tokenizer did (its quick start builds prompts as text).
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 from tinyllm_mcore.presets import ModelPreset
 from tinyllm_mcore.tokenizer import DEFAULT_SYSTEM, Tokenizer
@@ -112,21 +121,32 @@ def write_json(path: Path, obj) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
-def chat_template(prefix: str) -> str:
-    """Jinja for the seed's chat format; ``prefix`` is the trained prompt prefix as text (special-token strings).
+# Written after the first character of a special token found in chat content, removed by the normalizer (module
+# docstring). A noncharacter: Unicode reserves it for internal use, so no real text carries it.
+NEUTRAL_MARK = "\ufdd0"
+
+
+def chat_template(prefix: str, special_tokens: Sequence[str] = ()) -> str:
+    """Jinja for the seed's chat format; ``prefix`` is the trained prompt prefix as text (special-token strings);
+    ``special_tokens`` (the tokenizer's added special tokens) are neutralised inside message content.
 
     One line, no whitespace control: every newline in the output is a literal of the format. An assistant turn in the
     history renders as ``<|assistant|>\n {answer}``: the space makes the answer start with the ``▁`` that encoding
     it as a chunk of its own gives (``\n`` is a byte-fallback piece, so no merge crosses it).
     """
+    neutralise = ""
+    for token in sorted(set(special_tokens), key=len, reverse=True):  # longest first: no token is cut twice
+        if len(token) < 2 or any(c in token for c in "'\\"):
+            raise ValueError(f"special token {token!r} cannot be neutralised in the chat template")
+        neutralise += f" | replace('{token}', '{token[0] + NEUTRAL_MARK + token[1:]}')"
     return (
         "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
         "{% set messages = messages[1:] %}{% else %}{% set system = '" + DEFAULT_SYSTEM + "' %}{% endif %}"
         + prefix +
-        "{% if system | trim %}<|system|>\n{{ system | trim }}\n{% endif %}"
+        "{% if system | trim %}<|system|>\n{{ system | trim" + neutralise + " }}\n{% endif %}"
         "{% for m in messages %}"
-        "{% if m['role'] == 'assistant' %}<|assistant|>\n {{ m['content'] | trim }}{{ eos_token }}"
-        "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}\n{% endif %}"
+        "{% if m['role'] == 'assistant' %}<|assistant|>\n {{ m['content'] | trim" + neutralise + " }}{{ eos_token }}"
+        "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] | trim" + neutralise + " }}\n{% endif %}"
         "{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
@@ -165,7 +185,9 @@ def build_hf_tokenizer(tokenizer: Tokenizer, prefix_ids: list[int] | None = None
                                 fuse_unk=True, byte_fallback=proto.trainer_spec.byte_fallback))
     # SentencePiece's dummy prefix, unconditionally, on every chunk between special tokens (HF's Metaspace skips it
     # when a chunk already starts with a space, which changes the ids of "  x").
-    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    # NEUTRAL_MARK (see chat_template) is deleted first, so neutralised markers in chat content encode as text.
+    hf.normalizer = normalizers.Sequence([normalizers.Replace(NEUTRAL_MARK, ""), normalizers.Prepend("▁"),
+                                          normalizers.Replace(" ", "▁")])
     hf.pre_tokenizer = None
     hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                     decoders.Strip(" ", 1, 0)])
@@ -227,7 +249,8 @@ def write_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, prompt_
         "added_tokens_decoder": added_decoder,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length or (1 << 30),
-        "chat_template": chat_template("".join(hf.id_to_token(i) for i in prefix_ids)),
+        "chat_template": chat_template("".join(hf.id_to_token(i) for i in prefix_ids),
+                                       [t["content"] for t in added_decoder.values() if t["special"]]),
     }
     files.append(write_json(out / "tokenizer_config.json", config))
     special_map = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token",
@@ -239,12 +262,11 @@ def write_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, prompt_
 # ---------------------------------------------------------------------------------------------------- weights IO
 class HFWeights:
     """Lazy, safe access to an HF model directory's tensors: safetensors (memory-mapped, one tensor at a time) or
-    ``pytorch_model.bin`` via ``torch.load(weights_only=True, mmap=True)``. Nothing in the directory is executed."""
+    ``pytorch_model.bin`` via ``torch.load(weights_only=True)`` (memory-mapped for the zip format; the legacy
+    pre-1.6 format cannot be mapped and is read whole). Nothing in the directory is executed. A file that cannot be
+    read raises ValueError naming it."""
 
     def __init__(self, model_dir: str | os.PathLike):
-        import torch
-        from safetensors import safe_open
-
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
             raise FileNotFoundError(f"HF model directory does not exist: {self.dir}")
@@ -253,7 +275,7 @@ class HFWeights:
                                    ("pytorch_model.bin.index.json", "pytorch_model.bin")):
             index = self.dir / index_name
             if index.is_file():
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                files = sorted(set(_read_weight_map(index).values()))
                 break
             if (self.dir / single).is_file():
                 files = [single]
@@ -266,11 +288,11 @@ class HFWeights:
             if not path.is_file():
                 raise FileNotFoundError(f"weight file listed in the index is missing: {path}")
             if name.endswith(".safetensors"):
-                handle = safe_open(str(path), framework="pt")
+                handle = _open_safetensors(path)
                 for key in handle.keys():
                     self._where[key] = handle
             else:
-                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+                state = _load_torch_weights(path)
                 for key in state:
                     self._where[key] = state
 
@@ -282,6 +304,50 @@ class HFWeights:
         if source is None:
             return None
         return source[name] if isinstance(source, dict) else source.get_tensor(name)
+
+
+def _read_weight_map(index: Path) -> dict:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a weight index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: 'weight_map' is not an object")
+    return weight_map
+
+
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors' own error type: truncated, garbage or unreadable files
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt? {e})") from None
+
+
+def _load_torch_weights(path: Path) -> dict:
+    """A ``pytorch_model.bin`` state dict, read with the weights-only unpickler (no code can run)."""
+    import pickle
+    import re
+    import zipfile
+
+    import torch
+
+    try:
+        # mmap needs the zip format (torch >= 1.6); the seed's and older files may be the legacy format.
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL (\S+)", str(e))
+        what = f"it references {found.group(1)}" if found else "it holds objects other than tensors"
+        raise ValueError(f"{path}: refused by the weights-only loader ({what}); only tensors are read from "
+                         "HF weight files") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable PyTorch weight file (truncated or corrupt? "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected end of file'})") \
+            from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return state
 
 
 def write_safetensors(tensors, out_dir: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3) -> list[Path]:

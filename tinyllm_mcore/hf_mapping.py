@@ -55,6 +55,8 @@ marks those two with allow_shape_mismatch. Linear layers also save ``_extra_stat
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Callable, Iterator
 
 import torch
@@ -246,6 +248,64 @@ class MappingError(ValueError):
     """Tensors that do not fit the preset (reported as one line by the converters)."""
 
 
+def check_finite(name: str, t: Tensor, where: str) -> Tensor:
+    """Refuse a tensor with NaN/inf values: a converted model with them would only produce NaN losses/logits later."""
+    bad = t.numel() - int(torch.isfinite(t).sum())
+    if bad:
+        raise MappingError(f"{name} ({where}) has {bad} non-finite value(s) (NaN/inf); refusing to convert "
+                           "(--allow-non-finite converts anyway)")
+    return t
+
+
+def _is_out_of_space(error: BaseException) -> bool:
+    import errno
+
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error) or "os error 28" in str(error):  # safetensors' Rust errors
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def staged_output_dir(target, replaceable=lambda existing: True):
+    """Yield an empty temporary directory beside ``target``; it becomes ``target`` only when the block succeeds.
+
+    On any failure (bad input, disk full, a signal) the temporary is removed and ``target`` is left as it was, so a
+    failed conversion leaves no empty or partial output. An existing non-empty ``target`` is replaced whole, only if
+    ``replaceable(target)`` says it is an earlier output of the same kind (never someone's unrelated folder).
+    """
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"output {target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not replaceable(target):
+        raise ValueError(f"output {target} is a non-empty directory that is not an earlier output; "
+                         "choose a new or empty directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staged
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "dir")
+            os.replace(staged, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staged, target)
+    except BaseException as e:
+        shutil.rmtree(staged, ignore_errors=True)
+        if _is_out_of_space(e):
+            raise MappingError(f"no space left on device while writing {target} (nothing was written; free space "
+                               f"on {target.parent} and retry)") from None
+        raise
+
+
 def _check(name: str, t: Tensor, shape: tuple[int, ...]) -> Tensor:
     if tuple(t.shape) != tuple(shape):
         raise MappingError(f"{name}: shape {tuple(t.shape)} does not match the config's {tuple(shape)}")
@@ -406,9 +466,6 @@ def preset_from_hf_config(config: dict, name: str | None = None) -> tuple[ModelP
 # The converters run as one ordinary CPU process whatever the TP/PP of source or target: they build the *global*
 # (TP1/PP1) GPTModel, whose sharded_state_dict() names every tensor with its dist-checkpoint key and global shape.
 # Dist checkpoints are reshardable, so a global write loads at any TP/PP and a global read accepts any saved layout.
-import contextlib  # noqa: E402
-
-
 @contextlib.contextmanager
 def single_process_megatron():
     """megatron parallel state for a world of one (TP1/PP1, gloo); torn down afterwards if this set it up."""
