@@ -88,3 +88,24 @@ def test_build_preference_datasets_splits_disjointly(tmp_path):
     assert test is None and (len(train), len(valid)) == (32, 8)
     prompts = lambda ds: {tok.detokenize(ds[i]["tokens"][0][ds[i]["loss_mask"][0] == 0].tolist()) for i in range(len(ds))}
     assert not prompts(train) & prompts(valid)
+
+
+def test_degenerate_pairs_are_dropped_and_counted(tmp_path):
+    """Issue 12 item 14: chosen == rejected, or equal once truncated, trained as ties (zero margin, noise)."""
+    tok = tiny_tokenizer()
+    same_start = "分久必合，合久必分" * 4
+    records = PAIRS + [{"prompt": "问", "chosen": "一样的回答", "rejected": " 一样的回答 "},
+                       {"prompt": "长", "chosen": same_start + "甲", "rejected": same_start + "乙乙"}]
+    path = write_jsonl(tmp_path / "p.jsonl", records)
+    prompt = len(tok.chat_prompt_ids([{"role": "user", "content": "长"}]))
+    seq = prompt + len(tok.tokenize(same_start)) - 2  # both long answers cut inside their common start
+    dataset = PreferenceDataset(path, tok, seq_length=seq, seed=None)
+    assert dataset.stats["dropped_identical"] == 1 and dataset.stats["dropped_identical_after_truncation"] == 1
+    assert len(dataset) == 2
+    roomy = PreferenceDataset(path, tok, seq_length=256, seed=None)  # untruncated, the long pair differs
+    assert (roomy.stats["dropped_identical"], roomy.stats["dropped_identical_after_truncation"], len(roomy)) == (1, 0, 3)
+    for i in range(len(roomy)):
+        pair = roomy[i]
+        assert not torch.equal(pair["tokens"][0], pair["tokens"][1])
+    with pytest.raises(ValueError, match="no usable preference pair.*dropped_identical=1"):
+        PreferenceDataset(write_jsonl(tmp_path / "same.jsonl", records[2:3]), tok, seq_length=64)

@@ -245,3 +245,71 @@ def test_packed_and_unpacked_losses_match_with_the_megatron_model(tmp_path):
             assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-4)
     finally:
         rt.destroy()
+
+
+def _write_indexed(prefix, documents):
+    """An indexed prefix of the given documents (lists of token segments), as any tool may have written it."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for segments in documents:
+        for segment in segments:
+            builder.add_item(torch.tensor(segment, dtype=torch.int64))
+        builder.end_document()
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+def test_empty_answers_are_skipped_and_counted(tmp_path):
+    """Issue 12 item 18: an empty answer was trained as "eos immediately"."""
+    tok = tiny_tokenizer()
+    records = random_conversations(6, seed=7) + [
+        {"question": "空回答", "answer": ""}, {"question": "空白回答", "answer": "  \n"},
+        {"messages": [{"role": "user", "content": "一"}, {"role": "assistant", "content": "好"},
+                      {"role": "user", "content": "二"}, {"role": "assistant", "content": ""}]}]
+    dataset = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", records), tok, seq_length=512, pack=False, seed=None)
+    assert len(dataset) == 6 and sum(v for k, v in dataset.stats.items() if k.startswith("skipped")) == 3
+    for i in range(len(dataset)):  # no trained answer is the eos alone
+        sample = dataset[i]
+        trained = sample["labels"][sample["loss_mask"] == 1].tolist()
+        assert trained.count(tok.eos) >= 1 and trained[0] != tok.eos
+    # The same in an indexed prefix written before preprocessing rejected empty answers.
+    prompt = tok.chat_prompt_ids([{"role": "user", "content": "问"}])
+    prefix = _write_indexed(tmp_path / "old_sft_document", [[prompt, tok.tokenize("答") + [tok.eos]],
+                                                            [prompt, [tok.eos]]])
+    dataset = SFTDataset(prefix, tok, seq_length=64, pack=False)
+    assert len(dataset) == 1 and dataset.stats["skipped_empty_answer"] == 1
+
+
+def test_empty_or_wrong_mode_prefix_is_one_clear_error(tmp_path):
+    """Issue 12 items 13 and 18: a preference prefix read as SFT trained on a misread layout; an empty prefix failed
+    with `cannot mmap an empty file`."""
+    import shutil
+
+    from tinyllm_mcore.data.preference import PreferenceDataset
+
+    tok = tiny_tokenizer()
+    empty = _write_indexed(tmp_path / "empty_sft_document", [])
+    with pytest.raises(ValueError, match=f"data prefix {empty}: empty dataset"):
+        SFTDataset(empty, tok, seq_length=64)
+    pairs = [{"prompt": f"问{i}", "chosen": f"好{i}", "rejected": f"坏{i}"} for i in range(4)]
+    preference = preprocess(write_jsonl(tmp_path / "p.jsonl", pairs), str(tmp_path / "p"), str(tiny_tokenizer_dir()),
+                            mode="preference", progress=False).prefixes[0]
+    sft = preprocess(write_jsonl(tmp_path / "s.jsonl", random_conversations(4)), str(tmp_path / "s"),
+                     str(tiny_tokenizer_dir()), mode="sft", progress=False).prefixes[0]
+    for prefix in (preference, sft):  # without a sidecar (Megatron-LM's tools write none) the layout decides
+        for suffix in (".bin", ".idx"):
+            shutil.copy(prefix + suffix, str(tmp_path / "bare") + "_" + prefix.rsplit("/", 1)[1] + suffix)
+    bare_preference, bare_sft = (str(tmp_path / "bare") + "_" + p.rsplit("/", 1)[1] for p in (preference, sft))
+    for prefix in (preference, bare_preference):
+        with pytest.raises(ValueError, match=f"{prefix}.*(not a --mode sft dataset|expected sft)") as info:
+            SFTDataset(prefix, tok, seq_length=64)
+        assert "\n" not in str(info.value)
+    for prefix in (sft, bare_sft):
+        with pytest.raises(ValueError, match=f"{prefix}.*(not a --mode preference dataset|expected preference)"):
+            PreferenceDataset(prefix, tok, seq_length=64)
+    with pytest.raises(ValueError, match="a --mode preference prefix\\? Give it as --preference-data"):
+        SFTDataset(bare_preference, tok, seq_length=64)
+    with pytest.raises(ValueError, match="a --mode sft prefix\\? Give it as --sft-data"):
+        PreferenceDataset(bare_sft, tok, seq_length=64)

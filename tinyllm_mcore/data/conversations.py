@@ -55,12 +55,7 @@ def load_conversations(source: str | os.PathLike, tokenizer: Tokenizer, mode: st
     """``source``: an indexed prefix (``.idx``/``.bin`` beside it) or jsonl file(s). ``mode``: sft | preference."""
     source = str(source)
     if os.path.isfile(source + ".idx"):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-        if not os.path.isfile(source + ".bin"):
-            raise FileNotFoundError(f"data prefix {source}: {source}.bin not found")
-        indexed = IndexedDataset(source)
-        return ConversationStore(indexed, indexed.sequence_lengths, indexed.document_indices, Counter(), source)
+        return _load_indexed(source, tokenizer, mode)
 
     encoder = ChunkEncoder(tokenizer, "auto", mode, ["text"], False, system)
     tokens, lengths, per_doc, skipped = [], [], [], Counter()
@@ -78,3 +73,41 @@ def load_conversations(source: str | os.PathLike, tokenizer: Tokenizer, mode: st
     if skipped:
         logger.warning("%s: skipped %d malformed records: %s", source, sum(skipped.values()), dict(skipped))
     return store
+
+
+# How many sequences a document of each mode holds (tools/preprocess_data.py's layouts, docs/data.md).
+_LAYOUTS = {"sft": "an even number (prompt, answer, ...)", "preference": "3 (prompt, chosen, rejected)"}
+
+
+def _load_indexed(prefix: str, tokenizer: Tokenizer, mode: str) -> ConversationStore:
+    """A ``--mode sft|preference`` prefix, refused with one line when it is empty, of another mode or unreadable."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from tinyllm_mcore.data.vocab_contract import check_prefix_vocab
+
+    if not os.path.isfile(prefix + ".bin"):
+        raise FileNotFoundError(f"data prefix {prefix}: {prefix}.bin not found")
+    # The sidecar (when preprocessing wrote one) names the mode and the tokenizer; the layout check below also
+    # catches data without one.
+    check_prefix_vocab(prefix, tokenizer.vocab_size, getattr(tokenizer, "identity", None), mode)
+    if os.path.getsize(prefix + ".bin") == 0:  # megatron cannot memory-map an empty file
+        raise ValueError(f"data prefix {prefix}: empty dataset (0 tokens); re-run preprocessing with records that "
+                         "have an answer")
+    try:
+        indexed = IndexedDataset(prefix)
+    except Exception as e:  # a truncated or foreign .idx: megatron's reader asserts or fails in numpy
+        raise ValueError(f"data prefix {prefix}: unreadable .idx/.bin pair ({type(e).__name__}: {e})") from None
+    per_document = np.diff(indexed.document_indices)
+    if mode == "sft":
+        wrong = (per_document < 2) | (per_document % 2 == 1)
+    else:
+        wrong = per_document != 3
+    if wrong.any():
+        other = {"sft": "preference", "preference": "sft"}[mode]
+        looks_other = (per_document == 3).all() if other == "preference" else \
+            ((per_document >= 2) & (per_document % 2 == 0)).all()
+        first = int(np.flatnonzero(wrong)[0])
+        hint = f": a --mode {other} prefix? Give it as --{other}-data" if looks_other else ""
+        raise ValueError(f"data prefix {prefix} is not a --mode {mode} dataset: document {first} has "
+                         f"{per_document[first]} sequences, {mode} documents have {_LAYOUTS[mode]}{hint}")
+    return ConversationStore(indexed, indexed.sequence_lengths, indexed.document_indices, Counter(), prefix)

@@ -5,7 +5,11 @@ Both answers follow the same chat prompt. A sample holds the SFT sample keys (se
 a leading dimension 2 — index 0 the chosen, 1 the rejected sequence — so a pair always stays in one micro-batch.
 ``loss_mask`` covers the answer tokens and their eos only, which is what DPO's log-probability sums and the reward
 model's last-token pick need. Too-long pairs are truncated (answers cut from the end) or dropped (``overflow``);
-pairs whose prompt leaves no room for an answer are dropped. All of it is counted in ``stats``.
+pairs whose prompt leaves no room for an answer are dropped. Degenerate pairs — chosen and rejected the same tokens
+(``dropped_identical``), or the same once truncated to ``seq_length`` (``dropped_identical_after_truncation``) — are
+dropped: their DPO gradient is pure noise (the margin is 0 whatever the weights) and they could only count as
+ties. All of it is counted in ``stats``. (DPO's ``rewards/accuracy`` counts a tie, margin exactly 0, as not
+accurate: at the first step, with policy = reference, it is therefore 0.)
 """
 from __future__ import annotations
 
@@ -52,13 +56,31 @@ class PreferenceDataset(torch.utils.data.Dataset):
             keep = ~no_room
             self.stats["truncated"] = int((too_long & ~no_room).sum())
             self.stats["dropped_prompt_too_long"] = int(no_room.sum())
-        self.indices = order[keep]
+        identical, identical_after_truncation = self._identical_pairs(order[keep], lengths[keep], seq_length)
+        self.stats["dropped_identical"] = int(identical.sum())
+        self.stats["dropped_identical_after_truncation"] = int(identical_after_truncation.sum())
+        self.indices = order[keep][~(identical | identical_after_truncation)]
         self.stats["samples"] = len(self.indices)
         if not len(self.indices):
             raise ValueError(f"{source}: no usable preference pair ({self.summary()})")
         log = logger.warning if any(v and k.startswith(("skipped", "dropped", "truncated")) for k, v in self.stats.items()) \
             else logger.info
         log("preference data %s: %s", source, self.summary())
+
+    def _identical_pairs(self, pairs: np.ndarray, lengths: np.ndarray, seq_length: int):
+        """(identical, identical only after truncation) flags for ``pairs``; tokens are read only for pairs whose
+        two answers have the same length as trained (the only ones that can be equal)."""
+        room = seq_length - lengths[:, 0]
+        kept_chosen, kept_rejected = np.minimum(lengths[:, 1], room), np.minimum(lengths[:, 2], room)
+        identical = np.zeros(len(pairs), dtype=bool)
+        after_truncation = np.zeros(len(pairs), dtype=bool)
+        for i in np.flatnonzero(kept_chosen == kept_rejected):
+            _, chosen, rejected = self.pairs.segments(int(pairs[i]))
+            if np.array_equal(chosen, rejected):
+                identical[i] = True
+            elif np.array_equal(chosen[:room[i]], rejected[:room[i]]):
+                after_truncation[i] = True
+        return identical, after_truncation
 
     def summary(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in sorted(self.stats.items()) if v)

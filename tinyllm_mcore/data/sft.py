@@ -15,7 +15,8 @@ one does not fit. ``packed_attention_mask(segment_ids)`` then gives the block-di
 conversations never see each other and per-conversation losses equal their unpacked values.
 
 Conversations longer than ``seq_length`` are truncated (``overflow="truncate"``) or dropped (``"drop"``); both are
-counted in ``stats``, as are conversations left with no answer token and malformed records.
+counted in ``stats``, as are conversations left with no answer token and malformed records. A conversation with an
+empty (or whitespace-only) answer is skipped and counted (``skipped_empty_answer``): it would teach "eos at once".
 """
 from __future__ import annotations
 
@@ -91,6 +92,9 @@ class SFTDataset(torch.utils.data.Dataset):
         self.stats = Counter({f"skipped_{reason}": n for reason, n in self.conversations.skipped.items()})
         order = shuffled_range(len(self.conversations), seed, split_range)
         self.stats["conversations"] = len(order)
+        empty_answer = documents_with_empty_answer(self.conversations)[order]
+        self.stats["skipped_empty_answer"] = int(empty_answer.sum())
+        order = order[~empty_answer]
 
         usable = self._select_conversations(order)
         self.lengths = np.minimum(self.conversations.lengths[usable], seq_length)
@@ -133,6 +137,17 @@ class SFTDataset(torch.utils.data.Dataset):
             fill_sample_row(sample, start, ids, trainable, segment_id)
             start += len(ids)
         return sample
+
+
+def documents_with_empty_answer(store: ConversationStore) -> np.ndarray:
+    """Per conversation: True if one of its answers (odd sequences) is the closing eos alone."""
+    lengths = store.sequence_lengths
+    per_document = np.diff(store.document_indices)
+    position = np.arange(len(lengths)) - np.repeat(store.document_indices[:-1], per_document)
+    empty = np.flatnonzero((position % 2 == 1) & (lengths <= 1))
+    flags = np.zeros(len(store), dtype=bool)
+    flags[np.searchsorted(store.document_indices, empty, side="right") - 1] = True
+    return flags
 
 
 def _next_fit(conversations: np.ndarray, lengths: np.ndarray, seq_length: int) -> list[list[int]]:
