@@ -74,6 +74,7 @@ def dpo_loss(reference_nll: torch.Tensor, loss_mask: torch.Tensor, beta: float, 
         "dpo loss": loss_sum,
         "rewards/chosen": rewards[:, 0].sum(),
         "rewards/rejected": rewards[:, 1].sum(),
+        # a tie (margin 0: every pair at the first step, when policy = reference) counts as not accurate
         "rewards/accuracy": (margin > 0).float().sum(),
         "rewards/margin": margin.sum(),
         "logps/chosen": policy[:, 0].sum(),
