@@ -12,18 +12,71 @@ byte_fallback, allow_whitespace_only_pieces, max_sentence_length 24000. Differen
 """
 from __future__ import annotations
 
+import gzip
+import json
 import os
+import re
+import shutil
+import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import sentencepiece as spm
 
-from tinyllm_mcore.data.corpus import JSONL_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES, expand_inputs, iter_texts
+from tinyllm_mcore.data.corpus import JSONL_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES, expand_inputs, iter_chunks
 from tinyllm_mcore.tokenizer import ROLE_TOKENS, Tokenizer, write_hf_tokenizer_files
 
+SPECIAL_PIECES = 3  # <unk> <s> </s>
+BYTE_PIECES = 256  # byte fallback
 
-def _sentences(sources: Sequence[Path], json_key: str, max_sentence_bytes: int) -> Iterator[str]:
-    for text in iter_texts(sources, json_key):
+
+def _texts(sources: Sequence[Path], json_key: str, skipped: Counter, examples: dict) -> Iterator[str]:
+    """Every non-empty text of ``sources`` (jsonl/parquet/HF records' ``json_key``, each line of a .txt file);
+    unusable records are counted by reason in ``skipped`` (first "file:line" per reason in ``examples``)."""
+    def skip(reason: str, where: str) -> None:
+        skipped[reason] += 1
+        examples.setdefault(reason, where)
+
+    for source in sources:
+        if source.name.endswith(TEXT_SUFFIXES):
+            opener = gzip.open if source.name.endswith(".gz") else open
+            with opener(source, "rb") as f:
+                for number, raw in enumerate(f, start=1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError:  # never train on U+FFFD replacements
+                        skip("invalid_utf8", f"{source}:{number}")
+                        continue
+                    if line.strip():
+                        yield line.rstrip("\n")
+            continue
+        for chunk in iter_chunks([source], 1024, columns=[json_key]):
+            items = chunk.records if chunk.records is not None else chunk.lines
+            for offset, item in enumerate(items):
+                where = f"{chunk.source}:{chunk.first_line + offset}"
+                if chunk.records is None:
+                    if not item.strip():
+                        continue
+                    try:
+                        item = json.loads(item)
+                    except ValueError:  # also invalid UTF-8
+                        skip("bad_json", where)
+                        continue
+                if not isinstance(item, dict):
+                    skip("not_object", where)
+                elif json_key not in item:
+                    skip("missing_key", where)
+                elif not isinstance(item[json_key], str):
+                    skip("not_string", where)
+                elif not item[json_key].strip():
+                    skip("empty_text", where)
+                else:
+                    yield item[json_key]
+
+
+def _sentences(texts: Iterator[str], max_sentence_bytes: int) -> Iterator[str]:
+    for text in texts:
         for line in text.split("\n"):
             # SentencePiece drops over-long sentences; cut them instead so long lines still contribute.
             while line:
@@ -37,35 +90,72 @@ def train_tokenizer(inputs: str | Sequence[str], output_dir: str | os.PathLike, 
                     character_coverage: float = 0.9995, max_sentence_length: int = 24000,
                     extra_special_tokens: Sequence[str] = (), normalization: str = "identity",
                     num_threads: int | None = None, seed_sentencepiece_size: int = 1_000_000,
-                    hard_vocab_limit: bool = True) -> Tokenizer:
-    """Train ``{output_dir}/tokenizer.model`` (+ HF tokenizer files) and return it loaded as a ``Tokenizer``."""
+                    hard_vocab_limit: bool = True, skipped: Counter | None = None) -> Tokenizer:
+    """Train ``{output_dir}/tokenizer.model`` (+ HF tokenizer files) and return it loaded as a ``Tokenizer``.
+
+    Unusable records are counted by reason into ``skipped`` (when given). Bad input raises ValueError with one line.
+    The files are written to a temporary folder and moved into ``output_dir`` only when training succeeded."""
+    control = list(ROLE_TOKENS) + [t for t in extra_special_tokens if t not in ROLE_TOKENS]
+    fixed = SPECIAL_PIECES + len(control) + BYTE_PIECES
+    if vocab_size <= fixed:
+        raise ValueError(f"--vocab-size {vocab_size} is too small: the special, role and byte-fallback pieces alone "
+                         f"take {fixed}")
     sources = expand_inputs(inputs, suffixes=JSONL_SUFFIXES + TEXT_SUFFIXES + PARQUET_SUFFIXES)
+    skipped = Counter() if skipped is None else skipped
+    examples: dict[str, str] = {}
+    sentences = _sentences(_texts(sources, json_key, skipped, examples), max_sentence_length)
+    first = next(sentences, None)  # SentencePiece reports an empty corpus as an INTERNAL check failure
+    if first is None:
+        detail = ", ".join(f"{n} {reason} (e.g. {examples[reason]})" for reason, n in sorted(skipped.items()))
+        raise ValueError(f"no text to train on in {', '.join(map(str, sources))}"
+                         f"{' (skipped: ' + detail + ')' if detail else ''}")
+
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    prefix = output_dir / "tokenizer"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_sentences(sources, json_key, max_sentence_length),
-        model_prefix=str(prefix),
-        model_type="bpe",
-        vocab_size=vocab_size,
-        character_coverage=character_coverage,
-        split_digits=True,
-        byte_fallback=True,
-        allow_whitespace_only_pieces=True,
-        unk_surface=r" \342\201\207 ",
-        max_sentence_length=max_sentence_length,
-        input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True,
-        seed_sentencepiece_size=seed_sentencepiece_size,
-        control_symbols=list(ROLE_TOKENS) + [t for t in extra_special_tokens if t not in ROLE_TOKENS],
-        normalization_rule_name=normalization,
-        remove_extra_whitespaces=normalization != "identity",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        hard_vocab_limit=hard_vocab_limit,
-        num_threads=num_threads or os.cpu_count() or 1,
-        minloglevel=1,
-    )
-    (output_dir / "tokenizer.vocab").unlink(missing_ok=True)  # the .model holds everything
-    tokenizer = Tokenizer.load(output_dir / "tokenizer.model")
-    write_hf_tokenizer_files(tokenizer, output_dir)
-    return tokenizer
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output-dir {output_dir} exists and is not a directory")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=_chain_first(first, sentences),
+                model_prefix=str(staged / "tokenizer"),
+                model_type="bpe",
+                vocab_size=vocab_size,
+                character_coverage=character_coverage,
+                split_digits=True,
+                byte_fallback=True,
+                allow_whitespace_only_pieces=True,
+                unk_surface=r" \342\201\207 ",
+                max_sentence_length=max_sentence_length,
+                input_sentence_size=input_sentence_size,
+                shuffle_input_sentence=True,
+                seed_sentencepiece_size=seed_sentencepiece_size,
+                control_symbols=control,
+                normalization_rule_name=normalization,
+                remove_extra_whitespaces=normalization != "identity",
+                unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                hard_vocab_limit=hard_vocab_limit,
+                num_threads=num_threads or os.cpu_count() or 1,
+                minloglevel=2,
+            )
+        except RuntimeError as e:  # "INTERNAL: src/x.cc(744) [check] message": keep the message
+            message = re.sub(r"^\w+: \S+\(\d+\) \[.*?\] ?", "", str(e).strip()) or str(e).strip()
+            raise ValueError(f"SentencePiece cannot train on {', '.join(map(str, sources))}: {message}") from None
+        (staged / "tokenizer.vocab").unlink(missing_ok=True)  # the .model holds everything
+        write_hf_tokenizer_files(Tokenizer.load(staged / "tokenizer.model"), staged)
+        if output_dir.exists():  # keep whatever else the folder holds; replace our files one by one
+            for path in staged.iterdir():
+                os.replace(path, output_dir / path.name)
+            shutil.rmtree(staged)
+        else:
+            os.replace(staged, output_dir)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return Tokenizer.load(output_dir / "tokenizer.model")
+
+
+def _chain_first(first: str, rest: Iterator[str]) -> Iterator[str]:
+    yield first
+    yield from rest

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import Counter
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,15 +34,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    skipped = Counter()
     try:
         tokenizer = train_tokenizer(
             args.input, args.output_dir, vocab_size=args.vocab_size, json_key=args.json_key,
             input_sentence_size=args.input_sentence_size, character_coverage=args.character_coverage,
             max_sentence_length=args.max_sentence_length, extra_special_tokens=args.extra_special_tokens,
-            normalization=args.normalization, num_threads=args.num_threads)
+            normalization=args.normalization, num_threads=args.num_threads, skipped=skipped)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if skipped:
+        print(f"warning: skipped {sum(skipped.values())} record(s) or line(s): "
+              f"{', '.join(f'{n} {reason}' for reason, n in sorted(skipped.items()))}", file=sys.stderr)
     print(f"wrote {args.output_dir}/tokenizer.model: vocab {tokenizer.vocab_size}, "
           f"special tokens {tokenizer.special_tokens}")
     return 0

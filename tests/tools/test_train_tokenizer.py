@@ -58,3 +58,42 @@ def test_hf_files_load_in_transformers(tmp_path):
     tok = Tokenizer.load(tiny_tokenizer_dir())
     ids = hf("<|user|>\n你好", add_special_tokens=False)["input_ids"]
     assert ids == [tok.token_to_id("<|user|>")] + tok.tokenize("\n你好")
+
+
+def test_empty_input_and_bad_vocab_are_one_line_and_leave_no_folder(tmp_path, capsys):
+    """Issue 12 item 18: SentencePiece INTERNAL messages, an empty output folder left behind."""
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    (tmp_path / "keys.jsonl").write_text('{"title": "无正文"}\n[1]\n{"text": ""}\n{"text": 3}\n')
+    (tmp_path / "one.jsonl").write_text('{"text": "你好"}\n')
+    cases = [(["empty.jsonl", "--vocab-size", "300"], "no text to train on in"),
+             (["keys.jsonl", "--vocab-size", "300"], "(skipped: 1 empty_text (e.g. "),
+             (["one.jsonl", "--vocab-size", "0"], "--vocab-size 0 is too small"),
+             (["one.jsonl", "--vocab-size", "-5"], "--vocab-size -5 is too small"),
+             (["one.jsonl", "--vocab-size", "100000"], "Vocabulary size too high (100000)")]
+    for argv, message in cases:
+        rc = cli.main(["--input", str(tmp_path / argv[0]), "--output-dir", str(tmp_path / "out" / "tok"), *argv[1:]])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)
+        assert "INTERNAL" not in err[0]
+        if argv[0] == "keys.jsonl":
+            assert all(f"1 {r} (e.g. {tmp_path / 'keys.jsonl'}:" in err[0]
+                       for r in ("missing_key", "not_object", "not_string")), err
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), argv
+
+
+def test_skipped_records_and_invalid_utf8_are_counted(tmp_path, capsys):
+    rng = random.Random(5)
+    texts = [random_text(rng) for _ in range(300)]
+    good = "\n".join(texts[:150]).encode("utf-8")
+    (tmp_path / "a.txt").write_bytes(good + b"\n\xff\xfe bad bytes \xc3\n" + "最后一行".encode("utf-8") + b"\n")
+    records = [json.dumps({"text": t}, ensure_ascii=False) for t in texts[150:]]
+    (tmp_path / "b.jsonl").write_text("\n".join(records + ["not json", '{"title": "x"}', "[1]"]) + "\n",
+                                      encoding="utf-8")
+    out = tmp_path / "tok"
+    assert cli.main(["--input", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), "--output-dir", str(out),
+                     "--vocab-size", "600", "--character-coverage", "1.0"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 4 record(s) or line(s): 1 bad_json, 1 invalid_utf8, 1 missing_key, 1 not_object" in err, err
+    tok = Tokenizer.load(out)
+    pieces = {tok.sp.id_to_piece(i) for i in range(tok.vocab_size)}
+    assert "\ufffd" not in "".join(pieces)  # the bad line was not trained as replacement characters
