@@ -87,9 +87,12 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int | None = None, ep: int = 1, se
     cpu.activate()
     launch = launch_from_env()
     if not dist.is_initialized():
-        if launch.world_size == 1:
-            # A world of one rendezvous on a fresh local port, and leaves os.environ alone: child processes
-            # (torchrun, srun) must not inherit a MASTER_ADDR/MASTER_PORT that belongs to this process.
+        launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
+        if launch.world_size == 1 and not (launched and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+            # A plain `python` process: a world of one rendezvous on a fresh local port, and leaves os.environ
+            # alone (child processes must not inherit a MASTER_ADDR/MASTER_PORT that belongs to this process).
+            # Under a launcher, even with one process, its address is the rendezvous: torchrun serves the store
+            # there itself (TORCHELASTIC_USE_AGENT_STORE), and a private port would wait for a server forever.
             init_method = f"tcp://127.0.0.1:{_free_port()}"
         else:
             missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]

@@ -88,6 +88,20 @@ def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
                    help="load model weights only: reset iteration, optimizer, LR schedule and RNG")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="save distributed-optimizer state gathered into model space (loads at any TP/PP/DP, and "
+                        "without the distributed optimizer); default: per-DP-rank buckets (loads at any DP, same "
+                        "TP/PP, no gather)")
+    g.add_argument("--distrib-optim-fully-reshardable-mem-efficient", action="store_true",
+                   help="with --dist-ckpt-optim-fully-reshardable: gather on DP rank 0 over gloo (less memory, "
+                        "serial write)")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on --exit-signal (any rank), every rank saves after the current iteration and exits 0 "
+                        "(Slurm: #SBATCH --signal=TERM@120 before the time limit)")
+    g.add_argument("--exit-signal", default="SIGTERM",
+                   help="signal name for --exit-signal-handler (SIGTERM, SIGUSR1, SIGUSR2, SIGINT)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit once this many minutes have passed since the start (checked every iteration)")
 
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=10)
@@ -123,6 +137,10 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--lr-warmup-iters and --lr-warmup-fraction are mutually exclusive")
     if args.save_interval is not None and not args.save:
         raise ValueError("--save-interval needs --save DIR")
+    if args.exit_signal not in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"):
+        raise ValueError(f"--exit-signal {args.exit_signal!r}: use SIGTERM, SIGUSR1, SIGUSR2 or SIGINT")
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
+        raise ValueError("--exit-duration-in-mins must be > 0")
     for flag in ("num_experts", "moe_shared_expert_intermediate_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0")

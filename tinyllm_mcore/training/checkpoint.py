@@ -10,6 +10,7 @@ torch.load's weights_only default, so only plain Python values are stored there.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from tinyllm_mcore.runtime import compat
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -31,7 +34,7 @@ def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
 
 
 def _is_dist_checkpoint(path: Path) -> bool:
-    return (path / "metadata.json").is_file() and (path / "common.pt").is_file()
+    return compat.is_complete_dist_checkpoint(path)
 
 
 def resolve_load_dir(load: str | os.PathLike) -> Path:
@@ -110,7 +113,7 @@ def _plain_args(args) -> dict:
 
 
 def _state_dict(models, optimizer, scheduler, *, iteration: int, consumed_samples: int, args, rng: bool,
-                is_loading: bool) -> dict:
+                is_loading: bool, optimizer_metadata: dict | None = None) -> dict:
     state = {"iteration": iteration, "consumed_samples": consumed_samples}
     if args is not None:
         state["args"] = _plain_args(args)
@@ -119,12 +122,133 @@ def _state_dict(models, optimizer, scheduler, *, iteration: int, consumed_sample
         state[_model_key(i, len(models))] = unwrap(m).sharded_state_dict()
         model_state.update(state[_model_key(i, len(models))])
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                          metadata=optimizer_metadata)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     if rng:
         state["rng_state"] = _sharded_rng(_rng_state())
     return state
+
+
+# The distributed optimizer's checkpoint formats (megatron-core's names), as Megatron-LM chooses them:
+# - dp_reshardable (default): each DP rank writes its own bucket shards, no communication at save or load. Loads at
+#   any DP size, but only at the TP/PP it was saved with.
+# - fully_reshardable (--dist-ckpt-optim-fully-reshardable): gathered into model space at save (param-shaped
+#   exp_avg/exp_avg_sq/fp32 param), so it loads at any TP/PP/DP. Costs a gather of the optimizer state per save.
+# Either loads only into a distributed optimizer (megatron's plain optimizer reads another layout); the weights of
+# any checkpoint load anywhere (--no-load-optim / --finetune).
+# megatron 0.16's default, fully_sharded_model_space, needs flattened ShardedTensors that torch_dist no longer writes:
+# it crashes at DP >= 2 ("ShardedTensor.flattened_range is not supported").
+DP_RESHARDABLE = "dp_reshardable"
+FULLY_RESHARDABLE = "fully_reshardable"
+LEGACY_SHARDING = "fully_sharded_model_space"  # what checkpoints without content metadata were written with
+
+
+def is_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def optimizer_save_metadata(optimizer, args) -> dict:
+    """The sharding metadata megatron's optimizer.sharded_state_dict is given at save (also stored in the checkpoint)."""
+    if optimizer is None or not is_distributed_optimizer(optimizer):
+        return {}
+    if getattr(args, "dist_ckpt_optim_fully_reshardable", False):
+        return {"distrib_optim_sharding_type": FULLY_RESHARDABLE,
+                "distrib_optim_fully_reshardable_mem_efficient":
+                    bool(getattr(args, "distrib_optim_fully_reshardable_mem_efficient", False))}
+    return {"distrib_optim_sharding_type": DP_RESHARDABLE}
+
+
+def optimizer_load_metadata(path: Path, optimizer, saved_args: dict) -> dict:
+    """The metadata to load this checkpoint's optimizer state with; CheckpointError where it cannot be loaded here."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    saved = dist_checkpointing.load_content_metadata(str(path)) or {}
+    saved_type = saved.get("distrib_optim_sharding_type")
+    if saved_type is None and saved_args.get("use_distributed_optimizer"):
+        saved_type = LEGACY_SHARDING
+    here_distributed = is_distributed_optimizer(optimizer)
+    saved_layout = (saved_args.get("tensor_model_parallel_size"), saved_args.get("pipeline_model_parallel_size"))
+    layout = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+    hint = "load the weights only with --no-load-optim (or --finetune)"
+    if saved_type is not None and not here_distributed:
+        raise CheckpointError(
+            f"{path}: optimizer state was saved by the distributed optimizer ({saved_type}), which only the "
+            f"distributed optimizer can read: add --use-distributed-optimizer, or {hint}")
+    if saved_type in (DP_RESHARDABLE, LEGACY_SHARDING):
+        if saved_layout != layout:
+            raise CheckpointError(
+                f"{path}: distributed-optimizer state ({saved_type}) was saved at TP={saved_layout[0]} "
+                f"PP={saved_layout[1]} and loads only there (any DP); this run is TP={layout[0]} PP={layout[1]}: "
+                f"{hint}, or save with --dist-ckpt-optim-fully-reshardable")
+        return {"distrib_optim_sharding_type": saved_type}
+    if saved_type == FULLY_RESHARDABLE:
+        return {"distrib_optim_sharding_type": FULLY_RESHARDABLE}
+    if here_distributed:
+        raise CheckpointError(
+            f"{path}: optimizer state was saved without the distributed optimizer, which cannot read it: drop "
+            f"--use-distributed-optimizer for this run, or {hint}")
+    return {}
+
+
+def _init_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer the state entries its sharded_state_dict expects before loading.
+
+    Without apex/TE (CPU, or a GPU without them) megatron's DistributedOptimizer.state_dict() reads the Adam step from
+    the per-parameter state, which a freshly built torch Adam does not have yet; the values are placeholders that the
+    load replaces.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or not isinstance(opt.optimizer, torch.optim.Optimizer):
+            continue
+        if opt.init_state_fn is not None:
+            opt.init_state_fn(opt.optimizer, opt.config)
+        for group in opt.optimizer.param_groups:
+            for param in group["params"]:
+                opt.optimizer.state[param].setdefault("step", torch.tensor(0.0))
+
+
+@contextlib.contextmanager
+def _distributed_optimizer_load_fixes(optimizer):
+    """While loading: the distributed optimizer copies only the state tensors the checkpoint has.
+
+    megatron 0.16 restores torch Adam's per-parameter `step` from the saved param groups, then copies every key of
+    the live state from what it read: fully_reshardable did not read a `step` (KeyError), and dp_reshardable hands
+    back the placeholder `step` of the state built for loading, which would reset Adam's bias correction. So: copy
+    the tensors that were read, never `step`. It also hands every parameter the *same* step tensor, which torch Adam
+    then increments once per parameter per update (resume diverged from the second step on): each gets its own.
+    Scoped to these optimizer instances for the duration of the load.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and isinstance(opt.optimizer, torch.optim.Optimizer):
+            def copy_loaded(model_param, tensors, _opt=opt):
+                group_index, group_order = _opt.model_param_group_index_map[model_param]
+                main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
+                live = {"param": main_param, **_opt.optimizer.state[main_param]}
+                for key, value in tensors.items():
+                    if key in live and key != "step":
+                        live[key].copy_(value)
+
+            opt._set_main_param_and_optimizer_states = copy_loaded
+            patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+    for opt in patched:
+        for param_state in opt.optimizer.state.values():
+            if "step" in param_state:
+                param_state["step"] = param_state["step"].clone()
 
 
 def _forked_write_results_queue() -> None:
@@ -156,11 +280,14 @@ def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler,
             shutil.rmtree(path)
         path.mkdir(parents=True)
     dist.barrier()
+    optimizer_metadata = optimizer_save_metadata(optimizer, args)
     state = _state_dict(models, optimizer, scheduler, iteration=iteration, consumed_samples=consumed_samples,
-                        args=args, rng=True, is_loading=False)
-    dist_checkpointing.save(state, str(path))
+                        args=args, rng=True, is_loading=False, optimizer_metadata=optimizer_metadata)
+    state.update(compat.checkpoint_stamp())
+    dist_checkpointing.save(state, str(path), content_metadata=optimizer_metadata)
     dist.barrier()
-    if rank0:  # publish only a complete checkpoint
+    if rank0:  # publish only a complete checkpoint, in a layout every supported megatron-core reads
+        compat.write_common_state_file(path)
         tmp = Path(save_dir) / f".{TRACKER}.tmp"
         tmp.write_text(str(iteration))
         os.replace(tmp, Path(save_dir) / TRACKER)
@@ -190,14 +317,19 @@ def load_checkpoint(load: str, models, optimizer=None, scheduler=None, *, finetu
     same_layout = (saved.get("tensor_model_parallel_size") == ps.get_tensor_model_parallel_world_size()
                    and saved.get("pipeline_model_parallel_size") == ps.get_pipeline_model_parallel_world_size())
     with_optim = optimizer is not None and load_optim and not finetune and "optimizer" in _saved_keys(path)
+    optimizer_metadata = optimizer_load_metadata(path, optimizer, saved) if with_optim else None
+    if with_optim:
+        _init_distributed_optimizer_state(optimizer)
     state = _state_dict(models, optimizer if with_optim else None, scheduler if not finetune else None,
                         iteration=0, consumed_samples=0, args=None,
-                        rng=load_rng and not finetune and same_layout, is_loading=True)
+                        rng=load_rng and not finetune and same_layout, is_loading=True,
+                        optimizer_metadata=optimizer_metadata)
     loaded = dist_checkpointing.load(state, str(path))
     for i, m in enumerate(models):
         unwrap(m).load_state_dict(loaded[_model_key(i, len(models))], strict=True)
     if with_optim:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad(), _distributed_optimizer_load_fixes(optimizer):
+            optimizer.load_state_dict(loaded["optimizer"])
     elif optimizer is not None:
         # Mixed precision keeps fp32 main weights inside the optimizer, copied from the model when it was built
         # (before this load); without optimizer state they must be refreshed from the loaded weights, or the first

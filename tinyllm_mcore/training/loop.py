@@ -27,6 +27,7 @@ from tinyllm_mcore.presets import ModelPreset, get_preset, transformer_config
 from tinyllm_mcore.runtime import distributed as rt
 from tinyllm_mcore.training import checkpoint as ckpt
 from tinyllm_mcore.training.arguments import build_parser, validate
+from tinyllm_mcore.training.exit_conditions import ExitConditions
 from tinyllm_mcore.training.metrics import MetricsWriter, peak_tflops
 
 
@@ -408,6 +409,7 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
                        " | ".join(f"{k} {v:.6f}" for k, v in result.items()))
         return {"history": history, "iteration": iteration, "consumed_samples": consumed, "chunks": chunks,
                 "skipped": 0}
+    exit_conditions = ExitConditions.from_args(args)
     while iteration < args.train_iters:
         t0 = time.perf_counter()
         reports, grad_norm, ok = train_step(stage, forward_backward, train_iters, chunks, optimizer, scheduler, args)
@@ -454,18 +456,21 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
                            (f" | ppl {math.exp(min(result['lm loss'], 50)):.2f}" if "lm loss" in result else ""))
             if writer is not None:
                 writer.write(iteration, result, prefix="valid")
-        stop = args.exit_interval is not None and iteration >= args.exit_interval
+        stop = "--exit-interval reached" if args.exit_interval is not None and iteration >= args.exit_interval \
+            else exit_conditions.check()
         if args.save and ((args.save_interval and iteration % args.save_interval == 0) or stop):
             path = ckpt.save_checkpoint(args.save, iteration, chunks, optimizer, scheduler,
                                         consumed_samples=consumed, args=args)
             rt.print_rank0(f"saved checkpoint {path}")
             last_saved = iteration
         if stop:
+            rt.print_rank0(f"[{stage.name}] exiting at iteration {iteration}: {stop}")
             break
     if args.save and last_saved != iteration:  # always leave the final state (also a --train-iters 0 init)
         path = ckpt.save_checkpoint(args.save, iteration, chunks, optimizer, scheduler, consumed_samples=consumed,
                                     args=args)
         rt.print_rank0(f"saved checkpoint {path}")
+    exit_conditions.close()
     if writer is not None:
         writer.close()
     return {"history": history, "iteration": iteration, "consumed_samples": consumed, "chunks": chunks,

@@ -21,8 +21,11 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "
 def measured_matmul_tflops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 8) -> float:
     """Best-of-N square matmul throughput on this device: the practical peak for MFU on CPUs."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
+    # A private generator: drawing from the global one would shift dropout masks after the first log, and a resumed
+    # run (which measures at a different iteration) would no longer repeat the uninterrupted one.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, dtype=dtype, device=device, generator=generator)
+    b = torch.randn(n, n, dtype=dtype, device=device, generator=generator)
     best = float("inf")
     for _ in range(repeats):
         if device == "cuda":
