@@ -1,6 +1,7 @@
 # Shared by the Slurm examples (sourced, not run). Every setting is an environment variable with a default, so
 #   TP=2 PP=2 NNODES=4 sbatch --nodes=4 examples/pretrain_92m_multinode.sh
-# overrides anything. DRY_RUN=1 prints the exact commands instead of running them (works outside Slurm too).
+# overrides anything; MODEL_SIZE (default 92m) picks the preset and EXTRA_ARGS="--flag value ..." adds flags to every
+# stage (last, so they override). DRY_RUN=1 prints the exact commands instead of running them (works outside Slurm too).
 #
 # Paths shared by all stages (pretrain's save = SFT's load, SFT's save = DPO's load, DPO's save = convert's load):
 #   WORK_DIR/data         indexed datasets          (examples/preprocess_corpus.sh writes them)
@@ -21,10 +22,15 @@ HF_DIR="${HF_DIR:-$WORK_DIR/hf}"
 PYTHON="${PYTHON:-python}"
 DRY_RUN="${DRY_RUN:-0}"
 
-# Cluster shape (defaults: the job's own allocation, else 1 node x 8 GPUs).
+# Cluster shape (defaults: the job's own allocation, else 1 node x 8 GPUs). GPUS_PER_NODE is the number of training
+# processes per node: on CPU nodes `GPUS_PER_NODE=1 sbatch --gpus-per-node=0 --ntasks-per-node=1 ...` runs one each.
 NNODES="${NNODES:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}}"
-GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
-MASTER_PORT="${MASTER_PORT:-29500}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-8}}"
+# A port per job, so two jobs sharing a node do not collide (29500 outside Slurm, torchrun's default).
+MASTER_PORT="${MASTER_PORT:-$([ -n "${SLURM_JOB_ID:-}" ] && echo $((20000 + SLURM_JOB_ID % 20000)) || echo 29500)}"
+MODEL_SIZE="${MODEL_SIZE:-92m}"
+# EXTRA_ARGS="--flag value ...": appended last to the stage's command, so it also overrides the script's own flags.
+read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 
 # Optional NGC / pyxis container: CONTAINER_IMAGE=nvcr.io/nvidia/pytorch:25.01-py3 (the repo is mounted at itself).
 CONTAINER_IMAGE="${CONTAINER_IMAGE:-}"
@@ -36,7 +42,7 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"
 [ -n "${NCCL_SOCKET_IFNAME:-}" ] && export NCCL_SOCKET_IFNAME
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-4}}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 die() { echo "error: $*" >&2; exit 2; }
@@ -51,10 +57,16 @@ run() {
   fi
 }
 
-# master_addr: the first host of the allocation (localhost outside Slurm).
+# master_addr: the address of the allocation's first node (localhost outside Slurm). Slurm's NodeAddr is what
+# slurmctld itself uses to reach the node (it defaults to the node name), so it resolves where a bare node name may not
+# (examples/local_slurm.sh's nodes n1 and n2 are both 127.0.0.1).
 master_addr() {
+  local first addr
   if [ -n "${MASTER_ADDR:-}" ]; then echo "$MASTER_ADDR"
-  elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1
+  elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then
+    first="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+    addr="$(scontrol show node "$first" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)" || true
+    echo "${addr:-$first}"
   else echo localhost; fi
 }
 
@@ -78,13 +90,20 @@ launcher() {
   fi
 }
 
-# distributed MODULE ARGS...: one srun task per node, each a torchrun for its GPUs (c10d rendezvous on the master).
+# distributed MODULE ARGS...: the training launch.
+# In a Slurm job, srun starts one task per process (NNODES x GPUS_PER_NODE), each a rank of its own (SLURM_PROCID,
+# SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR/MASTER_PORT passed here), as Megatron-LM does. That way a signal Slurm
+# sends to the job's steps (#SBATCH --signal before the time limit, `scancel --signal=TERM`, a requeue) reaches the
+# training processes themselves, which --exit-signal-handler turns into "save after this iteration, exit 0"; a torchrun
+# agent in between would take SIGTERM as its own death signal and fail the step. Outside Slurm: torchrun.
 distributed() {
-  launcher --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1
-  run ${LAUNCHER[@]+"${LAUNCHER[@]}"} "$PYTHON" -m torch.distributed.run \
-    --nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE" \
-    --rdzv-backend=c10d --rdzv-endpoint="$(master_addr):$MASTER_PORT" --rdzv-id="${SLURM_JOB_ID:-local}" \
-    -m "$@"
+  if [ -n "${SLURM_JOB_ID:-}" ]; then
+    launcher --nodes="$NNODES" --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1
+    run env MASTER_ADDR="$(master_addr)" MASTER_PORT="$MASTER_PORT" "${LAUNCHER[@]}" "$PYTHON" -m "$@"
+  else
+    run "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE" \
+      --rdzv-backend=c10d --rdzv-endpoint="$(master_addr):$MASTER_PORT" --rdzv-id=local -m "$@"
+  fi
 }
 
 # single ARGS...: one task (preprocessing, conversion).

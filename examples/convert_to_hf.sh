@@ -1,7 +1,7 @@
 #!/bin/bash
 # Export the final (DPO) checkpoint to a Hugging Face model folder: `sbatch examples/convert_to_hf.sh` (or run it on
 # any machine: outside Slurm it runs directly). Any TP/PP layout converts; weights are written as safetensors.
-# LOAD=WORK_DIR/checkpoints/sft exports the SFT model instead. DRY_RUN=1 prints the command.
+# LOAD=WORK_DIR/checkpoints/sft exports the SFT model instead; EXTRA_ARGS adds flags. DRY_RUN=1 prints the command.
 #SBATCH --job-name=tinyllm-convert-hf
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
@@ -16,4 +16,5 @@ DTYPE="${DTYPE:-bf16}"
 HF_ARCH="${HF_ARCH:-llama}"
 
 single -m checkpoint_convert.mcore_to_hf \
-  --load "$LOAD" --save "$HF_DIR" --tokenizer-model "$TOKENIZER" --dtype "$DTYPE" --hf-arch "$HF_ARCH" --quiet
+  --load "$LOAD" --save "$HF_DIR" --tokenizer-model "$TOKENIZER" --dtype "$DTYPE" --hf-arch "$HF_ARCH" --quiet \
+  ${EXTRA[@]+"${EXTRA[@]}"}

@@ -5,6 +5,7 @@
 #                            DATA_DIR/<name>_text_document, blended by pretrain_92m_multinode.sh's DATA_PATH
 #   SFT_INPUT, DPO_INPUT     chat and preference jsonl -> DATA_DIR/sft_sft_document, DATA_DIR/dpo_preference_document
 #   TRAIN_TOKENIZER=0        keep an existing TOKENIZER (e.g. the seed's ChatGLM3 tokenizer.model) instead
+#   EXTRA_ARGS               more flags for every tools/preprocess_data.py call
 #SBATCH --job-name=tinyllm-preprocess
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
@@ -36,9 +37,10 @@ fi
 
 for item in "${CORPUS_LIST[@]}"; do
   single -m tools.preprocess_data --mode pretrain --input "${item#*=}" --output-prefix "$DATA_DIR/${item%%=*}" \
-    --tokenizer-model "$TOKENIZER" --json-keys text --append-eod --workers "$WORKERS"
+    --tokenizer-model "$TOKENIZER" --json-keys text --append-eod --workers "$WORKERS" \
+    ${EXTRA[@]+"${EXTRA[@]}"}
 done
 single -m tools.preprocess_data --mode sft --input "$SFT_INPUT" --output-prefix "$DATA_DIR/sft" \
-  --tokenizer-model "$TOKENIZER" --workers "$WORKERS"
+  --tokenizer-model "$TOKENIZER" --workers "$WORKERS" ${EXTRA[@]+"${EXTRA[@]}"}
 single -m tools.preprocess_data --mode preference --input "$DPO_INPUT" --output-prefix "$DATA_DIR/dpo" \
-  --tokenizer-model "$TOKENIZER" --workers "$WORKERS"
+  --tokenizer-model "$TOKENIZER" --workers "$WORKERS" ${EXTRA[@]+"${EXTRA[@]}"}

@@ -1,15 +1,22 @@
 #!/bin/bash
 # Pretrain the 92m preset on several 8-GPU nodes: `sbatch examples/pretrain_92m_multinode.sh` from the repository root.
-# Every setting below is an environment variable (NNODES=4 TP=2 sbatch --nodes=4 ...); DRY_RUN=1 prints the command.
-# Re-submitting the same job resumes from WORK_DIR/checkpoints/pretrain (the loop restores the optimizer, LR schedule,
-# RNG and the consumed-samples counter, so the data order continues exactly).
+# Every setting below is an environment variable (NNODES=4 TP=2 sbatch --nodes=4 ...); DRY_RUN=1 prints the command;
+# MODEL_SIZE picks another preset, EXTRA_ARGS="--flag value" adds (or overrides) flags.
+# Time limits and preemption: Slurm sends SIGTERM 2 minutes before the limit (--signal), every rank saves after the
+# current iteration and the job exits 0 (--exit-signal-handler); re-submitting the same job, or a requeue
+# (`scontrol requeue`, --requeue), resumes from WORK_DIR/checkpoints/pretrain (the loop restores the optimizer, LR
+# schedule, RNG and the consumed-samples counter, so the data order continues exactly).
+# CPU nodes (e.g. examples/local_slurm.sh): GPUS_PER_NODE=1 sbatch --gpus-per-node=0 --ntasks-per-node=1 --cpus-per-task=1
 #SBATCH --job-name=tinyllm-92m-pretrain
 #SBATCH --nodes=2
 #SBATCH --gpus-per-node=8
-#SBATCH --ntasks-per-node=1
-#SBATCH --cpus-per-task=64
+#SBATCH --ntasks-per-node=8
+#SBATCH --cpus-per-task=8
 #SBATCH --time=12:00:00
 #SBATCH --exclusive
+#SBATCH --signal=TERM@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 
 source "${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}/examples/common.sh"
@@ -26,6 +33,8 @@ LR="${LR:-3e-4}"
 MIN_LR="${MIN_LR:-3e-5}"
 SAVE_INTERVAL="${SAVE_INTERVAL:-1000}"
 EVAL_INTERVAL="${EVAL_INTERVAL:-1000}"
+EVAL_ITERS="${EVAL_ITERS:-20}"
+LOG_INTERVAL="${LOG_INTERVAL:-10}"
 # A blend of preprocessed corpora, megatron style: "weight prefix weight prefix ..." (examples/preprocess_corpus.sh).
 DATA_PATH="${DATA_PATH:-0.5 $DATA_DIR/wiki_text_document 0.3 $DATA_DIR/baike_text_document 0.2 $DATA_DIR/skypile_text_document}"
 SAVE="${SAVE:-$CKPT_DIR/pretrain}"
@@ -37,7 +46,7 @@ load_args "$SAVE"   # resume when SAVE already has a checkpoint; a fresh run sta
 mkdir -p "$RUN_DIR" 2>/dev/null || true
 
 distributed tinyllm_mcore.pretrain \
-  --model-size 92m \
+  --model-size "$MODEL_SIZE" \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
   --use-distributed-optimizer --bf16 \
   --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --seq-length "$SEQ_LENGTH" \
@@ -46,5 +55,6 @@ distributed tinyllm_mcore.pretrain \
   --tokenizer-model "$TOKENIZER" --data-path "${DATA_BLEND[@]}" --split 990,9,1 \
   --data-cache-path "$WORK_DIR/cache" --num-workers 2 \
   --save "$SAVE" --save-interval "$SAVE_INTERVAL" ${LOAD_ARGS[@]+"${LOAD_ARGS[@]}"} \
-  --eval-interval "$EVAL_INTERVAL" --eval-iters 20 --log-interval 10 \
-  --tensorboard-dir "$RUN_DIR/tensorboard" --metrics-jsonl "$RUN_DIR/metrics.jsonl"
+  --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS" --log-interval "$LOG_INTERVAL" \
+  --tensorboard-dir "$RUN_DIR/tensorboard" --metrics-jsonl "$RUN_DIR/metrics.jsonl" \
+  --exit-signal-handler ${EXTRA[@]+"${EXTRA[@]}"}
