@@ -11,14 +11,16 @@ from tinyllm_mcore.quickstart.pipeline import Settings, StepFailed, run_pipeline
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tinyllm_mcore.quickstart", allow_abbrev=False,
-        description="Run corpus -> tokenizer -> preprocess -> TP2 pretrain -> SFT -> DPO -> evaluate -> HF export -> "
-                    "chat on a tiny model (CPU is fine) and write a report.")
+        description="Run corpus -> tokenizer -> preprocess -> TP2 pretrain -> SFT -> DPO -> reward model -> "
+                    "evaluate -> HF export -> chat on a tiny model (CPU is fine) and write a report.")
     p.add_argument("--output-dir", default="quickstart_run", help="run folder (logs, checkpoints, report.md)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run in --output-dir")
     p.add_argument("--fast", action="store_true", help="a smoke run: same steps, far fewer iterations (~2-3 min)")
     p.add_argument("--corpus", default=None,
-                   help="a jsonl of {\"text\": ...} documents to pretrain on instead of the synthetic corpus "
-                        "(SFT/DPO/evaluation stay on the synthetic knowledge data)")
+                   help="your own text for pretraining: jsonl / jsonl.gz / parquet files, folders or globs of them, or "
+                        "a datasets save_to_disk folder (whatever tools/preprocess_data.py takes; the \"text\" field), "
+                        "read as a stream up to as many characters as the synthetic fact documents it is mixed with "
+                        "(SFT/DPO/reward/evaluation stay on the synthetic knowledge data)")
     defaults = Settings()
     g = p.add_argument_group("overrides (defaults: the tuned quickstart settings)")
     for f in dataclasses.fields(Settings):

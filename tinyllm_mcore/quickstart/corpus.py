@@ -5,14 +5,18 @@ A fixed world of invented countries, each with six facts (capital, longest river
 official language, continent). The same facts are written four ways:
 
 * pretraining documents — declarative sentences in many patterns, shuffled into short encyclopedia-style passages;
-* SFT question/answer pairs — the questions use *training* phrasings only;
-* DPO pairs — a training-phrasing question, the correct answer (chosen) and the same answer sentence naming another
-  country's value for that relation (rejected: plausible, always wrong);
-* evaluation questions — *held-out* phrasings that no other split uses, with the exact reference answer.
+* SFT question/answer pairs — *training* phrasings only, every question answered twice, once in each of two styles:
+  the full sentence that starts with the entity (``雁翠国的首都是翠嘉城。``) and the bare value (``翠嘉城。``). SFT
+  teaches the facts and leaves the style open (both equally likely);
+* DPO pairs — a training-phrasing question with two kinds of pair: *style* (the full sentence over the bare value,
+  same correct fact: the preference SFT left open) and *fact* (the full sentence over the same sentence naming
+  another country's value: plausible, always wrong, so the facts stay anchored);
+* evaluation questions — *held-out* phrasings that no other split uses, with the full-sentence reference answer;
+  ``eval_pairs.jsonl`` holds a style pair and a fact pair for each of them (held-out preference pairs).
 
-A few countries (``unseen_countries``) appear only in pretraining: their evaluation questions (split
-``unseen_fact``) measure whether SFT taught the model to answer from what pretraining stored. The headline metric is
-the ``heldout_phrasing`` split: facts the SFT data covers, asked in wordings it never saw.
+Three groups of countries, each an evaluation split: ``heldout_phrasing`` (facts in SFT and in preference pairs),
+``no_preference_fact`` (facts in SFT, in no preference pair: does the learnt style carry over to them?) and
+``unseen_fact`` (facts only in pretraining: did SFT teach the model to answer from what pretraining stored?).
 
 The same seed always gives byte-identical files (``random.Random(seed)``, no set/dict-order dependence).
 """
@@ -36,7 +40,7 @@ _CONTINENTS = ("东曜大陆", "西岭大陆", "南溟大陆", "北辰大陆")
 @dataclass(frozen=True)
 class Relation:
     name: str
-    answer: str  # the one answer sentence (SFT target, DPO chosen/rejected, exact-match reference)
+    answer: str  # the full answer sentence (the preferred style; the evaluation reference)
     statements: tuple[str, ...]  # pretraining sentence patterns
     train_questions: tuple[str, ...]  # SFT / DPO phrasings
     heldout_questions: tuple[str, ...]  # evaluation phrasings, used nowhere else
@@ -89,6 +93,26 @@ RELATIONS: tuple[Relation, ...] = (
         ("{e}位于哪一个大陆？", "{e}所在的大陆叫什么名字？")),
 )
 RELATION_BY_NAME = {r.name: r for r in RELATIONS}
+SPLITS = ("heldout_phrasing", "no_preference_fact", "unseen_fact")
+
+
+def full_answer(relation: str, entity: str, value: str) -> str:
+    """The preferred style: a full sentence that starts with the entity."""
+    return RELATION_BY_NAME[relation].answer.format(e=entity, v=value)
+
+
+def bare_answer(value: str) -> str:
+    """The other style SFT teaches: the bare value."""
+    return value + "。"
+
+
+def fact_value(record: dict) -> str:
+    """The value inside an evaluation record's full-sentence answer ({answer, entity, relation})."""
+    head, tail = RELATION_BY_NAME[record["relation"]].answer.format(e=record["entity"], v="\0").split("\0")
+    answer = record["answer"]
+    if not (answer.startswith(head) and answer.endswith(tail)):
+        raise ValueError(f"answer {answer!r} does not follow the {record['relation']} template")
+    return answer[len(head):len(answer) - len(tail)]
 
 _INTROS = ("{e}是一个国家。", "下面介绍{e}。", "关于{e}，有几件事值得知道。", "{e}是一个美丽的国家。", "")
 
@@ -106,31 +130,40 @@ class Country:
 class KnowledgeCorpus:
     countries: list[Country]
     unseen: list[str]  # countries only in pretraining
+    no_preference: list[str]  # countries in SFT but in no preference pair
     pretrain: list[dict]  # {"text"}
     sft: list[dict]  # {"question", "answer"}
     preference: list[dict]  # {"prompt", "chosen", "rejected"}
     eval: list[dict]  # {"question", "answer", "entity", "relation", "split"}
+    eval_pairs: list[dict]  # {"prompt", "chosen", "rejected", "kind" (style | fact), "split"}
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write pretrain.jsonl, sft.jsonl, dpo.jsonl, eval.jsonl, tokenizer.jsonl (text for the tokenizer) and
-        facts.json; returns the paths by name."""
+        """Write pretrain.jsonl, sft.jsonl, dpo.jsonl, eval.jsonl, eval_pairs.jsonl, tokenizer.jsonl (text for the
+        tokenizer) and facts.json; returns the paths by name."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tokenizer_text = (self.pretrain + [{"text": r["question"] + "\n" + r["answer"]} for r in self.sft]
-                          + [{"text": character_inventory()}])
         files = {"pretrain": self.pretrain, "sft": self.sft, "dpo": self.preference, "eval": self.eval,
-                 "tokenizer": tokenizer_text}
-        paths = {}
-        for name, records in files.items():
-            paths[name] = out / f"{name}.jsonl"
-            with open(paths[name], "w", encoding="utf-8") as f:
-                for record in records:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                 "eval_pairs": self.eval_pairs, "tokenizer": self.tokenizer_text()}
+        paths = {name: write_jsonl(out / f"{name}.jsonl", records) for name, records in files.items()}
         paths["facts"] = out / "facts.json"
         paths["facts"].write_text(json.dumps(
-            {"countries": {c.name: dict(c.facts) for c in self.countries}, "unseen_countries": self.unseen},
-            ensure_ascii=False, indent=1), encoding="utf-8")
+            {"countries": {c.name: dict(c.facts) for c in self.countries}, "unseen_countries": self.unseen,
+             "no_preference_countries": self.no_preference}, ensure_ascii=False, indent=1), encoding="utf-8")
         return paths
+
+    def tokenizer_text(self, pretrain: list[dict] | None = None) -> list[dict]:
+        """What the tokenizer trains on: the pretraining documents, the SFT conversations and every character the
+        generator can write."""
+        return ((self.pretrain if pretrain is None else pretrain)
+                + [{"text": r["question"] + "\n" + r["answer"]} for r in self.sft]
+                + [{"text": character_inventory()}])
+
+
+def write_jsonl(path: Path, records) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
 
 
 def _unique_names(rng: random.Random, count: int, suffix: str, taken: set[str], length: int = 2) -> list[str]:
@@ -180,39 +213,58 @@ def _pretrain_documents(rng: random.Random, countries: list[Country], docs_per_c
     return docs
 
 
-def build_corpus(seed: int = 1234, num_countries: int = 24, num_unseen: int = 4, docs_per_country: int = 40,
-                 dpo_pairs_per_fact: int = 2) -> KnowledgeCorpus:
-    """The whole corpus for a seed. ``num_unseen`` countries get no SFT/DPO data (they test transfer from
-    pretraining); every other fact is in SFT with every training phrasing."""
+def build_corpus(seed: int = 1234, num_countries: int = 24, num_unseen: int = 4, num_no_preference: int = 4,
+                 docs_per_country: int = 40, dpo_pairs_per_fact: int = 2) -> KnowledgeCorpus:
+    """The whole corpus for a seed. The last ``num_unseen`` countries get no SFT/DPO data (they test transfer from
+    pretraining), the ``num_no_preference`` before them SFT data but no preference pair; every SFT fact is asked with
+    every training phrasing, each answered in both styles. Each preference fact gets ``dpo_pairs_per_fact`` style
+    pairs and as many fact pairs."""
     if not 0 <= num_unseen < num_countries:
         raise ValueError(f"num_unseen must be in [0, num_countries), got {num_unseen}")
+    if not 0 <= num_no_preference < num_countries - num_unseen:
+        raise ValueError(f"num_no_preference must be in [0, num_countries - num_unseen), got {num_no_preference}")
     rng = random.Random(seed)
     countries = build_countries(rng, num_countries)
-    unseen = [c.name for c in countries[num_countries - num_unseen:]]
-    seen = countries[:num_countries - num_unseen]
+    with_preference = num_countries - num_unseen - num_no_preference
+    split_of = {c.name: SPLITS[0] if i < with_preference else SPLITS[1] if i < num_countries - num_unseen
+                else SPLITS[2] for i, c in enumerate(countries)}
+    seen = [c for c in countries if split_of[c.name] != "unseen_fact"]
 
     pretrain = _pretrain_documents(rng, countries, docs_per_country)
 
-    sft = [{"question": q.format(e=c.name), "answer": r.answer.format(e=c.name, v=c.value(r.name))}
-           for c in seen for r in RELATIONS for q in r.train_questions]
+    sft = [{"question": q.format(e=c.name), "answer": answer}
+           for c in seen for r in RELATIONS for q in r.train_questions
+           for answer in (full_answer(r.name, c.name, c.value(r.name)), bare_answer(c.value(r.name)))]
     rng.shuffle(sft)
 
+    def wrong_values(relation: str, correct: str, k: int) -> list[str]:
+        return rng.sample(sorted({o.value(relation) for o in countries} - {correct}), k)
+
     preference = []
-    for c in seen:
+    for c in countries[:with_preference]:
         for r in RELATIONS:
             correct = c.value(r.name)
-            wrong_values = sorted({o.value(r.name) for o in countries} - {correct})
-            for wrong in rng.sample(wrong_values, min(dpo_pairs_per_fact, len(wrong_values))):
-                preference.append({"prompt": rng.choice(r.train_questions).format(e=c.name),
-                                   "chosen": r.answer.format(e=c.name, v=correct),
-                                   "rejected": r.answer.format(e=c.name, v=wrong)})
+            chosen = full_answer(r.name, c.name, correct)
+            rejected = [bare_answer(correct)] * dpo_pairs_per_fact + [
+                full_answer(r.name, c.name, wrong) for wrong in wrong_values(r.name, correct, dpo_pairs_per_fact)]
+            preference += [{"prompt": rng.choice(r.train_questions).format(e=c.name), "chosen": chosen,
+                            "rejected": worse} for worse in rejected]
     rng.shuffle(preference)
 
-    evaluation = [{"question": q.format(e=c.name), "answer": r.answer.format(e=c.name, v=c.value(r.name)),
-                   "entity": c.name, "relation": r.name,
-                   "split": "unseen_fact" if c.name in unseen else "heldout_phrasing"}
+    evaluation = [{"question": q.format(e=c.name), "answer": full_answer(r.name, c.name, c.value(r.name)),
+                   "entity": c.name, "relation": r.name, "split": split_of[c.name]}
                   for c in countries for r in RELATIONS for q in r.heldout_questions]
-    return KnowledgeCorpus(countries, unseen, pretrain, sft, preference, evaluation)
+    eval_pairs = []
+    for record in evaluation:
+        value = fact_value(record)
+        wrong = wrong_values(record["relation"], value, 1)[0]
+        for kind, rejected in (("style", bare_answer(value)),
+                               ("fact", full_answer(record["relation"], record["entity"], wrong))):
+            eval_pairs.append({"prompt": record["question"], "chosen": record["answer"], "rejected": rejected,
+                               "kind": kind, "split": record["split"]})
+    return KnowledgeCorpus(countries, [c.name for c in countries if split_of[c.name] == "unseen_fact"],
+                           [c.name for c in countries if split_of[c.name] == "no_preference_fact"],
+                           pretrain, sft, preference, evaluation, eval_pairs)
 
 
 def character_inventory() -> str:
@@ -233,3 +285,15 @@ def normalize_answer(text: str) -> str:
 
 def exact_match(prediction: str, reference: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(reference)
+
+
+def fact_correct(prediction: str, record: dict) -> bool:
+    """Style-aware exact match: the full reference sentence or the bare reference value, verbatim."""
+    return (exact_match(prediction, record["answer"]) or
+            exact_match(prediction, bare_answer(fact_value(record))))
+
+
+def preferred_style(prediction: str, record: dict) -> bool:
+    """Whether an answer is in the preferred style: a full sentence that starts with the entity (right or wrong)."""
+    answer = normalize_answer(prediction)
+    return answer.startswith(record["entity"]) and answer.endswith("。")
