@@ -352,7 +352,8 @@ def setup(stage: Stage, args, tokenizer=None, preset: ModelPreset | None = None)
     iteration, consumed = 0, 0
     if args.load:
         iteration, consumed = ckpt.load_checkpoint(args.load, chunks, optimizer, scheduler, finetune=args.finetune,
-                                                   load_optim=not args.no_load_optim, load_rng=not args.no_load_rng)
+                                                   load_optim=not (args.no_load_optim or args.skip_train),
+                                                   load_rng=not args.no_load_rng)
         rt.print_rank0(f"loaded {args.load} at iteration {iteration} ({consumed} samples consumed)")
     if stage.after_load is not None:
         stage.after_load(args, chunks)
