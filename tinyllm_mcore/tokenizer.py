@@ -9,6 +9,12 @@ Three kinds of tokenizer directory/model load here (`Tokenizer.load(path)` detec
   <|observation|>`` (ids 64789..64797, vocab 64798). eos 2, pad 0 (= unk, as in the seed).
 * ``added_tokens`` — the seed's merged LLaMA-style tokenizer: a SentencePiece model plus ``added_tokens.json``
   (``{"<|system|>": 49953, ...}``) beside it (vocab 49958).
+* ``huggingface`` — a local Hugging Face tokenizer folder (``tokenizer.json``, with ``tokenizer_config.json`` naming its
+  eos/bos/pad), Megatron-LM's ``--tokenizer-type HuggingFaceTokenizer``; or GPT-2 style ``vocab.json`` + ``merges.txt``
+  (``GPT2BPETokenizer``, eod ``<|endoftext|>``). Loaded by transformers' ``AutoTokenizer``; text is encoded as
+  Megatron-LM's ``HuggingFaceTokenizer`` does (no special tokens added, but special-token strings inside the text are
+  matched), so preprocessed files equal Megatron-LM's. Chat (SFT/DPO) needs the role markers as single tokens; chat
+  *content* is encoded with special-token matching off, so a literal "<|user|>" in a message stays text.
 
 Plain text (pretraining documents) is encoded by SentencePiece only: a literal "<|user|>" inside a document stays text.
 Special tokens enter a sequence only through the chat encoder below, by id.
@@ -41,13 +47,74 @@ ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 CHATGLM3_APPENDED_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop") + ROLE_TOKENS
 CHATGLM3_BASE_VOCAB = 64789
 
-KINDS = ("sentencepiece", "chatglm3", "added_tokens")
+KINDS = ("sentencepiece", "chatglm3", "added_tokens", "huggingface")
 # Megatron-LM's --tokenizer-type names that mean "a SentencePiece model": resolved by detection.
 _TYPE_ALIASES = {"auto": "auto", "SentencePieceTokenizer": "auto", "GPTSentencePieceTokenizer": "auto",
-                 "Llama2Tokenizer": "auto"}
+                 "Llama2Tokenizer": "auto", "HuggingFaceTokenizer": "huggingface", "GPT2BPETokenizer": "gpt2bpe"}
+# The rest of Megatron-LM's --tokenizer-type choices: named so the error can say they are known but not supported.
+UNSUPPORTED_MEGATRON_TYPES = ("BertWordPieceLowerCase", "BertWordPieceCase", "TikTokenizer", "MultimodalTokenizer",
+                              "NullTokenizer", "NullMultimodalTokenizer", "SFTTokenizer")
+SUPPORTED_TYPES = ("auto", *KINDS, *(t for t in _TYPE_ALIASES if t != "auto"))
 
 
-class Tokenizer:
+class ChatFormat:
+    """The chat encoder shared by every tokenizer kind. Needs ``chat_prefix_ids``, ``eos``, ``token_to_id``,
+    ``tokenize_content`` and ``chat_support_error`` from the class it is mixed into."""
+
+    def require_chat_tokens(self) -> None:
+        """Raise ValueError (one line, saying how to fix it) when this tokenizer cannot encode the chat format."""
+        problem = self.chat_support_error()
+        if problem:
+            raise ValueError(problem)
+
+    def chat_support_error(self) -> str | None:
+        return None
+
+    def encode_conversation(self, messages: Sequence[dict], system: str | None = None) -> list[list[int]]:
+        """Chat messages -> alternating segments ``[prompt, response, prompt, response, ...]``.
+
+        Prompt segments carry no loss; each response segment is an assistant answer followed by eos (the trained
+        tokens). If the last message is not an assistant's, the last segment is a prompt ending in
+        ``<|assistant|> "\\n"`` (a generation prompt). ``messages`` are ``{"role", "content"}`` dicts with roles
+        system (first only), user, assistant, observation; ``system`` replaces the default system text ("" omits the
+        system block); a leading system message wins over both.
+        """
+        self.require_chat_tokens()
+        messages = list(messages)
+        if messages and messages[0].get("role") == "system":
+            system = messages.pop(0)["content"]
+        if system is None:
+            system = DEFAULT_SYSTEM
+
+        segments: list[list[int]] = []
+        prompt = list(self.chat_prefix_ids)
+        if system.strip():
+            prompt += self._role_block("<|system|>", system)
+        for message in messages:
+            role, content = message.get("role"), message.get("content")
+            if not isinstance(content, str):
+                raise ValueError(f"message content must be a string, got {type(content).__name__}")
+            if role == "assistant":
+                prompt += [self.token_to_id("<|assistant|>")] + self.tokenize_content("\n")
+                segments += [prompt, self.tokenize_content(content.strip()) + [self.eos]]
+                prompt = []
+            elif role in ("user", "observation"):
+                prompt += self._role_block(f"<|{role}|>", content)
+            else:
+                raise ValueError(f"unknown chat role {role!r} (system only first; user, assistant, observation)")
+        if prompt:  # ends with a user turn: leave the model to answer
+            segments.append(prompt + [self.token_to_id("<|assistant|>")] + self.tokenize_content("\n"))
+        return segments
+
+    def chat_prompt_ids(self, messages: Sequence[dict], system: str | None = None) -> list[int]:
+        """Ids to feed a model that should answer the last user message (chat, eval, generate)."""
+        return [i for segment in self.encode_conversation(messages, system) for i in segment]
+
+    def _role_block(self, role_token: str, text: str) -> list[int]:
+        return [self.token_to_id(role_token)] + self.tokenize_content("\n" + text.strip() + "\n")
+
+
+class Tokenizer(ChatFormat):
     """SentencePiece + special tokens. Duck-types what megatron-core's datasets use (``eod``, ``pad``, ``eos``, ``bos``,
     ``vocab_size``, ``tokenize``, ``detokenize``, ``unique_identifiers``) and adds the chat encoder."""
 
@@ -61,7 +128,11 @@ class Tokenizer:
         self.chat_prefix_ids = [self.token_to_id(t) for t in chat_prefix_tokens]
         self.vocab_size = max([self.sp.get_piece_size() - 1, *self.special_tokens.values()]) + 1
         with open(self.model_path, "rb") as f:
-            model_sha = hashlib.sha256(f.read()).hexdigest()[:16]
+            model_bytes = f.read()
+        model_sha = hashlib.sha256(model_bytes).hexdigest()[:16]
+        # What decides the ids: the model file and the special tokens added around it (the vocabulary sidecar of
+        # preprocessed data and checkpoints record it).
+        self.identity = _identity(kind, [model_bytes], self.special_tokens)
         # megatron-core hashes this (via GPTDatasetConfig) into its dataset cache names.
         self.unique_identifiers = OrderedDict(
             [("class", type(self).__name__), ("kind", kind), ("model_sha256", model_sha),
@@ -69,15 +140,28 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def load(cls, path: str | os.PathLike, tokenizer_type: str = "auto") -> "Tokenizer":
-        """Load a tokenizer from a ``tokenizer.model`` file or a directory holding one."""
+    def load(cls, path: str | os.PathLike | None, tokenizer_type: str = "auto", *, vocab_file: str | None = None,
+             merge_file: str | None = None) -> "Tokenizer | HFTokenizer":
+        """Load a tokenizer: a ``tokenizer.model`` file or a directory holding one (SentencePiece kinds), a directory
+        with ``tokenizer.json`` (Hugging Face; detected when it has no ``tokenizer.model``, or asked for with
+        ``HuggingFaceTokenizer``), or ``GPT2BPETokenizer`` with ``vocab_file`` + ``merge_file``."""
+        if tokenizer_type in UNSUPPORTED_MEGATRON_TYPES:
+            raise ValueError(f"--tokenizer-type {tokenizer_type} is not supported here; use SentencePieceTokenizer, "
+                             "HuggingFaceTokenizer (a local folder with tokenizer.json) or GPT2BPETokenizer")
+        kind = _TYPE_ALIASES.get(tokenizer_type, tokenizer_type)
+        if kind not in KINDS + ("auto", "gpt2bpe"):
+            raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; use one of {', '.join(SUPPORTED_TYPES)}")
+        if kind == "gpt2bpe" or (kind in ("auto", "huggingface") and path is None and vocab_file):
+            return HFTokenizer.from_gpt2_files(path, vocab_file, merge_file)
+        if path is None:
+            raise ValueError("--tokenizer-model is required for this --tokenizer-type")
         path = Path(path)
+        if kind == "huggingface" or (kind == "auto" and path.is_dir() and not (path / "tokenizer.model").is_file()
+                                     and (path / "tokenizer.json").is_file()):
+            return HFTokenizer(path)
         model_path = path / "tokenizer.model" if path.is_dir() else path
         if not model_path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {model_path}")
-        kind = _TYPE_ALIASES.get(tokenizer_type, tokenizer_type)
-        if kind not in KINDS + ("auto",):
-            raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; use one of auto, {', '.join(KINDS)}")
         added_tokens_file = model_path.parent / "added_tokens.json"
         if kind == "auto":
             kind = _detect_kind(model_path, added_tokens_file)
@@ -128,6 +212,13 @@ class Tokenizer:
     def unk(self) -> int:
         return self.sp.unk_id()
 
+    def chat_support_error(self) -> str | None:
+        missing = [t for t in ROLE_TOKENS[:3] if t not in self.special_tokens]
+        if missing:
+            return (f"tokenizer {self.model_path} has no single-id chat role markers {', '.join(missing)}: train one "
+                    f"with tools/train_tokenizer.py (it reserves them) or use the seed's tokenizer")
+        return None
+
     def token_to_id(self, token: str) -> int:
         if token in self.special_tokens:
             return self.special_tokens[token]
@@ -148,6 +239,10 @@ class Tokenizer:
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts)
 
+    def tokenize_content(self, text: str) -> list[int]:
+        """Chat message text -> ids. SentencePiece never produces special ids from text, so this is ``tokenize``."""
+        return self.sp.encode(text)
+
     def detokenize(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """ids -> text. Special tokens are written as their text (unless skipped); bos/eos/pad vanish as in
         SentencePiece."""
@@ -163,49 +258,6 @@ class Tokenizer:
                 run.append(i)
         text.append(self.sp.decode(run))
         return "".join(text)
-
-    # ---------------------------------------------------------------- chat
-    def encode_conversation(self, messages: Sequence[dict], system: str | None = None) -> list[list[int]]:
-        """Chat messages -> alternating segments ``[prompt, response, prompt, response, ...]``.
-
-        Prompt segments carry no loss; each response segment is an assistant answer followed by eos (the trained
-        tokens). If the last message is not an assistant's, the last segment is a prompt ending in
-        ``<|assistant|> "\\n"`` (a generation prompt). ``messages`` are ``{"role", "content"}`` dicts with roles
-        system (first only), user, assistant, observation; ``system`` replaces the default system text ("" omits the
-        system block); a leading system message wins over both.
-        """
-        messages = list(messages)
-        if messages and messages[0].get("role") == "system":
-            system = messages.pop(0)["content"]
-        if system is None:
-            system = DEFAULT_SYSTEM
-
-        segments: list[list[int]] = []
-        prompt = list(self.chat_prefix_ids)
-        if system.strip():
-            prompt += self._role_block("<|system|>", system)
-        for message in messages:
-            role, content = message.get("role"), message.get("content")
-            if not isinstance(content, str):
-                raise ValueError(f"message content must be a string, got {type(content).__name__}")
-            if role == "assistant":
-                prompt += [self.token_to_id("<|assistant|>")] + self.tokenize("\n")
-                segments += [prompt, self.tokenize(content.strip()) + [self.eos]]
-                prompt = []
-            elif role in ("user", "observation"):
-                prompt += self._role_block(f"<|{role}|>", content)
-            else:
-                raise ValueError(f"unknown chat role {role!r} (system only first; user, assistant, observation)")
-        if prompt:  # ends with a user turn: leave the model to answer
-            segments.append(prompt + [self.token_to_id("<|assistant|>")] + self.tokenize("\n"))
-        return segments
-
-    def chat_prompt_ids(self, messages: Sequence[dict], system: str | None = None) -> list[int]:
-        """Ids to feed a model that should answer the last user message (chat, eval, generate)."""
-        return [i for segment in self.encode_conversation(messages, system) for i in segment]
-
-    def _role_block(self, role_token: str, text: str) -> list[int]:
-        return [self.token_to_id(role_token)] + self.tokenize("\n" + text.strip() + "\n")
 
 
 def _has_piece(sp: spm.SentencePieceProcessor, piece: str) -> bool:
@@ -223,6 +275,143 @@ def _detect_kind(model_path: Path, added_tokens_file: Path) -> str:
         return "chatglm3"
     raise ValueError(f"{model_path}: a SentencePiece model without chat role pieces, added_tokens.json or ChatGLM3's "
                      f"size; pass --tokenizer-type explicitly ({', '.join(KINDS)})")
+
+
+class HFTokenizer(ChatFormat):
+    """A local Hugging Face tokenizer (transformers' ``AutoTokenizer``; nothing is downloaded, no remote code) with
+    the same interface as ``Tokenizer``. Plain text is encoded as Megatron-LM's ``HuggingFaceTokenizer`` does:
+    without adding special tokens, special-token strings in the text matched. eod = eos (``tokenizer_config.json``'s
+    ``eos_token``); pad falls back to eos when the tokenizer has none (padded positions carry no loss)."""
+
+    kind = "huggingface"
+
+    def __init__(self, folder: str | os.PathLike, *, _backend=None, _files: Sequence[Path] = ()):
+        self.model_path = str(folder)
+        if _backend is None:
+            folder = Path(folder)
+            if not (folder / "tokenizer.json").is_file():
+                raise FileNotFoundError(f"no tokenizer.json in {folder} (HuggingFaceTokenizer needs a local folder "
+                                        "with tokenizer.json)")
+            from transformers import AutoTokenizer
+
+            try:
+                _backend = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            except Exception as e:  # transformers raises many types for a bad folder
+                raise ValueError(f"{folder}: not a loadable Hugging Face tokenizer: {str(e).splitlines()[0]}")
+            _files = sorted(p for p in folder.iterdir() if p.name in HF_TOKENIZER_FILES)
+        self.hf = _backend
+        self.files = [Path(f) for f in _files]  # what an HF export copies unchanged
+        vocab = self.hf.get_vocab()
+        self.vocab_size = max(vocab.values()) + 1
+        self.special_tokens = {t: vocab[t] for t in ROLE_TOKENS if t in vocab}
+        self._special_ids = set(self.hf.all_special_ids) | set(self.special_tokens.values())
+        self.chat_prefix_ids = [self.bos] if self.bos is not None else []
+        self.identity = _identity(self.kind, [self.hf.backend_tokenizer.to_str().encode()],
+                                  {"eos": self.hf.eos_token_id, "bos": self.hf.bos_token_id,
+                                   "pad": self.hf.pad_token_id})
+        self.unique_identifiers = OrderedDict([("class", type(self).__name__), ("kind", self.kind),
+                                               ("identity", self.identity), ("vocab_size", self.vocab_size)])
+        self._content_encoder = None
+
+    @classmethod
+    def from_gpt2_files(cls, folder: str | os.PathLike | None, vocab_file: str | None, merge_file: str | None):
+        """Megatron-LM's GPT2BPETokenizer: GPT-2 byte-level BPE from ``vocab.json`` + ``merges.txt`` (given, or found
+        in ``folder``), eod ``<|endoftext|>``."""
+        from tokenizers import Tokenizer as TokenizersTokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab_file = vocab_file or (folder and str(Path(folder) / "vocab.json"))
+        merge_file = merge_file or (folder and str(Path(folder) / "merges.txt"))
+        for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+            if not path or not Path(path).is_file():
+                raise FileNotFoundError(f"GPT2BPETokenizer needs {flag}: {path or 'not given'}")
+        backend = TokenizersTokenizer(models.BPE.from_file(vocab_file, merge_file))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        hf = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+        return cls(Path(vocab_file).parent, _backend=hf, _files=[Path(vocab_file), Path(merge_file)])
+
+    def __getstate__(self):  # pickle the tokenizer itself, not a path (DataLoader workers, preprocess workers)
+        state = self.__dict__.copy()
+        state["_content_encoder"] = None
+        return state
+
+    # ---------------------------------------------------------------- ids
+    @property
+    def eos(self) -> int | None:
+        return self.hf.eos_token_id
+
+    @property
+    def eod(self) -> int | None:
+        return self.hf.eos_token_id
+
+    @property
+    def bos(self) -> int | None:
+        return self.hf.bos_token_id
+
+    @property
+    def pad(self) -> int | None:
+        return self.hf.pad_token_id if self.hf.pad_token_id is not None else self.hf.eos_token_id
+
+    @property
+    def unk(self) -> int | None:
+        return self.hf.unk_token_id
+
+    def chat_support_error(self) -> str | None:
+        missing = [t for t in ROLE_TOKENS if t not in self.special_tokens]
+        if missing or self.eos is None:
+            what = f"no single-token chat role markers {', '.join(missing)}" if missing else "no eos_token"
+            return (f"tokenizer {self.model_path} has {what}: add them and save it, e.g. tok = AutoTokenizer."
+                    f"from_pretrained(DIR); tok.add_special_tokens({{'additional_special_tokens': {list(ROLE_TOKENS)}"
+                    f"{', ' if missing else ''}{'' if missing else chr(39) + 'eos_token' + chr(39) + ': ...'}}}); "
+                    f"tok.save_pretrained(DIR) (and resize the model's embeddings)")
+        return None
+
+    def token_to_id(self, token: str) -> int:
+        i = self.hf.convert_tokens_to_ids(token)
+        if i is None or (i == self.unk and token != self.hf.unk_token):
+            raise KeyError(f"{token!r} is not a token of this huggingface tokenizer")
+        return i
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.hf.convert_ids_to_tokens(int(token_id))
+
+    # ---------------------------------------------------------------- text
+    def tokenize(self, text: str) -> list[int]:
+        """Plain text -> ids, as Megatron-LM's HuggingFaceTokenizer (no bos/eos added)."""
+        return self.hf.backend_tokenizer.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def tokenize_content(self, text: str) -> list[int]:
+        """Chat message text -> ids with special-token matching off: role markers typed by a user stay text."""
+        if self._content_encoder is None:
+            from tokenizers import Tokenizer as TokenizersTokenizer
+
+            self._content_encoder = TokenizersTokenizer.from_str(self.hf.backend_tokenizer.to_str())
+            self._content_encoder.encode_special_tokens = True
+        return self._content_encoder.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._special_ids]
+        return self.hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+# The files of a Hugging Face tokenizer folder (an HF export copies them unchanged).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def _identity(kind: str, model_bytes: Sequence[bytes], special_tokens: dict) -> str:
+    """sha256 over what decides a tokenizer's ids: its kind, model file(s) and special-token ids."""
+    digest = hashlib.sha256(kind.encode())
+    for blob in model_bytes:
+        digest.update(hashlib.sha256(blob).digest())
+    digest.update(json.dumps(special_tokens, sort_keys=True).encode())
+    return "sha256:" + digest.hexdigest()
 
 
 def messages_from_record(record: dict) -> tuple[list[dict], str | None]:

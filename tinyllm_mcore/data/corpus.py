@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -25,9 +26,10 @@ HF_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 class Chunk:
     """A run of consecutive records of one source. ``lines`` (raw jsonl bytes) or ``records`` (dicts) is set."""
     source: str
-    first_line: int  # 1-based line / row number of the first item, for error reports
+    first_line: int  # 1-based line / row number of the first item in its source, for error reports
     lines: list[bytes] | None = None
     records: list[dict] | None = None
+    index: int = 0  # 0-based position of the first item among all items of all sources (partitioning)
 
     def __len__(self) -> int:
         return len(self.lines if self.lines is not None else self.records)
@@ -73,14 +75,23 @@ def _open_binary(path: Path):
 
 def iter_chunks(sources: Sequence[Path], chunk_size: int, columns: Sequence[str] | None = None) -> Iterator[Chunk]:
     """Stream every source as chunks of at most ``chunk_size`` records. ``columns`` limits what columnar sources
-    read (parquet / HF datasets)."""
+    read (parquet / HF datasets). A source that cannot be read to its end (truncated .gz, I/O error) raises
+    ValueError naming it."""
+    index = 0
     for source in sources:
         if _is_hf_dataset_dir(source):
-            yield from _hf_dataset_chunks(source, chunk_size, columns)
+            chunks = _hf_dataset_chunks(source, chunk_size, columns)
         elif source.name.endswith(PARQUET_SUFFIXES):
-            yield from _parquet_chunks(source, chunk_size, columns)
+            chunks = _parquet_chunks(source, chunk_size, columns)
         else:
-            yield from _jsonl_chunks(source, chunk_size)
+            chunks = _jsonl_chunks(source, chunk_size)
+        try:
+            for chunk in chunks:
+                chunk.index = index
+                index += len(chunk)
+                yield chunk
+        except (EOFError, OSError, zlib.error) as e:
+            raise ValueError(f"reading {source}: {e}") from None
 
 
 def _jsonl_chunks(path: Path, chunk_size: int) -> Iterator[Chunk]:

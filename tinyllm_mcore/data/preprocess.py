@@ -1,9 +1,13 @@
-"""Raw corpora -> megatron-core indexed datasets (``.bin`` + ``.idx``), streamed, in parallel, crash-safe.
+"""Raw corpora -> megatron-core indexed datasets (``.bin`` + ``.idx`` + vocabulary sidecar), streamed, in parallel,
+crash-safe.
 
-Three modes, one pipeline (read chunks -> encode in workers -> append to ``IndexedDatasetBuilder``):
+Three modes, one pipeline (read chunks -> encode in workers -> append to builders):
 
-``pretrain``    one output per json key, ``{prefix}_{key}_document``; one document = one record's text (+ eod with
-                ``append_eod``), one sequence per document — exactly what Megatron-LM's tools/preprocess_data.py writes.
+``pretrain``    one output per json key, ``{prefix}_{key}_{level}`` — level ``document``, or ``sentence`` with
+                ``split_sentences`` — with exactly the files Megatron-LM's tools/preprocess_data.py writes for the
+                same input: a document per line, a sequence per sentence (one per document without splitting),
+                sentences that tokenize to nothing dropped, eod (``append_eod``) after a document's last sentence,
+                a text that tokenizes to nothing written as an empty document (no sequences).
 ``sft``         ``{prefix}_sft_document``; one document = one conversation, stored as its chat segments
                 ``[prompt, response, prompt, response, ...]`` (see ``Tokenizer.encode_conversation``), one *sequence*
                 per segment. Even sequences (0, 2, ...) are prompts (no loss), odd ones are assistant answers + eos
@@ -12,21 +16,33 @@ Three modes, one pipeline (read chunks -> encode in workers -> append to ``Index
                 ``[prompt, chosen + eos, rejected + eos]``; the prompt is the chat generation prompt for
                 ``{"prompt", "system"?}`` and is shared by both answers. Records: ``{"prompt", "chosen", "rejected"}``.
 
+Where Megatron-LM's tool would stop (a line that is not a JSON object, a key missing or not a string), this one goes
+on and counts: a line with none of the keys usable is skipped; with several ``json_keys``, a key missing from a line
+that has the others is written as an *empty document* in that key's output and counted, so document ``i`` of every
+output still comes from the same line. A run that would write no tokens for some output fails (nothing written).
+
+``partitions`` (Megatron-LM's ``--partitions``): Megatron-LM deals input lines round-robin into that many parts,
+processes them and concatenates the parts, so the output is ordered part 0 (lines 0, N, 2N, ...), part 1, ...; with
+``keep_sequential_samples`` the parts are consecutive runs of lines and the output keeps the input order. The same
+files come out here from one reading pass: each document goes to its part's temporary builder, and the parts are
+merged (streaming) at the end. The temporary parts live beside the output, not beside the input, and are removed.
+
 Memory stays flat in corpus size: at most ``max_chunks_in_flight`` chunks exist at once, and the builders keep only
-the per-document index (4 + 8 bytes per sequence/document in compact arrays, as any ``.idx`` must). Outputs are
-written under temporary names and renamed (``.bin`` then ``.idx``) only after everything succeeded, so an interrupted
-run never leaves an ``.idx`` that looks complete. Malformed records are counted by reason, never fatal.
+the per-document index. Outputs are atomic: everything is written under temporary names (``*.tmp-<pid>``) and
+renamed (``.bin``, ``.idx``, then the sidecar) only after everything succeeded, so a failure, Ctrl-C, SIGTERM or a
+full disk leaves the previous dataset at that prefix as it was and no temporary files.
 """
 from __future__ import annotations
 
+import glob
 import json
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
 import time
-from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain
@@ -36,17 +52,25 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from tinyllm_mcore.data.corpus import Chunk, expand_inputs, iter_chunks
-from tinyllm_mcore.tokenizer import Tokenizer, messages_from_record
+from tinyllm_mcore.data.indexed_files import IndexSummary, make_builder, merge_indexed
+from tinyllm_mcore.data.sentences import SentenceSplitter, split_document
+from tinyllm_mcore.data.vocab_contract import tokenizer_record, write_sidecar
+from tinyllm_mcore.tokenizer import HFTokenizer, Tokenizer, messages_from_record
 
 MODES = ("pretrain", "sft", "preference")
 SKIP_REASONS = ("blank_line", "bad_json", "not_object", "missing_key", "not_string", "empty_text",
                 "bad_messages", "no_answer")
 
 
-def output_prefixes(output_prefix: str, mode: str, json_keys: Sequence[str] = ("text",)) -> list[str]:
-    """The dataset prefixes a run writes (Megatron-LM naming: ``{prefix}_{key}_document``)."""
+class Terminated(Exception):
+    """SIGTERM arrived; raised in the main process so the run cleans up like after Ctrl-C."""
+
+
+def output_prefixes(output_prefix: str, mode: str, json_keys: Sequence[str] = ("text",),
+                    level: str = "document") -> list[str]:
+    """The dataset prefixes a run writes (Megatron-LM naming: ``{prefix}_{key}_{level}``)."""
     if mode == "pretrain":
-        return [f"{output_prefix}_{key}_document" for key in json_keys]
+        return [f"{output_prefix}_{key}_{level}" for key in json_keys]
     return [f"{output_prefix}_{mode}_document"]
 
 
@@ -57,8 +81,10 @@ class EncodedChunk:
     sequence_lengths: list[np.ndarray]
     sequences_per_document: list[np.ndarray]
     documents: int
-    skipped: list[tuple[str, int]]  # (reason, line number)
+    skipped: list[tuple[str, int]]  # lines not written: (reason, line number)
     source: str
+    document_lines: np.ndarray = None  # input line index (0-based, over all inputs) of each document
+    key_issues: list[tuple[str, str, int]] = field(default_factory=list)  # (key, reason, line): an empty document
 
 
 @dataclass
@@ -68,6 +94,9 @@ class PreprocessResult:
     tokens: int = 0
     skipped: Counter = field(default_factory=Counter)
     skipped_examples: dict = field(default_factory=dict)  # reason -> first few "file:line"
+    key_issues: Counter = field(default_factory=Counter)  # (key, reason) -> lines written as an empty document
+    key_issue_examples: dict = field(default_factory=dict)
+    empty_documents: Counter = field(default_factory=Counter)  # prefix -> documents without any sequence
     seconds: float = 0.0
 
     @property
@@ -81,9 +110,15 @@ class PreprocessResult:
         for reason in SKIP_REASONS:
             if self.skipped[reason]:
                 lines.append(f"  {reason}: {self.skipped[reason]} (e.g. {', '.join(self.skipped_examples[reason])})")
+        for (key, reason), count in sorted(self.key_issues.items()):
+            lines.append(f"key {key!r} {reason} in {count} written lines (empty document in its output; e.g. "
+                         f"{', '.join(self.key_issue_examples[key, reason])})")
+        for prefix, count in sorted(self.empty_documents.items()):
+            if count:
+                lines.append(f"empty documents in {prefix}: {count}")
         lines.append(f"time: {self.seconds:.1f} s ({rate:,.0f} docs/s, {self.tokens / max(self.seconds, 1e-9):,.0f} "
                      f"tokens/s)")
-        lines += [f"wrote {p}.bin / .idx" for p in self.prefixes]
+        lines += [f"wrote {p}.bin / .idx / .json" for p in self.prefixes]
         return "\n".join(lines)
 
 
@@ -94,31 +129,37 @@ class _Skip(Exception):
 
 
 class ChunkEncoder:
-    """Turns a ``Chunk`` into an ``EncodedChunk``. Built once per worker process."""
+    """Turns a ``Chunk`` into an ``EncodedChunk``. Built once, in the main process; workers inherit or unpickle it."""
 
-    def __init__(self, tokenizer: str | Tokenizer, tokenizer_type: str, mode: str, json_keys: Sequence[str],
-                 append_eod: bool, system: str | None):
-        """``tokenizer``: a loaded Tokenizer, or a model path (what worker processes get)."""
-        self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer, tokenizer_type)
+    def __init__(self, tokenizer: str | Tokenizer | HFTokenizer, tokenizer_type: str, mode: str,
+                 json_keys: Sequence[str], append_eod: bool, system: str | None,
+                 splitter: SentenceSplitter | None = None):
+        """``tokenizer``: a loaded tokenizer, or a model path. ``splitter``: split pretrain documents into sentences."""
+        self.tokenizer = tokenizer if not isinstance(tokenizer, (str, os.PathLike)) else \
+            Tokenizer.load(tokenizer, tokenizer_type)
         self.mode, self.json_keys, self.append_eod, self.system = mode, list(json_keys), append_eod, system
+        self.splitter = splitter
         self.dtype = token_dtype(self.tokenizer.vocab_size)
         self.outputs = len(self.json_keys) if mode == "pretrain" else 1
+        if mode != "pretrain":
+            self.tokenizer.require_chat_tokens()  # one clear line now, not every record skipped later
+        if append_eod and self.tokenizer.eod is None:
+            raise ValueError(f"--append-eod: tokenizer {self.tokenizer.model_path} has no eos/eod token")
 
     def __call__(self, chunk: Chunk) -> EncodedChunk:
+        if self.mode == "pretrain":
+            return self._encode_documents(chunk)
         skipped: list[tuple[str, int]] = []
-        documents: list = []  # records (pretrain) or chat segment lists (sft, preference)
+        documents, lines = [], []  # chat segment lists
         for offset, record in enumerate(self._records(chunk)):
             try:
-                record = self._check(record)
-                documents.append(record if self.mode == "pretrain" else self._chat_segments(record))
+                documents.append(self._chat_segments(self._check(record)))
+                lines.append(chunk.index + offset)
             except _Skip as skip:
                 skipped.append((skip.reason, chunk.first_line + offset))
-        if self.mode == "pretrain":
-            per_output = self._encode_texts(documents)
-        else:
-            per_output = [self._flatten_segments(documents)]
-        tokens, lengths, per_doc = zip(*per_output)
-        return EncodedChunk(list(tokens), list(lengths), list(per_doc), len(per_doc[0]), skipped, chunk.source)
+        tokens, lengths, per_doc = self._flatten_segments(documents)
+        return EncodedChunk([tokens], [lengths], [per_doc], len(per_doc), skipped, chunk.source,
+                            np.asarray(lines, dtype=np.int64))
 
     def _records(self, chunk: Chunk) -> Iterator:
         if chunk.records is not None:
@@ -133,18 +174,63 @@ class ChunkEncoder:
             except ValueError:  # also invalid UTF-8
                 yield _Skip("bad_json")
 
+    # ------------------------------------------------------------------ pretrain
+    def _encode_documents(self, chunk: Chunk) -> EncodedChunk:
+        skipped, key_issues, lines = [], [], []
+        texts: dict[str, list[str | None]] = {key: [] for key in self.json_keys}
+        for offset, record in enumerate(self._records(chunk)):
+            line = chunk.first_line + offset
+            if isinstance(record, _Skip):
+                skipped.append((record.reason, line))
+                continue
+            if not isinstance(record, dict):
+                skipped.append(("not_object", line))
+                continue
+            issues = [(key, "missing_key" if key not in record else "not_string") for key in self.json_keys
+                      if not isinstance(record.get(key), str)]
+            if len(issues) == len(self.json_keys):  # nothing usable in this line
+                skipped.append((issues[0][1], line))
+                continue
+            key_issues += [(key, reason, line) for key, reason in issues]
+            lines.append(chunk.index + offset)
+            for key in self.json_keys:
+                value = record.get(key)
+                texts[key].append(value if isinstance(value, str) else None)
+        per_output = [self._encode_texts(texts[key]) for key in self.json_keys]
+        tokens, lengths, per_doc = zip(*per_output)
+        return EncodedChunk(list(tokens), list(lengths), list(per_doc), len(lines), skipped, chunk.source,
+                            np.asarray(lines, dtype=np.int64), key_issues)
+
+    def _encode_texts(self, texts: list[str | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Documents -> (flat tokens, sequence lengths, sequences per document), as Megatron-LM's encoder: every
+        sentence tokenized on its own, empty ones dropped, eod after the last."""
+        if self.splitter is not None:
+            sentences = [split_document(self.splitter, t) if t is not None else [] for t in texts]
+        else:
+            sentences = [[t] if t is not None else [] for t in texts]
+        encoded = iter(self.tokenizer.tokenize_batch([s for doc in sentences for s in doc]))  # one batch call
+        kept: list[list[int]] = []
+        per_doc = np.zeros(len(texts), dtype=np.int32)
+        for d, doc in enumerate(sentences):
+            start = len(kept)
+            kept += [ids for ids in (next(encoded) for _ in doc) if ids]
+            if self.append_eod and len(kept) > start:
+                kept[-1] = list(kept[-1]) + [self.tokenizer.eod]
+            per_doc[d] = len(kept) - start
+        lengths = np.fromiter(map(len, kept), dtype=np.int32, count=len(kept))
+        flat = np.fromiter(chain.from_iterable(kept), dtype=self.dtype, count=int(lengths.sum()))
+        return flat, lengths, per_doc
+
+    # ------------------------------------------------------------------ sft / preference
     def _check(self, record) -> dict:
-        """Validate one record for the mode; raise _Skip(reason) if unusable."""
+        """Validate one chat record for the mode; raise _Skip(reason) if unusable."""
         if isinstance(record, _Skip):
             raise record
         if not isinstance(record, dict):
             raise _Skip("not_object")
-        if self.mode == "pretrain":
-            required = self.json_keys
-        elif self.mode == "preference":
-            required = ("prompt", "chosen", "rejected")
-        else:  # sft: checked in depth by messages_from_record
+        if self.mode == "sft":  # checked in depth by messages_from_record
             return record
+        required = ("prompt", "chosen", "rejected")
         for key in required:
             if key not in record:
                 raise _Skip("missing_key")
@@ -156,18 +242,6 @@ class ChunkEncoder:
                 raise _Skip("empty_text")
         return record
 
-    def _encode_texts(self, records: list[dict]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        outputs = []
-        for key in self.json_keys:
-            ids = self.tokenizer.tokenize_batch([r[key] for r in records])  # one C++ call for the whole chunk
-            if self.append_eod:
-                for doc in ids:
-                    doc.append(self.tokenizer.eod)
-            lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
-            flat = np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum()))
-            outputs.append((flat, lengths, np.ones(len(ids), dtype=np.int32)))
-        return outputs
-
     def _flatten_segments(self, segments_per_doc: list[list[list[int]]]):
         flat_segments = [s for doc in segments_per_doc for s in doc]
         lengths = np.fromiter(map(len, flat_segments), dtype=np.int32, count=len(flat_segments))
@@ -176,18 +250,19 @@ class ChunkEncoder:
         return flat, lengths, per_doc
 
     def _chat_segments(self, record: dict) -> list[list[int]]:
+        tok = self.tokenizer
         system = record.get("system", self.system)
         if system is not None and not isinstance(system, str):
             raise _Skip("not_string")
         if self.mode == "preference":
-            prompt = self.tokenizer.chat_prompt_ids([{"role": "user", "content": record["prompt"]}], system)
+            prompt = tok.chat_prompt_ids([{"role": "user", "content": record["prompt"]}], system)
             return [prompt,
-                    self.tokenizer.tokenize(record["chosen"].strip()) + [self.tokenizer.eos],
-                    self.tokenizer.tokenize(record["rejected"].strip()) + [self.tokenizer.eos]]
+                    tok.tokenize_content(record["chosen"].strip()) + [tok.eos],
+                    tok.tokenize_content(record["rejected"].strip()) + [tok.eos]]
         try:
             messages, record_system = messages_from_record(record)
-            segments = self.tokenizer.encode_conversation(messages, record_system if record_system is not None
-                                                          else self.system)
+            segments = tok.encode_conversation(messages, record_system if record_system is not None
+                                               else self.system)
         except KeyError:
             raise _Skip("missing_key")
         except (ValueError, TypeError, AttributeError):
@@ -206,73 +281,107 @@ def token_dtype(vocab_size: int):
 
 
 # ---------------------------------------------------------------------------------------------------- writing
-def _make_builder_class():
-    """IndexedDatasetBuilder with compact index arrays, a chunk-at-a-time append and a vectorised pointer pass."""
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, _IndexWriter
-
-    class _VectorisedIndexWriter(_IndexWriter):
-        def _sequence_pointers(self, sequence_lengths):
-            lengths = np.asarray(sequence_lengths, dtype=np.int64)
-            pointers = np.zeros_like(lengths)
-            np.cumsum(lengths[:-1] * DType.size(self.dtype), out=pointers[1:])
-            return pointers
-
-    class ChunkedIndexedDatasetBuilder(IndexedDatasetBuilder):
-        def __init__(self, bin_path: str, dtype):
-            super().__init__(bin_path, dtype=dtype)
-            self.sequence_lengths = array("i")  # 4 bytes per sequence instead of a Python int each
-            self.document_indices = array("q", [0])
-
-        def add_chunk(self, tokens: np.ndarray, sequence_lengths: np.ndarray, sequences_per_document: np.ndarray):
-            self.data_file.write(tokens.astype(self.dtype, copy=False).tobytes(order="C"))
-            self.sequence_lengths.frombytes(sequence_lengths.astype(np.int32).tobytes())
-            ends = self.document_indices[-1] + np.cumsum(sequences_per_document, dtype=np.int64)
-            self.document_indices.frombytes(ends.tobytes())
-
-        def finalize(self, idx_path: str) -> None:
-            self.data_file.close()
-            with _VectorisedIndexWriter(idx_path, self.dtype) as writer:
-                writer.write(self.sequence_lengths, self.sequence_modes, self.document_indices)
-
-    return ChunkedIndexedDatasetBuilder
-
-
 class _AtomicOutputs:
-    """Builders writing ``{prefix}.bin/.idx.tmp-<pid>``; ``commit()`` renames them into place (.idx last)."""
+    """One builder per output prefix (or one per output and partition), all writing ``*.tmp-<pid>`` files beside the
+    output; ``commit()`` merges partitions and renames .bin, .idx, then the sidecar into place."""
 
-    def __init__(self, prefixes: list[str], dtype):
-        builder_class = _make_builder_class()
-        self.prefixes = prefixes
+    def __init__(self, prefixes: list[str], dtype, partitions: int = 1):
+        self.prefixes, self.dtype, self.partitions = prefixes, dtype, partitions
         self.tag = f".tmp-{os.getpid()}"
         for prefix in prefixes:
             Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-            for suffix in (".idx", ".bin"):  # an old complete pair must not survive a failed overwrite
-                Path(prefix + suffix).unlink(missing_ok=True)
-        self.builders = [builder_class(p + ".bin" + self.tag, dtype) for p in prefixes]
+            _remove_stale_temporaries(prefix)
+        self.builders = []  # [output][partition]
+        try:
+            for prefix in prefixes:
+                if partitions == 1:
+                    self.builders.append([make_builder(prefix + ".bin" + self.tag, dtype)])
+                else:
+                    self.builders.append([make_builder(self._part(prefix, p) + ".bin", dtype)
+                                          for p in range(partitions)])
+        except BaseException:
+            self.discard()
+            raise
 
-    def commit(self):
-        for prefix, builder in zip(self.prefixes, self.builders):
-            builder.finalize(prefix + ".idx" + self.tag)
-        for prefix in self.prefixes:
-            os.replace(prefix + ".bin" + self.tag, prefix + ".bin")
-        for prefix in self.prefixes:
-            os.replace(prefix + ".idx" + self.tag, prefix + ".idx")
+    def _part(self, prefix: str, p: int) -> str:
+        return f"{prefix}{self.tag}-part{p}"
+
+    def add(self, encoded: EncodedChunk):
+        for parts, tokens, lengths, per_doc in zip(self.builders, encoded.tokens, encoded.sequence_lengths,
+                                                   encoded.sequences_per_document):
+            if self.partitions == 1:
+                parts[0].add_chunk(tokens, lengths, per_doc)
+                continue
+            part_of_document = encoded.document_lines % self.partitions  # Megatron-LM's round-robin deal
+            sequence_part = np.repeat(part_of_document, per_doc)
+            token_part = np.repeat(sequence_part, lengths)
+            for p, builder in enumerate(parts):
+                if (part_of_document == p).any():
+                    builder.add_chunk(tokens[token_part == p], lengths[sequence_part == p],
+                                      per_doc[part_of_document == p])
+
+    def totals(self, output: int) -> dict:
+        parts = self.builders[output]
+        return {"max_token_id": max(b.max_token_id for b in parts), "tokens": sum(b.tokens for b in parts),
+                "sequences": sum(len(b.sequence_lengths) for b in parts),
+                "documents": sum(b.documents for b in parts)}
+
+    def commit(self, sidecar_info: list[dict]):
+        staged = []
+        for prefix, parts, info in zip(self.prefixes, self.builders, sidecar_info):
+            temp_prefix = prefix + self.tag
+            if self.partitions == 1:
+                parts[0].finalize(prefix + ".idx" + self.tag)
+                os.replace(prefix + ".bin" + self.tag, temp_prefix + ".bin")  # name it as a prefix for the sidecar
+                os.replace(prefix + ".idx" + self.tag, temp_prefix + ".idx")
+            else:
+                for p, builder in enumerate(parts):
+                    builder.finalize(self._part(prefix, p) + ".idx")
+                merge_indexed([IndexSummary(self._part(prefix, p)) for p in range(self.partitions)],
+                              temp_prefix + ".bin", temp_prefix + ".idx")
+                for p in range(self.partitions):
+                    for suffix in (".bin", ".idx"):
+                        os.unlink(self._part(prefix, p) + suffix)
+            staged.append((prefix, temp_prefix, write_sidecar(temp_prefix, info, final_prefix=prefix)))
+        for prefix, temp_prefix, sidecar in staged:  # the .json last: a complete sidecar describes a complete pair
+            os.replace(temp_prefix + ".bin", prefix + ".bin")
+            os.replace(temp_prefix + ".idx", prefix + ".idx")
+            os.replace(sidecar, prefix + ".json")
 
     def discard(self):
-        for prefix, builder in zip(self.prefixes, self.builders):
-            builder.data_file.close()
-            for suffix in (".bin", ".idx"):
-                Path(prefix + suffix + self.tag).unlink(missing_ok=True)
+        for parts in self.builders:
+            for builder in parts:
+                builder.discard()
+        for prefix in self.prefixes:
+            for path in glob.glob(glob.escape(prefix) + "*" + self.tag + "*"):
+                Path(path).unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(prefix: str):
+    """Temporaries of an earlier run at this prefix that was killed (SIGKILL, power loss): their process is gone."""
+    for path in glob.glob(glob.escape(prefix) + "*.tmp-*"):
+        match = re.search(r"\.tmp-(\d+)", path[len(prefix):])
+        if not match or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            Path(path).unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 # ---------------------------------------------------------------------------------------------------- driver
 _worker_encoder: ChunkEncoder | None = None
 
 
-def _init_worker(*encoder_args):
+def _init_worker(encoder: ChunkEncoder):
     global _worker_encoder
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the main process
-    _worker_encoder = ChunkEncoder(*encoder_args)
+    # Ctrl-C and SIGTERM are handled once, by the main process, which then terminates the pool (SIGTERM keeps its
+    # default action here so that works, and a worker killed that way exits without a traceback).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _worker_encoder = encoder
 
 
 def _encode_in_worker(chunk: Chunk) -> EncodedChunk:
@@ -302,45 +411,86 @@ class _InFlightLimit:
         self._slots.release()
 
 
-def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_model: str,
+def _raise_terminated(signum, frame):
+    raise Terminated("terminated by SIGTERM")
+
+
+def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_model: str | None,
                tokenizer_type: str = "auto", json_keys: Sequence[str] = ("text",), append_eod: bool = False,
                mode: str = "pretrain", workers: int = 1, chunk_size: int = 512, system: str | None = None,
-               max_chunks_in_flight: int | None = None, log_interval: int = 1000,
-               progress: bool = True) -> PreprocessResult:
-    """Tokenize ``inputs`` into indexed datasets. Raises FileNotFoundError/ValueError for bad paths or arguments."""
+               max_chunks_in_flight: int | None = None, log_interval: int = 1000, progress: bool = True,
+               split_sentences: bool = False, keep_newlines: bool = False, lang: str = "english",
+               partitions: int = 1, keep_sequential_samples: bool = False, vocab_file: str | None = None,
+               merge_file: str | None = None) -> PreprocessResult:
+    """Tokenize ``inputs`` into indexed datasets (see the module docstring). Raises FileNotFoundError / ValueError /
+    OSError with one-line messages for bad paths, arguments, data that yields nothing, or a failed write
+    (the previous dataset at the prefix is then unchanged); ``Terminated`` on SIGTERM."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    if split_sentences and mode != "pretrain":
+        raise ValueError("--split-sentences applies to pretraining documents, not --mode " + mode)
+    if partitions < 1:
+        raise ValueError(f"--partitions must be >= 1, got {partitions}")
+    if len(set(json_keys)) != len(json_keys):
+        raise ValueError(f"--json-keys has a key twice: {' '.join(json_keys)}")
     sources = expand_inputs(inputs)
-    encoder_args = (str(tokenizer_model), tokenizer_type, mode, list(json_keys), append_eod, system)
-    encoder = ChunkEncoder(*encoder_args)  # also validates the tokenizer before any worker starts
-    columns = list(json_keys) if mode == "pretrain" else None
-    result = PreprocessResult(output_prefixes(output_prefix, mode, json_keys))
-    outputs = _AtomicOutputs(result.prefixes, encoder.dtype)
+    tokenizer = Tokenizer.load(tokenizer_model, tokenizer_type, vocab_file=vocab_file, merge_file=merge_file)
+    splitter = SentenceSplitter(lang, keep_newlines) if split_sentences else None
+    encoder = ChunkEncoder(tokenizer, tokenizer_type, mode, json_keys, append_eod, system, splitter)
+    level = "sentence" if split_sentences else "document"
+    result = PreprocessResult(output_prefixes(output_prefix, mode, json_keys, level))
+    # Sequential partitions concatenate back to the input order: one part gives the same files.
+    round_robin = partitions if not keep_sequential_samples else 1
+    if workers > 1 and isinstance(tokenizer, HFTokenizer):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the pool is the parallelism; quiet fork warning
+    previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     bar = _progress_bar(progress, log_interval)
     start = time.perf_counter()
-    pool = in_flight = None
+    pool = in_flight = outputs = None
+    lines_read = 0
     try:
-        chunks = iter_chunks(sources, chunk_size, columns)
+        outputs = _AtomicOutputs(result.prefixes, encoder.dtype, round_robin)
+        chunks = iter_chunks(sources, chunk_size, list(json_keys) if mode == "pretrain" else None)
         if workers <= 1:
             encoded_chunks = map(encoder, chunks)
-            in_flight = None
         else:
             in_flight = _InFlightLimit(max_chunks_in_flight or 4 * workers)
             context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-            pool = context.Pool(workers, initializer=_init_worker, initargs=encoder_args)
+            pool = context.Pool(workers, initializer=_init_worker, initargs=(encoder,))
             encoded_chunks = pool.imap(_encode_in_worker, in_flight.feed(chunks))
         for encoded in encoded_chunks:  # in input order: the output is deterministic
-            for builder, tokens, lengths, per_doc in zip(outputs.builders, encoded.tokens,
-                                                         encoded.sequence_lengths, encoded.sequences_per_document):
-                builder.add_chunk(tokens, lengths, per_doc)
+            outputs.add(encoded)
             _count(result, encoded)
+            if mode == "pretrain":
+                for prefix, per_doc in zip(result.prefixes, encoded.sequences_per_document):
+                    result.empty_documents[prefix] += int((per_doc == 0).sum())
+            lines_read += encoded.documents + len(encoded.skipped)
             if in_flight is not None:
                 in_flight.chunk_written()
             bar.update(encoded.documents + len(encoded.skipped))
             bar.set_postfix_str(_rates(result, start), refresh=False)
-        outputs.commit()
-    except BaseException:  # KeyboardInterrupt included: never leave partial outputs behind
-        outputs.discard()
+        sidecars = []
+        for i, prefix in enumerate(result.prefixes):
+            totals = outputs.totals(i)
+            if totals["tokens"] == 0:
+                raise ValueError(_nothing_written(result, mode, json_keys, i, lines_read, sources))
+            sidecars.append({"tokenizer": tokenizer_record(tokenizer), "mode": mode,
+                             "json_key": json_keys[i] if mode == "pretrain" else None, "level": level,
+                             "dtype": np.dtype(encoder.dtype).name, **totals, "append_eod": append_eod,
+                             "created_by": "tools/preprocess_data.py"})
+        outputs.commit(sidecars)
+    except OSError as e:
+        if outputs is not None:
+            outputs.discard()
+        if e.filename is None and e.errno is not None:  # a failed write (disk full): say which output
+            raise OSError(e.errno, f"writing {output_prefix}_*: {e.strerror or e}; nothing written, the previous "
+                                   f"dataset (if any) is unchanged") from None
+        raise
+    except BaseException:  # KeyboardInterrupt, Terminated included: never leave partial outputs behind
+        if outputs is not None:
+            outputs.discard()
         raise
     finally:
         if pool is not None:
@@ -348,8 +498,25 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_model:
             pool.terminate()
             pool.join()
         bar.close()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _nothing_written(result: PreprocessResult, mode: str, json_keys: Sequence[str], output: int, lines_read: int,
+                     sources: list) -> str:
+    what = f"--json-keys {json_keys[output]}" if mode == "pretrain" else f"--mode {mode}"
+    source = str(sources[0]) if len(sources) == 1 else f"{len(sources)} inputs"
+    if lines_read == 0:
+        return f"{source}: no records to read; nothing written"
+    reasons = Counter({r: c for r, c in result.skipped.items() if c})
+    if mode == "pretrain":
+        for (key, reason), count in result.key_issues.items():
+            if key == json_keys[output]:
+                reasons[reason] += count
+    detail = ", ".join(f"{reason} {count}" for reason, count in reasons.most_common()) or "every text is empty"
+    return f"{source}: no tokens for {what} in {lines_read} records ({detail}); nothing written"
 
 
 def _count(result: PreprocessResult, encoded: EncodedChunk):
@@ -358,6 +525,11 @@ def _count(result: PreprocessResult, encoded: EncodedChunk):
     for reason, line in encoded.skipped:
         result.skipped[reason] += 1
         examples = result.skipped_examples.setdefault(reason, [])
+        if len(examples) < 3:
+            examples.append(f"{encoded.source}:{line}")
+    for key, reason, line in encoded.key_issues:
+        result.key_issues[key, reason] += 1
+        examples = result.key_issue_examples.setdefault((key, reason), [])
         if len(examples) < 3:
             examples.append(f"{encoded.source}:{line}")
 

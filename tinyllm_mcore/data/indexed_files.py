@@ -1,0 +1,230 @@
+"""Writing and merging megatron-core indexed datasets (``.bin`` + ``.idx``) with memory flat in dataset size.
+
+megatron-core's ``IndexedDatasetBuilder`` keeps every sequence length in a Python list and ``add_index`` (what
+Megatron-LM's merge tool uses) appends whole indices to it; for a billion-token corpus that is gigabytes. Here:
+
+* ``ChunkedIndexedDatasetBuilder`` — megatron's builder with compact arrays (4 + 8 bytes per sequence/document, as
+  the ``.idx`` itself) and a chunk-at-a-time append;
+* ``merge_indexed`` — concatenates datasets by streaming: ``.bin`` files are copied, the ``.idx`` sections are written
+  block by block from the inputs' memory-mapped indices. The files are byte-identical to megatron-core's
+  ``IndexedDatasetBuilder.add_index`` + ``finalize`` (tested).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from array import array
+from pathlib import Path
+
+import numpy as np
+
+BLOCK = 1 << 20  # index entries per streamed block
+
+
+def _megatron():
+    from megatron.core.datasets import indexed_dataset
+
+    return indexed_dataset
+
+
+def make_builder(bin_path: str, dtype) -> "ChunkedIndexedDatasetBuilder":
+    return _builder_class()(bin_path, dtype)
+
+
+_BUILDER = None
+
+
+def _builder_class():
+    global _BUILDER
+    if _BUILDER is not None:
+        return _BUILDER
+    md = _megatron()
+
+    class _VectorisedIndexWriter(md._IndexWriter):
+        def _sequence_pointers(self, sequence_lengths):
+            lengths = np.asarray(sequence_lengths, dtype=np.int64)
+            pointers = np.zeros_like(lengths)
+            np.cumsum(lengths[:-1] * md.DType.size(self.dtype), out=pointers[1:])
+            return pointers
+
+    class ChunkedIndexedDatasetBuilder(md.IndexedDatasetBuilder):
+        def __init__(self, bin_path: str, dtype):
+            super().__init__(bin_path, dtype=dtype)
+            self.bin_path = bin_path
+            self.sequence_lengths = array("i")  # 4 bytes per sequence instead of a Python int each
+            self.document_indices = array("q", [0])
+            self.tokens = 0
+            self.max_token_id = -1
+
+        def add_chunk(self, tokens: np.ndarray, sequence_lengths: np.ndarray, sequences_per_document: np.ndarray):
+            if tokens.size:
+                self.max_token_id = max(self.max_token_id, int(tokens.max()))
+            self.tokens += int(tokens.size)
+            self.data_file.write(tokens.astype(self.dtype, copy=False).tobytes(order="C"))
+            self.sequence_lengths.frombytes(sequence_lengths.astype(np.int32).tobytes())
+            ends = self.document_indices[-1] + np.cumsum(sequences_per_document, dtype=np.int64)
+            self.document_indices.frombytes(ends.tobytes())
+
+        @property
+        def documents(self) -> int:
+            return len(self.document_indices) - 1
+
+        def finalize(self, idx_path: str) -> None:
+            self.data_file.close()
+            with _VectorisedIndexWriter(idx_path, self.dtype) as writer:
+                writer.write(self.sequence_lengths, self.sequence_modes, self.document_indices)
+
+        def discard(self) -> None:
+            self.data_file.close()
+
+    _BUILDER = ChunkedIndexedDatasetBuilder
+    return _BUILDER
+
+
+class IndexSummary:
+    """An ``.idx`` opened memory-mapped (megatron's reader), checked against its ``.bin``."""
+
+    def __init__(self, prefix: str):
+        md = _megatron()
+        self.prefix = prefix
+        idx_path, bin_path = prefix + ".idx", prefix + ".bin"
+        for path in (idx_path, bin_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{prefix}: {os.path.basename(path)} not found")
+        try:
+            self.reader = md._IndexReader(idx_path, multimodal=False)
+        except (AssertionError, ValueError, struct.error) as e:
+            raise ValueError(f"{prefix}: not a megatron indexed dataset index ({e})") from None
+        r = self.reader
+        self.dtype = r.dtype
+        self.itemsize = md.DType.size(r.dtype)
+        expected_idx = 34 + r.sequence_count * 12 + r.document_count * 8
+        actual_idx = os.path.getsize(idx_path)
+        if actual_idx not in (expected_idx, expected_idx + r.sequence_count):  # + int8 modes when multimodal
+            raise ValueError(f"{prefix}: .idx is {actual_idx} bytes, its header promises {expected_idx}")
+        if actual_idx != expected_idx:
+            raise ValueError(f"{prefix}: multimodal datasets (sequence modes) are not supported")
+        self.tokens = int(r.sequence_lengths.sum(dtype=np.int64))
+        if os.path.getsize(bin_path) != self.tokens * self.itemsize:
+            raise ValueError(f"{prefix}: .bin is {os.path.getsize(bin_path)} bytes but its .idx describes "
+                             f"{self.tokens * self.itemsize}: the pair does not match")
+        self.sequences = r.sequence_count
+        self.documents = r.document_count - 1
+
+
+def merge_indexed(inputs: list[IndexSummary], bin_path: str, idx_path: str) -> None:
+    """Concatenate ``inputs`` (same dtype) into ``bin_path``/``idx_path``, streaming."""
+    md = _megatron()
+    dtype = inputs[0].dtype
+    with open(bin_path, "wb") as out:
+        for item in inputs:
+            with open(item.prefix + ".bin", "rb") as f:
+                shutil.copyfileobj(f, out, 16 << 20)
+    total_sequences = sum(i.sequences for i in inputs)
+    total_documents = 1 + sum(i.documents for i in inputs)
+    with md._IndexWriter(idx_path, dtype) as writer:  # writes the header, version and dtype code
+        f = writer.idx_writer
+        f.write(np.array([total_sequences, total_documents], dtype="<u8").tobytes())
+        for item in inputs:
+            lengths = item.reader.sequence_lengths
+            for start in range(0, len(lengths), BLOCK):
+                f.write(np.asarray(lengths[start:start + BLOCK], dtype=np.int32).tobytes())
+        byte_offset = 0
+        itemsize = md.DType.size(dtype)
+        for item in inputs:
+            lengths = item.reader.sequence_lengths
+            for start in range(0, len(lengths), BLOCK):
+                sizes = lengths[start:start + BLOCK].astype(np.int64) * itemsize
+                ends = np.cumsum(sizes) + byte_offset
+                f.write((ends - sizes).tobytes())
+                if len(sizes):
+                    byte_offset = int(ends[-1])
+        f.write(np.zeros(1, dtype=np.int64).tobytes())
+        sequence_offset = 0
+        for item in inputs:
+            ends = item.reader.document_indices[1:]
+            for start in range(0, len(ends), BLOCK):
+                f.write((ends[start:start + BLOCK].astype(np.int64) + sequence_offset).tobytes())
+            sequence_offset += item.sequences
+
+
+def dataset_prefixes_in(folder: str) -> list[str]:
+    """The ``.bin``/``.idx`` pairs of a folder, as Megatron-LM's merge tool takes them: sorted by prefix name.
+    Sidecars and other files are ignored; half a pair is an error."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--input {folder}: not a directory")
+    names = {}
+    for name in os.listdir(folder):
+        stem, ext = os.path.splitext(name)
+        if ext in (".bin", ".idx") and os.path.isfile(os.path.join(folder, name)):
+            names.setdefault(stem, set()).add(ext)
+    for stem, exts in sorted(names.items()):
+        if exts != {".bin", ".idx"}:
+            missing = ({".bin", ".idx"} - exts).pop()
+            raise FileNotFoundError(f"{os.path.join(folder, stem)}: {missing} file not found (half a pair)")
+    if not names:
+        raise FileNotFoundError(f"--input {folder}: no .bin/.idx pairs")
+    return [os.path.join(folder, stem) for stem in sorted(names)]
+
+
+def merge_datasets(prefixes: list[str], output_prefix: str, created_by: str = "tools/merge_datasets.py",
+                   log=print) -> dict:
+    """Concatenate indexed datasets, in the given order, into ``output_prefix`` (.bin/.idx, + the sidecar when every
+    input has one); streaming and atomic. Refuses inputs of different dtypes, tokenizers or modes (ValueError, one
+    line naming two of them). Returns the output's totals."""
+    from tinyllm_mcore.data.vocab_contract import read_sidecar, write_sidecar
+
+    if not prefixes:
+        raise ValueError("nothing to merge")
+    inputs = [IndexSummary(p) for p in prefixes]
+    sidecars = [read_sidecar(p) for p in prefixes]
+    for item in inputs[1:]:
+        if item.dtype != inputs[0].dtype:
+            raise ValueError(f"{item.prefix} stores {item.dtype.__name__} ids but {inputs[0].prefix} "
+                             f"{inputs[0].dtype.__name__}: different vocabularies cannot be merged")
+    known = [(p, s) for p, s in zip(prefixes, sidecars) if s is not None]
+    for field, what in ((lambda s: (s.get("tokenizer") or {}).get("identity"), "tokenizers"),
+                        (lambda s: s.get("mode"), "modes")):
+        for prefix, sidecar in known[1:]:
+            if field(sidecar) != field(known[0][1]):
+                raise ValueError(f"{prefix} and {known[0][0]} were made with different {what} "
+                                 f"({field(sidecar)} vs {field(known[0][1])}): refusing to merge")
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    temp = f"{output_prefix}.tmp-{os.getpid()}"
+    try:
+        merge_indexed(inputs, temp + ".bin", temp + ".idx")
+        totals = {"tokens": sum(i.tokens for i in inputs), "sequences": sum(i.sequences for i in inputs),
+                  "documents": sum(i.documents for i in inputs)}
+        sidecar_temp = None
+        if len(known) == len(prefixes):
+            first = known[0][1]
+
+            def same(key):
+                values = {json.dumps(s.get(key), sort_keys=True) for _, s in known}
+                return first.get(key) if len(values) == 1 else None
+
+            info = {"tokenizer": first.get("tokenizer"), "mode": first.get("mode"), "json_key": same("json_key"),
+                    "level": same("level"), "dtype": first.get("dtype"),
+                    "max_token_id": max(s.get("max_token_id", -1) for _, s in known), **totals,
+                    "append_eod": same("append_eod"), "created_by": created_by}
+            sidecar_temp = write_sidecar(temp, info, final_prefix=output_prefix)
+        elif known:
+            log(f"note: {len(prefixes) - len(known)} of {len(prefixes)} inputs have no vocabulary sidecar (made by "
+                f"Megatron-LM's tools?): tokenizers not verified, no sidecar written")
+        os.replace(temp + ".bin", output_prefix + ".bin")
+        os.replace(temp + ".idx", output_prefix + ".idx")
+        if sidecar_temp is not None:
+            os.replace(sidecar_temp, output_prefix + ".json")
+        elif os.path.exists(output_prefix + ".json"):
+            os.unlink(output_prefix + ".json")  # an older sidecar would describe other data
+    except BaseException:
+        for suffix in (".bin", ".idx"):
+            if os.path.exists(temp + suffix):
+                os.unlink(temp + suffix)
+        stale = output_prefix + ".json" + f".tmp-{os.getpid()}"
+        if os.path.exists(stale):
+            os.unlink(stale)
+        raise
+    return totals
