@@ -59,6 +59,11 @@ def pretrain_datasets(args, tokenizer, preset):
         if not args.mock_data:
             raise ValueError("--data-path needs --tokenizer-model (its eod/pad ids define documents and padding)")
         tokenizer = SyntheticTokenizer(preset.vocab_size)
+    if not args.mock_data:  # data whose vocabulary sidecar says it does not fit is refused before training
+        from tinyllm_mcore.data.vocab_contract import check_prefix_vocab
+
+        for prefix in _prefixes(args.data_path):
+            check_prefix_vocab(prefix, preset.vocab_size, getattr(tokenizer, "identity", None), mode="pretrain")
 
     return build_pretrain_datasets(
         data_path=args.data_path, split=args.split, seq_length=args.seq_length, seed=args.seed,
@@ -69,12 +74,15 @@ def check_data_paths(args) -> None:
     """Every --data-path prefix must have its .bin and .idx (weights are the numbers between prefixes)."""
     if args.mock_data or not args.data_path:
         return
-    paths = args.data_path
-    prefixes = paths[1::2] if len(paths) > 1 and _is_number(paths[0]) else paths
-    for prefix in prefixes:
+    for prefix in _prefixes(args.data_path):
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
                 raise FileNotFoundError(f"data prefix {prefix!r}: {prefix + ext} not found")
+
+
+def _prefixes(data_path: list[str]) -> list[str]:
+    """The prefixes of a megatron --data-path ('w1 p1 w2 p2' or 'p1 p2')."""
+    return data_path[1::2] if len(data_path) > 1 and _is_number(data_path[0]) else data_path
 
 
 def _is_number(text: str) -> bool:

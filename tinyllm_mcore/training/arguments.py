@@ -88,6 +88,10 @@ def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
                    help="load model weights only: reset iteration, optimizer, LR schedule and RNG")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--no-verify-checkpoint", action="store_true",
+                   help="load without checking the files against the checkpoint's manifest of checksums")
+    g.add_argument("--allow-tokenizer-change", action="store_true",
+                   help="load a checkpoint trained with another tokenizer of the same vocabulary size")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
                    help="save distributed-optimizer state gathered into model space (loads at any TP/PP/DP, and "
                         "without the distributed optimizer); default: per-DP-rank buckets (loads at any DP, same "
@@ -150,4 +154,21 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--moe-aux-loss-coeff must be >= 0")
     if args.moe_expert_capacity_factor is not None and args.moe_expert_capacity_factor <= 0:
         raise ValueError("--moe-expert-capacity-factor must be > 0")
+    if args.finetune and not args.load:
+        raise ValueError("--finetune needs --load CHECKPOINT (it starts from that checkpoint's weights)")
+    args.split = normalize_split(args.split)
     return args
+
+
+def normalize_split(text: str) -> str:
+    """Megatron's --split: up to three non-negative train,valid,test weights (',' or '/'), not all zero."""
+    parts = [p.strip() for p in text.replace("/", ",").split(",")]
+    if len(parts) > 3 or not all(parts):
+        raise ValueError(f"--split {text!r}: give up to three comma-separated weights train,valid,test (e.g. 969,30,1)")
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--split {text!r}: weights must be numbers (e.g. 969,30,1)") from None
+    if any(not w >= 0 or w == float("inf") for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--split {text!r}: weights must be finite, non-negative and not all zero")
+    return ",".join(parts)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from tinyllm_mcore.runtime import compat
+from tinyllm_mcore.training import checkpoint_safety as safety
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -272,6 +273,7 @@ def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler,
     from megatron.core import dist_checkpointing
 
     _forked_write_results_queue()
+    safety.forked_workers_die_with_parent()
 
     path = iteration_dir(save_dir, iteration)
     rank0 = dist.get_rank() == 0
@@ -288,6 +290,7 @@ def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler,
     dist.barrier()
     if rank0:  # publish only a complete checkpoint, in a layout every supported megatron-core reads
         compat.write_common_state_file(path)
+        safety.write_manifest(path)  # last: a folder without it is an incomplete save
         tmp = Path(save_dir) / f".{TRACKER}.tmp"
         tmp.write_text(str(iteration))
         os.replace(tmp, Path(save_dir) / TRACKER)
@@ -298,20 +301,106 @@ def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler,
 def read_common(path: Path) -> dict:
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load_common_state_dict(str(path))
+    try:
+        return dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as e:  # truncated or garbage common state: one line naming the checkpoint
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{path}: unreadable common state ({type(e).__name__}: {first})") from e
+
+
+def check_matches_run(load: str, preset, tokenizer_identity: str | None, allow_tokenizer_change: bool) -> None:
+    """The checkpoint was trained as this run's model with this run's tokenizer, or one line says what differs."""
+    import dataclasses
+
+    path = resolve_load_dir(load)
+    saved = read_common(path).get("args", {})
+    saved_preset = saved.get("preset")
+    if saved_preset is not None:
+        current = dataclasses.asdict(preset)
+        differs = [k for k in current if k != "vocab_size" and saved_preset.get(k, current[k]) != current[k]]
+        if differs:
+            shown = ", ".join(f"{k} {saved_preset[k]} vs {current[k]}" for k in differs[:3])
+            raise CheckpointError(f"{path} is a {saved_preset.get('name')} model and this run builds "
+                                  f"{current['name']} ({shown}): pass --model-size {saved_preset.get('name')}")
+        if saved_preset.get("vocab_size") != current["vocab_size"] and not allow_tokenizer_change:
+            raise CheckpointError(f"{path} has a {saved_preset.get('vocab_size')}-token vocabulary and this run's "
+                                  f"tokenizer {current['vocab_size']}: use the checkpoint's tokenizer "
+                                  f"({saved.get('tokenizer_model')})")
+    saved_identity = saved.get("tokenizer_identity")
+    if (saved_identity and tokenizer_identity and saved_identity != tokenizer_identity
+            and not allow_tokenizer_change):
+        raise CheckpointError(f"{path} was trained with another tokenizer ({saved.get('tokenizer_model')}) than "
+                              "--tokenizer-model: use that one, or --allow-tokenizer-change for a deliberate "
+                              "change of a same-size vocabulary")
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Rank 0 checks every file against the manifest; every rank raises the same one-line error."""
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            if not safety.verify(path):
+                print(f"note: {path} has no manifest (saved before checksums); loading it unverified", flush=True)
+        except safety.CheckpointIntegrityError as e:
+            error = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise CheckpointError(error)
+
+
+def _check_model_keys(path: Path, model_states: list[dict]) -> None:
+    """Every tensor the model expects is in the checkpoint with the same global shape (a checkpoint of another size
+    or stage is one line, not a multi-rank dump from inside the loader)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    expected = {}
+    for state in model_states:
+        for value in nested_values(state):
+            key = getattr(value, "key", None)
+            if key is not None and not key.endswith("_extra_state"):
+                expected[key] = tuple(value.global_shape) if isinstance(value, ShardedTensor) else None
+    missing = sorted(k for k in expected if k not in saved)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path} has no {missing[0]}{more}: it holds another kind of model (an LM, reward "
+                              "or MoE checkpoint of another stage?)")
+    for key, shape in expected.items():
+        if shape is not None and tuple(saved[key].global_shape) != shape:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(saved[key].global_shape)} in the checkpoint but "
+                                  f"{shape} in this model (another --model-size or vocabulary?)")
 
 
 def load_checkpoint(load: str, models, optimizer=None, scheduler=None, *, finetune: bool = False,
-                    load_optim: bool = True, load_rng: bool = True) -> tuple[int, int]:
+                    load_optim: bool = True, load_rng: bool = True, verify: bool = True) -> tuple[int, int]:
     """Load into the (already built) models/optimizer/scheduler; return (iteration, consumed_samples).
 
     `finetune` loads model weights only and restarts counting from zero. RNG states are restored only when the
-    parallel layout is unchanged (they are per TP/PP rank).
+    parallel layout is unchanged (they are per TP/PP rank). `verify` checks the files against the manifest first.
     """
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     path = resolve_load_dir(load)
+    if verify:
+        verify_checkpoint(path)
+    try:
+        return _load(path, models, optimizer, scheduler, finetune=finetune, load_optim=load_optim, load_rng=load_rng,
+                     ps=ps)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a damaged file the manifest could not vouch for: one line, not a multi-rank dump
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {first})") from e
+
+
+def _load(path: Path, models, optimizer, scheduler, *, finetune: bool, load_optim: bool, load_rng: bool, ps):
+    from megatron.core import dist_checkpointing
+
     common = read_common(path)
     saved = common.get("args", {})
     same_layout = (saved.get("tensor_model_parallel_size") == ps.get_tensor_model_parallel_world_size()
@@ -324,6 +413,7 @@ def load_checkpoint(load: str, models, optimizer=None, scheduler=None, *, finetu
                         iteration=0, consumed_samples=0, args=None,
                         rng=load_rng and not finetune and same_layout, is_loading=True,
                         optimizer_metadata=optimizer_metadata)
+    _check_model_keys(path, [state[_model_key(i, len(models))] for i in range(len(models))])
     loaded = dist_checkpointing.load(state, str(path))
     for i, m in enumerate(models):
         unwrap(m).load_state_dict(loaded[_model_key(i, len(models))], strict=True)

@@ -17,6 +17,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -190,8 +191,26 @@ def collate(samples: list[dict]) -> dict:
     return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]}
 
 
+def _check_ids(dataset, index: int, sample: dict, vocab_size: int | None) -> dict:
+    """A cheap guard for data without a vocabulary sidecar: ids outside the model's vocabulary would index past the
+    embedding (a traceback at TP1) or silently into its padding rows (at any TP)."""
+    if vocab_size is None:
+        return sample
+    for key in ("tokens", "labels"):
+        ids = torch.as_tensor(sample[key]) if key in sample else None
+        if ids is not None and ids.numel() and (int(ids.max()) >= vocab_size or int(ids.min()) < -1):
+            bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+            part = dataset
+            if "dataset_id" in sample and hasattr(dataset, "datasets"):  # a blend: name the prefix the sample is from
+                part = dataset.datasets[int(sample["dataset_id"])]
+            name = getattr(getattr(part, "dataset", None), "path_prefix", None) or type(part).__name__
+            raise ValueError(f"{name}: sample {index} has token id {bad}, outside the model's vocabulary of "
+                             f"{vocab_size} (data made with another tokenizer?)")
+    return sample
+
+
 def micro_batches(dataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                  shuffle_seed: int | None = None) -> Iterator[dict]:
+                  shuffle_seed: int | None = None, vocab_size: int | None = None) -> Iterator[dict]:
     """Global step g takes samples [g·mbs·dp, (g+1)·mbs·dp); DP rank r the r-th micro-batch of those.
 
     Indices past the dataset's end wrap into a new epoch (reshuffled when `shuffle_seed` is set; megatron's
@@ -214,7 +233,8 @@ def micro_batches(dataset, *, consumed_samples: int, micro_batch_size: int, dp_r
     start = consumed_samples
     while True:
         first = start + dp_rank * micro_batch_size
-        yield collate([dataset[index(first + j)] for j in range(micro_batch_size)])
+        yield collate([_check_ids(dataset, index(first + j), dataset[index(first + j)], vocab_size)
+                       for j in range(micro_batch_size)])
         start += micro_batch_size * dp_size
 
 
@@ -335,12 +355,14 @@ def setup(stage: Stage, args, tokenizer=None, preset: ModelPreset | None = None)
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
     args.sequences_per_sample = getattr(args, "sequences_per_sample", 1)
     args.report_names = list(stage.report_names)
-    if args.load:
-        ckpt.resolve_load_dir(args.load)  # fail fast, before building anything
+    args.tokenizer_identity = getattr(tokenizer, "identity", None)  # stored in checkpoints, checked on load
+    if args.load:  # fail fast, before building anything
+        ckpt.check_matches_run(args.load, preset, args.tokenizer_identity, args.allow_tokenizer_change)
 
     vpp = virtual_pipeline_stages(args, preset)
     rt.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, vpp,
                   args.expert_model_parallel_size, seed=args.seed)
+    save_lock = _claim_save_folder(args.save) if args.save else None
     config = build_config(args, preset)
     chunks = build_model_chunks(stage, args, preset, config)
     optimizer, scheduler = build_optimizer(args, chunks, config)
@@ -353,12 +375,33 @@ def setup(stage: Stage, args, tokenizer=None, preset: ModelPreset | None = None)
     if args.load:
         iteration, consumed = ckpt.load_checkpoint(args.load, chunks, optimizer, scheduler, finetune=args.finetune,
                                                    load_optim=not (args.no_load_optim or args.skip_train),
-                                                   load_rng=not args.no_load_rng)
+                                                   load_rng=not args.no_load_rng,
+                                                   verify=not args.no_verify_checkpoint)
         rt.print_rank0(f"loaded {args.load} at iteration {iteration} ({consumed} samples consumed)")
     if stage.after_load is not None:
         stage.after_load(args, chunks)
     return dict(preset=preset, config=config, chunks=chunks, optimizer=optimizer, scheduler=scheduler,
-                iteration=iteration, consumed_samples=consumed, dp_rank=ps.get_data_parallel_rank(), dp_size=dp)
+                iteration=iteration, consumed_samples=consumed, dp_rank=ps.get_data_parallel_rank(), dp_size=dp,
+                save_lock=save_lock)
+
+
+def _claim_save_folder(save: str):
+    """Rank 0 locks --save for this run and clears saves that died midway; every rank fails alike if it is taken."""
+    from tinyllm_mcore.training import checkpoint_safety as safety
+
+    lock, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            lock = safety.SaveFolderLock(save)
+            for removed in safety.remove_incomplete(Path(save)):
+                print(f"removed {removed}: an incomplete checkpoint (a save that did not finish)", flush=True)
+        except ValueError as e:
+            error = str(e)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise ValueError(box[0])
+    return lock
 
 
 def train(stage: Stage, args, tokenizer=None) -> dict:
@@ -373,12 +416,16 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
     def iterators(dataset, consumed, shuffle):
         seed = args.seed if shuffle else None
         return [micro_batches(dataset, consumed_samples=consumed, micro_batch_size=args.micro_batch_size,
-                              dp_rank=state["dp_rank"], dp_size=state["dp_size"], shuffle_seed=seed)
+                              dp_rank=state["dp_rank"], dp_size=state["dp_size"], shuffle_seed=seed,
+                              vocab_size=preset.vocab_size)
                 for _ in chunks]  # one per virtual-pipeline chunk: each chunk draws the same micro-batches
 
     shuffle = getattr(args, "shuffle_each_epoch", False)
     train_iters = iterators(train_ds, state["consumed_samples"], shuffle)
     valid_factory = (lambda: iterators(valid_ds, 0, False)) if valid_ds is not None and len(valid_ds) else None
+    if valid_factory is None and args.eval_interval and not args.skip_train:
+        raise ValueError(f"--eval-interval {args.eval_interval} asks for validation, but --split {args.split} "
+                         "leaves no validation data: give the split a validation share or drop --eval-interval")
     forward_backward = get_forward_backward_func()
     from tinyllm_mcore.moe import MoEMetrics
 
@@ -467,11 +514,16 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
         if stop:
             rt.print_rank0(f"[{stage.name}] exiting at iteration {iteration}: {stop}")
             break
+    trained = iteration - state["iteration"]
+    if trained and skipped_total == trained:
+        raise FloatingPointError(f"every one of the {trained} iterations had a non-finite loss; nothing was trained")
     if args.save and last_saved != iteration:  # always leave the final state (also a --train-iters 0 init)
         path = ckpt.save_checkpoint(args.save, iteration, chunks, optimizer, scheduler, consumed_samples=consumed,
                                     args=args)
         rt.print_rank0(f"saved checkpoint {path}")
     exit_conditions.close()
+    if state["save_lock"] is not None:
+        state["save_lock"].release()
     if writer is not None:
         writer.close()
     return {"history": history, "iteration": iteration, "consumed_samples": consumed, "chunks": chunks,

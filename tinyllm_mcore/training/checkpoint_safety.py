@@ -1,0 +1,139 @@
+"""What keeps checkpoints trustworthy when things go wrong: checksums, one run per save folder, no orphaned writers,
+no half-written leftovers.
+
+- Manifest: after every rank finished writing, rank 0 records each file's size and CRC-32 (`manifest.json`, written
+  last, before the latest pointer moves). Loading verifies it and names the bad file in one line; a bit flip inside
+  a shard is caught before a single tensor is used (`--no-verify-checkpoint` skips it).
+- Lock: the run that saves into a folder holds an exclusive `flock` on `SAVE/.run.lock` for its lifetime; the kernel
+  releases it however the process dies, so a second run on the same `--save` is refused, never interleaved.
+- Writers: megatron's checkpoint writer forks worker processes; each is told to die with its parent
+  (PR_SET_PDEATHSIG), so a `kill -9` of a trainer mid-save leaves nothing running.
+- Leftovers: `iter_*` folders past the latest pointer without a manifest (a save that died) are removed at the
+  next start, and reported.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import multiprocessing.util
+import os
+import shutil
+import signal
+import socket
+import zlib
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+LOCK = ".run.lock"
+_CHUNK = 16 << 20
+
+
+class CheckpointIntegrityError(ValueError):
+    """A checkpoint whose files do not match their manifest (reported as one line by the CLIs)."""
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def write_manifest(checkpoint_dir: Path) -> None:
+    files = sorted(p for p in checkpoint_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {"format": 1, "files": {str(p.relative_to(checkpoint_dir)): {"size": p.stat().st_size,
+                                                                          "crc32": _crc32(p)} for p in files}}
+    tmp = checkpoint_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, checkpoint_dir / MANIFEST)
+
+
+def has_manifest(checkpoint_dir: Path) -> bool:
+    return (checkpoint_dir / MANIFEST).is_file()
+
+
+def verify(checkpoint_dir: Path) -> bool:
+    """Check every file against the manifest; False when the checkpoint has none (written before manifests)."""
+    manifest_path = checkpoint_dir / MANIFEST
+    if not manifest_path.is_file():
+        return False
+    try:
+        entries = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointIntegrityError(f"{manifest_path}: unreadable manifest (corrupt)") from None
+    hint = "the checkpoint is corrupt (--no-verify-checkpoint loads it anyway)"
+    for name, expected in entries.items():
+        path = checkpoint_dir / name
+        if not path.is_file():
+            raise CheckpointIntegrityError(f"{path}: missing; {hint}")
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise CheckpointIntegrityError(f"{path}: {size} bytes, manifest says {expected['size']}; {hint}")
+        if _crc32(path) != expected["crc32"]:
+            raise CheckpointIntegrityError(f"{path}: checksum mismatch; {hint}")
+    return True
+
+
+def remove_incomplete(save_dir: Path, tracker: str = "latest_checkpointed_iteration.txt") -> list[Path]:
+    """Delete `iter_*` folders past the latest pointer that never got a manifest (saves that died midway, since the
+    pointer moves only after the manifest is written); return what was removed. Checkpoints up to the pointer,
+    including ones written before manifests existed, are never touched."""
+    pointer = Path(save_dir) / tracker
+    text = pointer.read_text().strip() if pointer.is_file() else ""
+    latest = int(text) if text.isdigit() else -1
+    removed = []
+    for path in sorted(Path(save_dir).glob("iter_*")):
+        number = path.name[len("iter_"):]
+        if path.is_dir() and number.isdigit() and int(number) > latest and not has_manifest(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+class SaveFolderLock:
+    """An exclusive lock on a --save folder for the lifetime of one run (released by the kernel on any exit)."""
+
+    def __init__(self, save_dir: str | os.PathLike):
+        self.path = Path(save_dir) / LOCK
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise ValueError(f"--save {save_dir} is in use by another run ({holder}); give this run its own --save "
+                             "folder, or wait for that run to end") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+def _die_with_parent(_registered) -> None:
+    """In a forked worker: be killed when the process that forked it dies, however it dies."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class _ForkedWorkersDieWithParent:
+    """Registered once with multiprocessing's after-fork hooks, which every `multiprocessing.Process` child runs."""
+
+
+_REGISTRATION = _ForkedWorkersDieWithParent()
+
+
+def forked_workers_die_with_parent() -> None:
+    multiprocessing.util.register_after_fork(_REGISTRATION, _die_with_parent)
