@@ -86,6 +86,134 @@ def test_round_trip_with_seed_chatglm3_tokenizer(shared_dir, chatglm3_tokenizer_
     assert_documents_equal(tmp_path / "zh_text_document", expected)
 
 
+# ---------------------------------------------------------------------------------------------------- Megatron-LM
+def megatron_lm_files(out_prefix, records, key, tokenizer, *, append_eod, split=None, partitions=1,
+                      sequential=False):
+    """What Megatron-LM's tools/preprocess_data.py (core_v0.16.1) writes for ``records`` and one json key, built
+    with megatron-core's own tokenizer and IndexedDatasetBuilder following the tool's documented procedure: each
+    line a document, each sentence (the whole text without splitting) tokenized on its own, empty sentences dropped,
+    eod appended to the last sentence; with --partitions, lines dealt round-robin (or in consecutive runs of
+    ceil(n / partitions) with --keep-sequential-samples) into parts that are written and then concatenated."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    n = len(records)
+    if partitions == 1:
+        parts = [range(n)]
+    elif sequential:
+        size = -(-n // partitions)
+        parts = [range(p * size, min(n, (p + 1) * size)) for p in range(partitions)]
+    else:
+        parts = [range(p, n, partitions) for p in range(partitions)]
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    for p, lines in enumerate(parts):
+        builder = IndexedDatasetBuilder(f"{out_prefix}_{p}.bin", dtype=dtype)
+        for i in lines:
+            text = records[i][key]
+            doc, lengths = [], []
+            for sentence in (split(text) if split else [text]):
+                ids = tokenizer.tokenize(sentence)
+                if len(ids) > 0:
+                    doc += list(ids)
+                    lengths.append(len(ids))
+            if doc and append_eod:
+                doc.append(tokenizer.eod)
+                lengths[-1] += 1
+            builder.add_document(doc, lengths)
+        builder.finalize(f"{out_prefix}_{p}.idx")
+    if partitions == 1:
+        os.replace(f"{out_prefix}_0.bin", out_prefix + ".bin")
+        os.replace(f"{out_prefix}_0.idx", out_prefix + ".idx")
+        return
+    merged = IndexedDatasetBuilder(out_prefix + ".bin", dtype=dtype)
+    for p in range(partitions):
+        merged.add_index(f"{out_prefix}_{p}")
+    merged.finalize(out_prefix + ".idx")
+
+
+def corpus_records(n=157, seed=11):
+    """Chinese documents with punctuation, quotes and newlines, plus the edge cases Megatron-LM accepts."""
+    import random
+
+    from tests.tiny_data import random_text
+
+    rng = random.Random(seed)
+    texts = [random_text(rng, 5, 120) for _ in range(n)]
+    texts[3] = "“你好！”他说。今天天气很好；我们去公园吧？好的……走吧!!版本3.14很好. Hello world. 第二段\n\n标题\n最后"
+    texts[5] = ""           # an empty document (no sequences)
+    texts[8] = "   "        # whitespace only
+    texts[13] = "。！？"     # punctuation only
+    return [{"text": t, "title": t[:4]} for t in texts]
+
+
+def megatron_tokenizer(kind):
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    from tests.data.tiny_hf_tokenizer import tiny_hf_tokenizer_dir
+
+    if kind == "sp":
+        return MegatronTokenizer.from_pretrained(tokenizer_path=str(tiny_tokenizer_dir() / "tokenizer.model"),
+                                                 metadata_path={"library": "sentencepiece"})
+    return MegatronTokenizer.from_pretrained(tokenizer_path=str(tiny_hf_tokenizer_dir()),
+                                             metadata_path={"library": "huggingface"})
+
+
+def tokenizer_flags(kind):
+    from tests.data.tiny_hf_tokenizer import tiny_hf_tokenizer_dir
+
+    if kind == "sp":
+        return ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+                str(tiny_tokenizer_dir() / "tokenizer.model")]
+    if kind == "hf":
+        return ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tiny_hf_tokenizer_dir())]
+    return ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(tiny_hf_tokenizer_dir() / "vocab.json"),
+            "--merge-file", str(tiny_hf_tokenizer_dir() / "merges.txt")]
+
+
+MEGATRON_CASES = [  # (tokenizer, flags) -- Megatron-LM command lines, as its users type them
+    ("sp", ["--append-eod", "--workers", "2"]),
+    ("sp", ["--append-eod", "--workers", "3", "--partitions", "3", "--legacy-tokenizer"]),
+    ("sp", ["--workers", "2", "--partitions", "2", "--keep-sequential-samples", "--log-interval", "5"]),
+    ("sp", ["--append-eod", "--workers", "2", "--split-sentences", "--lang", "chinese"]),
+    ("sp", ["--workers", "2", "--partitions", "2", "--split-sentences", "--lang", "zh", "--keep-newlines"]),
+    ("hf", ["--workers", "2", "--json-keys", "text", "title"]),
+    ("hf", ["--append-eod", "--workers", "2", "--partitions", "2", "--keep-sequential-samples", "--split-sentences",
+            "--lang", "chinese", "--keep-newlines"]),
+    ("gpt2", ["--append-eod", "--workers", "1", "--partitions", "3"]),  # same BPE as "hf": same expected ids
+]
+
+
+@pytest.mark.parametrize("kind,flags", MEGATRON_CASES, ids=[" ".join([k] + f) for k, f in MEGATRON_CASES])
+def test_files_equal_megatron_lm(tmp_path, kind, flags):
+    from tinyllm_mcore.data.sentences import split_chinese
+    from tinyllm_mcore.data.vocab_contract import read_sidecar
+
+    records = corpus_records()
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    assert cli.main(["--input", str(path), "--output-prefix", str(tmp_path / "ours"), "--no-progress", "--chunk-size",
+                     "16"] + tokenizer_flags(kind) + flags) == 0
+    keys = flags[flags.index("--json-keys") + 1:flags.index("--json-keys") + 3] if "--json-keys" in flags else ["text"]
+    level = "sentence" if "--split-sentences" in flags else "document"
+    keep_newlines = "--keep-newlines" in flags
+    partitions = int(flags[flags.index("--partitions") + 1]) if "--partitions" in flags else 1
+    tokenizer = megatron_tokenizer("sp" if kind == "sp" else "hf")
+    for key in keys:
+        expected = tmp_path / f"megatron_{key}_{level}"
+        megatron_lm_files(str(expected), records, key, tokenizer, append_eod="--append-eod" in flags,
+                          split=(lambda t: split_chinese(t, keep_newlines)) if level == "sentence" else None,
+                          partitions=partitions, sequential="--keep-sequential-samples" in flags)
+        ours = tmp_path / f"ours_{key}_{level}"
+        for suffix in (".bin", ".idx"):
+            assert Path(str(ours) + suffix).read_bytes() == Path(str(expected) + suffix).read_bytes(), (key, suffix)
+        sidecar = read_sidecar(ours)
+        dataset = IndexedDataset(str(ours))
+        assert sidecar["tokens"] == int(dataset.sequence_lengths.sum()) and sidecar["documents"] == len(records)
+        assert sidecar["max_token_id"] == max(int(dataset[i].max()) for i in range(len(dataset)))
+        assert sidecar["level"] == level and sidecar["json_key"] == key and sidecar["mode"] == "pretrain"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ours")) == sorted(
+        f"ours_{key}_{level}{s}" for key in keys for s in (".bin", ".idx", ".json"))  # no partition files left
+
+
 BAD_LINES = [
     '{"text": "好的文档一"}',
     'not json at all',
@@ -107,13 +235,109 @@ def test_malformed_lines_are_counted_exactly(tmp_path, capsys):
                    str(tiny_tokenizer_dir()), "--append-eod", "--no-progress", "--workers", "2", "--chunk-size", "3"])
     assert rc == 0
     summary = capsys.readouterr().out
-    assert "documents: 2" in summary and "skipped lines: 9" in summary
+    # Lines Megatron-LM would stop on are skipped and counted; whitespace-only text is a document, as there.
+    assert "documents: 3" in summary and "skipped lines: 8" in summary
     for reason, count, first_line in [("blank_line", 1, 5), ("bad_json", 3, 2), ("not_object", 1, 4),
-                                      ("missing_key", 1, 6), ("not_string", 2, 7), ("empty_text", 1, 9)]:
+                                      ("missing_key", 1, 6), ("not_string", 2, 7)]:
         assert f"  {reason}: {count} (e.g. {path}:{first_line}" in summary
     tok = tiny_tokenizer()
-    assert_documents_equal(tmp_path / "bad_text_document",
-                           [tok.tokenize("好的文档一") + [tok.eod], tok.tokenize("好的文档二") + [tok.eod]])
+    assert_documents_equal(tmp_path / "bad_text_document", [
+        tok.tokenize("好的文档一") + [tok.eod], tok.tokenize("   ") + [tok.eod], tok.tokenize("好的文档二") + [tok.eod]])
+
+
+def test_several_json_keys_keep_lines_aligned_per_key(tmp_path, capsys):
+    """A line without `title` keeps its `text` document; its `title` output gets an empty document, so document i
+    of both outputs comes from line i. A line with neither key is skipped from both."""
+    records = [{"text": "正文一", "title": "标题一"}, {"text": "正文二"}, {"title": "只有标题"}, {"id": 4},
+               {"text": "正文五", "title": 5}]
+    path = tmp_path / "kv.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    assert cli.main(["--input", str(path), "--output-prefix", str(tmp_path / "kv"), "--json-keys", "text", "title",
+                     "--tokenizer-model", str(tiny_tokenizer_dir()), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "documents: 4" in out and "skipped lines: 1" in out and "missing_key: 1" in out
+    assert f"key 'title' missing_key in 1 written lines (empty document in its output; e.g. {path}:2)" in out
+    assert f"key 'text' missing_key in 1 written lines" in out and "key 'title' not_string in 1" in out
+    tok = tiny_tokenizer()
+    for key, expected in (("text", ["正文一", "正文二", None, "正文五"]), ("title", ["标题一", None, "只有标题", None])):
+        dataset = IndexedDataset(str(tmp_path / f"kv_{key}_document"))
+        assert len(dataset.document_indices) == 5, key
+        docs = [[dataset[j].tolist() for j in range(dataset.document_indices[i], dataset.document_indices[i + 1])]
+                for i in range(4)]
+        assert docs == [[tok.tokenize(t)] if t else [] for t in expected], key
+
+
+@pytest.mark.parametrize("content,why", [("", "no records to read"),
+                                         ('{"other": 1}\n{"other": 2}\n', "missing_key 2")])
+def test_zero_documents_is_an_error_and_writes_nothing(tmp_path, capsys, content, why):
+    path = tmp_path / "in.jsonl"
+    path.write_text(content)
+    assert cli.main(["--input", str(path), "--output-prefix", str(tmp_path / "z"), "--tokenizer-model",
+                     str(tiny_tokenizer_dir()), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and err.count("\n") == 0 and why in err and "in.jsonl" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_one_key_missing_everywhere_fails_the_whole_run(tmp_path, capsys):
+    write_text_jsonl(tmp_path / "t.jsonl", 20)
+    assert cli.main(["--input", str(tmp_path / "t.jsonl"), "--output-prefix", str(tmp_path / "o"), "--json-keys",
+                     "text", "title", "--tokenizer-model", str(tiny_tokenizer_dir()), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--json-keys title" in err and "missing_key 20" in err and err.count("\n") == 0
+    assert not list(tmp_path.glob("o_*"))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--split-sentences", "--mode", "sft"], "--split-sentences applies to pretraining documents"),
+    (["--tokenizer-hf-include-special-tokens"], "--tokenizer-hf-include-special-tokens is not supported"),
+    (["--vocab-extra-ids", "100"], "--vocab-extra-ids"),
+    (["--tokenizer-type", "TikTokenizer"], "--tokenizer-type TikTokenizer is not supported here"),
+    (["--partitions", "0"], "--partitions must be >= 1"),
+    (["--json-keys", "text", "text"], "--json-keys has a key twice"),
+])
+def test_flags_that_cannot_mean_the_same_are_one_error_line(tmp_path, capsys, flags, message):
+    write_text_jsonl(tmp_path / "t.jsonl", 3)
+    assert cli.main(["--input", str(tmp_path / "t.jsonl"), "--output-prefix", str(tmp_path / "o"),
+                     "--tokenizer-model", str(tiny_tokenizer_dir()), "--no-progress"] + flags) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and err.count("\n") == 0 and message in err, err
+    assert not list(tmp_path.glob("o_*"))
+
+
+def test_english_sentences_need_nltk_punkt_data(tmp_path, capsys):
+    write_text_jsonl(tmp_path / "t.jsonl", 3)
+    rc = cli.main(["--input", str(tmp_path / "t.jsonl"), "--output-prefix", str(tmp_path / "o"), "--tokenizer-model",
+                   str(tiny_tokenizer_dir()), "--no-progress", "--split-sentences"])  # --lang english by default
+    try:
+        from nltk.tokenize.punkt import PunktTokenizer
+        PunktTokenizer("english")
+    except (ImportError, LookupError, OSError):
+        assert rc == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "--lang chinese" in err and "punkt" in err
+        return
+    assert rc == 0 and (tmp_path / "o_text_sentence.idx").is_file()
+
+
+def test_sft_with_an_hf_tokenizer_lacking_role_markers_says_how_to_add_them(tmp_path, capsys):
+    from tests.data.tiny_hf_tokenizer import tiny_hf_tokenizer_dir
+
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"question": "一", "answer": "二"}, ensure_ascii=False) + "\n")
+    assert cli.main(["--mode", "sft", "--input", str(tmp_path / "sft.jsonl"), "--output-prefix", str(tmp_path / "s"),
+                     "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                     str(tiny_hf_tokenizer_dir(with_roles=False)), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "<|user|>" in err and "add_special_tokens" in err and "save_pretrained" in err
+
+    assert cli.main(["--mode", "sft", "--input", str(tmp_path / "sft.jsonl"), "--output-prefix", str(tmp_path / "s"),
+                     "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tiny_hf_tokenizer_dir()),
+                     "--no-progress"]) == 0
+    tok = Tokenizer.load(tiny_hf_tokenizer_dir())
+    dataset = IndexedDataset(str(tmp_path / "s_sft_document"))
+    assert [dataset[i].tolist() for i in range(2)] == tok.encode_conversation(
+        [{"role": "user", "content": "一"}, {"role": "assistant", "content": "二"}])
+    assert tok.token_to_id("<|user|>") in dataset[0].tolist()
 
 
 def test_sft_and_preference_modes_count_bad_records(tmp_path, capsys):
@@ -150,6 +374,8 @@ def test_sft_and_preference_modes_count_bad_records(tmp_path, capsys):
     assert [dataset[i].tolist() for i in range(3)] == [
         tok.chat_prompt_ids([{"role": "user", "content": "问"}]), tok.tokenize("好") + [tok.eos],
         tok.tokenize("坏") + [tok.eos]]
+    from tinyllm_mcore.data.vocab_contract import read_sidecar
+    assert read_sidecar(tmp_path / "p_preference_document")["mode"] == "preference"
 
 
 def test_bad_paths_exit_nonzero_with_one_line(tmp_path, capsys):
@@ -166,44 +392,102 @@ def test_bad_paths_exit_nonzero_with_one_line(tmp_path, capsys):
     assert not list(tmp_path.glob("x_*"))
 
 
-def test_failure_midway_leaves_no_index(tmp_path, capsys):
-    # A truncated .gz fails after some chunks were written; an old complete output must not survive either.
+# ---------------------------------------------------------------------------------------------------- faults
+def previous_dataset(tmp_path, name="t"):
+    """A good dataset already at the prefix; returns {file: bytes} to compare after a failed re-run."""
+    write_text_jsonl(tmp_path / "small.jsonl", 5, seed=1)
+    assert cli.main(["--input", str(tmp_path / "small.jsonl"), "--output-prefix", str(tmp_path / name),
+                     "--tokenizer-model", str(tiny_tokenizer_dir()), "--no-progress"]) == 0
+    return {p.name: p.read_bytes() for p in tmp_path.glob(f"{name}_text_document.*")}
+
+
+def test_failure_midway_keeps_the_previous_dataset(tmp_path, capsys):
+    before = previous_dataset(tmp_path)
+    assert sorted(before) == ["t_text_document.bin", "t_text_document.idx", "t_text_document.json"]
     write_text_jsonl(tmp_path / "big.jsonl", 3000, seed=9)
     data = gzip.compress((tmp_path / "big.jsonl").read_bytes())
     (tmp_path / "trunc.jsonl.gz").write_bytes(data[: len(data) // 2])
-    prefix = tmp_path / "t_text_document"
-    Path(str(prefix) + ".bin").write_bytes(b"old")
-    Path(str(prefix) + ".idx").write_bytes(b"old")
     rc = cli.main(["--input", str(tmp_path / "trunc.jsonl.gz"), "--output-prefix", str(tmp_path / "t"),
-                   "--tokenizer-model", str(tiny_tokenizer_dir()), "--chunk-size", "100", "--no-progress"])
+                   "--tokenizer-model", str(tiny_tokenizer_dir()), "--chunk-size", "100", "--no-progress",
+                   "--workers", "2"])
     assert rc == 1
-    assert "error:" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl", "trunc.jsonl.gz"]
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: reading ") and "trunc.jsonl.gz" in err and err.count("\n") == 0
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("t_*")} == before
+    assert not list(tmp_path.glob("*.tmp-*"))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_killed_run_leaves_no_complete_looking_index(tmp_path, sig):
+def big_input(tmp_path):
     write_text_jsonl(tmp_path / "c.jsonl", 2000, seed=2)
     with open(tmp_path / "big.jsonl", "wb") as f:  # ~100k lines: several seconds of work
         for _ in range(50):
             f.write((tmp_path / "c.jsonl").read_bytes())
-    prefix = tmp_path / "k"
+    return tmp_path / "big.jsonl"
+
+
+def start_and_wait_for_output(tmp_path, prefix, extra=()):
     proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input",
-                             str(tmp_path / "big.jsonl"), "--output-prefix", str(prefix), "--tokenizer-model",
-                             str(tiny_tokenizer_dir()), "--workers", "2", "--chunk-size", "64", "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 60
+                             str(big_input(tmp_path)), "--output-prefix", str(prefix), "--tokenizer-model",
+                             str(tiny_tokenizer_dir()), "--workers", "2", "--chunk-size", "64", "--no-progress",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 90
     while time.time() < deadline:  # wait until tokens are being written
-        partial = list(tmp_path.glob("k_text_document.bin.tmp-*"))
-        if partial and partial[0].stat().st_size > 20_000:
+        partial = [p for p in tmp_path.glob(f"{Path(prefix).name}_text_document*.tmp-*") if p.suffix != ".idx"]
+        if partial and max(p.stat().st_size for p in partial) > 20_000:
             break
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
-    os.kill(proc.pid, sig)
-    _, err = proc.communicate(timeout=30)
-    if sig == signal.SIGKILL:
-        os.killpg(proc.pid, signal.SIGKILL)  # its orphaned pool workers
-    assert not list(tmp_path.glob("*.idx*")), "no index, final or temporary, after an interrupted run"
-    if sig == signal.SIGINT:
-        assert proc.returncode == 130, err
-        assert not list(tmp_path.glob("k_*")), "temporary files are cleaned up on Ctrl-C"
+    return proc
+
+
+@pytest.mark.parametrize("sig,group", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGTERM, True)])
+def test_interrupted_run_keeps_the_previous_dataset_and_leaves_nothing(tmp_path, sig, group):
+    """Ctrl-C, or SIGTERM to the main process or to the whole process group (Slurm, timeout): exit 130/143, the
+    previous dataset as it was, no temporary files, no worker tracebacks."""
+    before = previous_dataset(tmp_path, "k")
+    proc = start_and_wait_for_output(tmp_path, tmp_path / "k", ["--partitions", "2"] if group else [])
+    os.killpg(proc.pid, sig) if group else os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    err = err.decode()
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143), err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("k_*")} == before
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_killed_run_leaves_no_index_and_the_next_run_removes_its_temporaries(tmp_path):
+    proc = start_and_wait_for_output(tmp_path, tmp_path / "k")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert not list(tmp_path.glob("k_*.idx")), "no final index after a killed run"
+    assert list(tmp_path.glob("k_*.tmp-*"))  # what SIGKILL cannot clean up...
+    write_text_jsonl(tmp_path / "small.jsonl", 5, seed=1)
+    assert cli.main(["--input", str(tmp_path / "small.jsonl"), "--output-prefix", str(tmp_path / "k"),
+                     "--tokenizer-model", str(tiny_tokenizer_dir()), "--no-progress"]) == 0
+    assert not list(tmp_path.glob("*.tmp-*"))  # ...the next run at that prefix removes (its process is gone)
+
+
+def test_disk_full_is_one_line_and_keeps_the_previous_dataset(tmp_path, capsys):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        write_text_jsonl(tmp_path / "small.jsonl", 5, seed=1)
+        assert cli.main(["--input", str(tmp_path / "small.jsonl"), "--output-prefix", str(disk / "d"),
+                         "--tokenizer-model", str(tiny_tokenizer_dir()), "--no-progress"]) == 0
+        before = {p.name: p.read_bytes() for p in disk.iterdir()}
+        capsys.readouterr()
+        write_text_jsonl(tmp_path / "c.jsonl", 2000, seed=2)
+        with open(tmp_path / "big.jsonl", "wb") as f:  # ~2 MB of tokens: does not fit in 1 MB
+            for _ in range(10):
+                f.write((tmp_path / "c.jsonl").read_bytes())
+        rc = cli.main(["--input", str(tmp_path / "big.jsonl"), "--output-prefix", str(disk / "d"),
+                       "--tokenizer-model", str(tiny_tokenizer_dir()), "--no-progress", "--workers", "2"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and err.count("\n") == 0 and "No space left on device" in err and str(disk / "d") in err
+        assert {p.name: p.read_bytes() for p in disk.iterdir()} == before
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
