@@ -223,6 +223,8 @@ def build_hf_tokenizer(tokenizer: Tokenizer, prefix_ids: list[int] | None = None
 def write_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, prompt_prefix: bool = True,
                     model_max_length: int | None = None) -> list[Path]:
     """tokenizer.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json into ``out_dir``."""
+    if tokenizer.kind == "huggingface":
+        return copy_hf_tokenizer_files(tokenizer, out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prefix_ids = list(tokenizer.chat_prefix_ids) if prompt_prefix else []
@@ -257,6 +259,18 @@ def write_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, prompt_
                                           "additional_special_tokens")}
     files.append(write_json(out / "special_tokens_map.json", special_map))
     return files
+
+
+def copy_hf_tokenizer_files(tokenizer, out_dir: str | os.PathLike) -> list[Path]:
+    """A model trained with a Hugging Face tokenizer (``--tokenizer-type HuggingFaceTokenizer``) ships that
+    tokenizer's own files, byte for byte: nothing is rebuilt, so the export encodes exactly as training did."""
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not tokenizer.files:
+        raise ValueError(f"tokenizer {tokenizer.model_path} has no files to export")
+    return [Path(shutil.copyfile(f, out / f.name)) for f in tokenizer.files]
 
 
 # ---------------------------------------------------------------------------------------------------- weights IO
