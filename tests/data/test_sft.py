@@ -303,13 +303,17 @@ def test_empty_or_wrong_mode_prefix_is_one_clear_error(tmp_path):
             shutil.copy(prefix + suffix, str(tmp_path / "bare") + "_" + prefix.rsplit("/", 1)[1] + suffix)
     bare_preference, bare_sft = (str(tmp_path / "bare") + "_" + p.rsplit("/", 1)[1] for p in (preference, sft))
     for prefix in (preference, bare_preference):
-        with pytest.raises(ValueError, match=f"{prefix}.*(not a --mode sft dataset|expected sft)") as info:
+        with pytest.raises(ValueError, match=f"{prefix} (is not a --mode sft dataset|is a --mode preference dataset, not --mode sft)") as info:
             SFTDataset(prefix, tok, seq_length=64)
         assert "\n" not in str(info.value)
     for prefix in (sft, bare_sft):
-        with pytest.raises(ValueError, match=f"{prefix}.*(not a --mode preference dataset|expected preference)"):
+        with pytest.raises(ValueError, match=f"{prefix} (is not a --mode preference dataset|is a --mode sft dataset, not --mode preference)"):
             PreferenceDataset(prefix, tok, seq_length=64)
     with pytest.raises(ValueError, match="a --mode preference prefix\\? Give it as --preference-data"):
         SFTDataset(bare_preference, tok, seq_length=64)
     with pytest.raises(ValueError, match="a --mode sft prefix\\? Give it as --sft-data"):
         PreferenceDataset(bare_sft, tok, seq_length=64)
+    with pytest.raises(ValueError, match="is a --mode preference dataset, not --mode sft: give it as --preference-data"):
+        SFTDataset(preference, tok, seq_length=64)
+    with pytest.raises(ValueError, match="is a --mode sft dataset, not --mode preference: give it as --sft-data"):
+        PreferenceDataset(sft, tok, seq_length=64)

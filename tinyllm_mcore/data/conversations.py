@@ -83,12 +83,17 @@ def _load_indexed(prefix: str, tokenizer: Tokenizer, mode: str) -> ConversationS
     """A ``--mode sft|preference`` prefix, refused with one line when it is empty, of another mode or unreadable."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from tinyllm_mcore.data.vocab_contract import check_prefix_vocab
+    from tinyllm_mcore.data.vocab_contract import check_prefix_vocab, read_sidecar
 
     if not os.path.isfile(prefix + ".bin"):
         raise FileNotFoundError(f"data prefix {prefix}: {prefix}.bin not found")
     # The sidecar (when preprocessing wrote one) names the mode and the tokenizer; the layout check below also
     # catches data without one.
+    written_as = (read_sidecar(prefix) or {}).get("mode", mode)
+    if written_as != mode:
+        where = "--data-path" if written_as == "pretrain" else f"--{written_as}-data"
+        raise ValueError(f"data prefix {prefix} is a --mode {written_as} dataset, not --mode {mode}: give it as "
+                         f"{where}")
     check_prefix_vocab(prefix, tokenizer.vocab_size, getattr(tokenizer, "identity", None), mode)
     if os.path.getsize(prefix + ".bin") == 0:  # megatron cannot memory-map an empty file
         raise ValueError(f"data prefix {prefix}: empty dataset (0 tokens); re-run preprocessing with records that "

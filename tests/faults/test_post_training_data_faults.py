@@ -1,0 +1,68 @@
+"""Issue 12 items 13 and 18 at the CLI: a prefix of the wrong mode (a preference prefix as --sft-data, an SFT prefix
+as --preference-data) or an empty SFT prefix ends the stage with one `error:` line naming the prefix and exit 2 —
+not a run on a misread layout, a numpy reshape error or `cannot mmap an empty file`. In-process, one process (the
+stage CLIs' own main)."""
+import json
+
+import pytest
+
+from tests.tiny_data import tiny_tokenizer_dir
+from tinyllm_mcore import dpo, pretrain, sft
+from tinyllm_mcore.data.preprocess import preprocess
+from tinyllm_mcore.pretrain import load_tokenizer
+from tinyllm_mcore.training.loop import main
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def prefixes(tmp_path_factory):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("prefixes")
+    tok = str(tiny_tokenizer_dir())
+    pairs = [{"prompt": f"问题{i}", "chosen": f"好的回答{i}", "rejected": f"坏{i}"} for i in range(8)]
+    chats = [{"question": f"问题{i}", "answer": f"回答{i}"} for i in range(8)]
+    empty = IndexedDatasetBuilder(str(root / "empty_sft_document.bin"), dtype=np.uint16)
+    empty.finalize(str(root / "empty_sft_document.idx"))
+    return {"preference": preprocess(write_jsonl(root / "p.jsonl", pairs), str(root / "p"), tok, mode="preference",
+                                     progress=False).prefixes[0],
+            "sft": preprocess(write_jsonl(root / "s.jsonl", chats), str(root / "s"), tok, mode="sft",
+                              progress=False).prefixes[0],
+            "empty": str(root / "empty_sft_document"),
+            "checkpoint": initial_checkpoint(root / "init")}
+
+
+def initial_checkpoint(save):
+    """Initialised tiny weights (DPO needs a starting checkpoint)."""
+    assert main(pretrain.STAGE, ["--model-size", "tiny", "--tokenizer-model", str(tiny_tokenizer_dir()), "--mock-data",
+                                 "--seq-length", "64", "--train-iters", "0", "--save", str(save)],
+                tokenizer_loader=load_tokenizer) == 0
+    return str(save)
+
+
+def run_stage(stage, data_flag, prefix, tmp_path, capsys, *extra):
+    argv = ["--model-size", "tiny", "--tokenizer-model", str(tiny_tokenizer_dir()), data_flag, prefix,
+            "--seq-length", "64", "--micro-batch-size", "2", "--train-iters", "2", "--save", str(tmp_path / "ckpt"),
+            *extra]
+    capsys.readouterr()
+    rc = main(stage, argv, tokenizer_loader=load_tokenizer)
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error: ")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in "\n".join(err), err
+    assert prefix in errors[0], errors
+    return errors[0]
+
+
+def test_wrong_mode_and_empty_prefixes_are_one_line(prefixes, tmp_path, capsys):
+    line = run_stage(sft.STAGE, "--sft-data", prefixes["preference"], tmp_path, capsys)
+    assert "preference" in line and "sft" in line, line
+    line = run_stage(dpo.STAGE, "--preference-data", prefixes["sft"], tmp_path, capsys,
+                     "--load", prefixes["checkpoint"], "--finetune")
+    assert "sft" in line and "preference" in line, line
+    line = run_stage(sft.STAGE, "--sft-data", prefixes["empty"], tmp_path, capsys)
+    assert "empty dataset" in line, line
