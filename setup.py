@@ -17,7 +17,9 @@ setup(
     install_requires=[
         # A range that the machine's CPU torch satisfies: pip then installs nothing more (no multi-GB CUDA pull).
         "torch>=2.4",
-        "megatron-core>=0.16.1",
+        # The tested range (runtime/compat.py): 0.16.1 is the newest on Python 3.11, 0.19.x what 3.12 gets (CI: both).
+        "megatron-core>=0.16.1,<0.20",
+        "packaging",
         "sentencepiece>=0.2",
         "transformers>=4.45",
         "datasets>=2.19",

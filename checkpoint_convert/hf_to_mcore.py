@@ -33,6 +33,7 @@ from tinyllm_mcore.hf_mapping import (
     preset_from_hf_config, single_process_megatron, staged_output_dir,
 )
 from tinyllm_mcore.presets import padded_vocab_size
+from tinyllm_mcore.runtime import compat
 from tinyllm_mcore.runtime.distributed import check_parallel_layout
 
 # Buffers some HF checkpoints carry that are recomputed from the config.
@@ -130,6 +131,7 @@ def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, tensor
         # layout finds what checkpoint.load_checkpoint asks for.
         rng = _rng_state()
         state = {
+            **compat.checkpoint_stamp(),
             "iteration": 0, "consumed_samples": 0, "args": args, "model": model.sharded_state_dict(),
             "rng_state": [ShardedObject("rng_state", rng, (pp, tp), (p, t), replica_id=0)
                           for p in range(pp) for t in range(tp)],
@@ -138,6 +140,7 @@ def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, tensor
         staged_iter.mkdir(exist_ok=True)
         _forked_write_results_queue()
         dist_checkpointing.save(state, str(staged_iter))
+        compat.write_common_state_file(staged_iter)  # loadable under every supported megatron-core
         if new_root:
             (staged / TRACKER).write_text("0")
     if not new_root:

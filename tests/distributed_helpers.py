@@ -12,13 +12,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(worker, tmp_path, name: str, runs: list, nproc: int, timeout: int = 600) -> dict:
-    """Write `runs` as JSON, run `worker RUNS OUT` (under torchrun when nproc > 1), return the JSON it wrote."""
+def run_worker(worker, tmp_path, name: str, runs: list, nproc: int, timeout: int = 600,
+               python: str = sys.executable) -> dict:
+    """Write `runs` as JSON, run `worker RUNS OUT` (under torchrun when nproc > 1), return the JSON it wrote.
+
+    `python` picks the interpreter (another environment, for the cross-version checkpoint test)."""
     runs_file, out_file = tmp_path / f"{name}_runs.json", tmp_path / f"{name}_out.json"
     runs_file.write_text(json.dumps(runs))
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                                       f"--master-port={free_port()}"]
-    cmd = [sys.executable, *launcher, str(worker), str(runs_file), str(out_file)]
+    cmd = [python, *launcher, str(worker), str(runs_file), str(out_file)]
     # one thread per process, as torchrun gives its workers: single- and multi-process runs reduce in the same order
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -166,6 +166,25 @@ def _with_cuda_type_names(fn):
     return wrapper
 
 
+class _CpuStream:
+    """The one, always-synchronous "stream" of a CPU: waiting on it or recording into it does nothing."""
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event
+
+    def synchronize(self):
+        pass
+
+
+_CPU_STREAM = _CpuStream()
+
+
 def activate() -> bool:
     """Install the CPU adapter if there is no CUDA. Idempotent."""
     global _ACTIVE
@@ -186,6 +205,9 @@ def activate() -> bool:
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     torch.cuda.manual_seed = lambda *a, **k: None  # type: ignore[assignment]
+    # megatron-core 0.19's DDP makes the current CUDA stream wait for CUDA-graph events in every gradient sync
+    # (and MoE/pipeline helpers order work on streams): on CPU there is one stream, so there is nothing to wait for.
+    torch.cuda.current_stream = lambda *a, **k: _CPU_STREAM  # type: ignore[assignment]
     # Tensor.cuda() can only fail on a machine without CUDA; megatron calls it on buffers that must stay put.
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
 

@@ -35,7 +35,13 @@ def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
 
 
 def _is_dist_checkpoint(path: Path) -> bool:
-    return compat.is_complete_dist_checkpoint(path)
+    """A finished dist checkpoint in any supported megatron-core's layout; one line if this one cannot read it."""
+    if not compat.is_complete_dist_checkpoint(path):
+        return False
+    problem = compat.unreadable_layout(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+    return True
 
 
 def resolve_load_dir(load: str | os.PathLike) -> Path:

@@ -1,0 +1,134 @@
+"""The megatron-core versions this project supports, and the few places where they differ for us.
+
+Tested range: megatron-core 0.16.1 (the newest on Python 3.11) to 0.19.x (what pip installs on Python 3.12); setup.py
+pins the same range. Every difference between those versions that our code meets is handled here, so nothing else
+asks which megatron-core is installed:
+
+- Checkpoint layout. Up to 0.18 a dist checkpoint keeps its common (non-tensor) state in `common.pt`; 0.19 stores it
+  inside the torch_dist files as the sharded object `common_state`, and reads `common.pt` first when one exists.
+  `is_complete_dist_checkpoint` accepts both layouts, and `write_common_state_file` adds `common.pt` to a checkpoint
+  written without one, so 0.16 can read what 0.19 wrote (0.16 does not know `common_state`).
+  A checkpoint in 0.19's layout without `common.pt` (from another tool) fails below 0.19 with one line saying so
+  (`unreadable_layout`). Each checkpoint records the megatron-core version that wrote it (`checkpoint_stamp`).
+- 0.19 logs "GPTModel IS DEPRECATED ... use HybridModel" for every model built. GPTModel still gets fixes and is what
+  the design asks for (docs/architecture.md, "megatron-core versions"); `silence_known_deprecations` filters it out
+  (called when tinyllm_mcore is imported).
+- CUDA streams on CPU (0.19's DDP waits on the current CUDA stream in every gradient sync) are the CPU adapter's
+  business: runtime/cpu.py.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from importlib import metadata
+from pathlib import Path
+
+from packaging.version import Version
+
+# The range setup.py declares: the oldest and the newest release line tested (CI runs both ends).
+OLDEST_TESTED = "0.16.1"
+NEWEST_TESTED_SERIES = "0.19"
+
+# megatron.core.dist_checkpointing's file names (the same in every supported version).
+CONFIG_FILE = "metadata.json"  # written last by dist_checkpointing.save: present means the save finished
+COMMON_STATE_FILE = "common.pt"  # common state up to 0.18 (and readable by 0.19)
+TORCH_DIST_INDEX = ".metadata"  # torch.distributed.checkpoint's index of the .distcp files
+
+# The first release that keeps the common state inside the torch_dist files (0.17 and 0.18 still write common.pt).
+COMMON_STATE_IN_TORCH_DIST_SINCE = (0, 19)
+
+# The key under which a checkpoint's common state records the writing megatron-core version.
+VERSION_KEY = "megatron_core_version"
+
+
+def megatron_core_version() -> str:
+    """The installed megatron-core version ("0.19.2"), read from the package metadata (no megatron import)."""
+    return metadata.version("megatron-core")
+
+
+def is_supported(version: str) -> bool:
+    """Whether `version` lies in the tested range OLDEST_TESTED .. NEWEST_TESTED_SERIES.x (pre-releases included)."""
+    release = Version(version).release
+    return Version(OLDEST_TESTED).release <= release and release[:2] <= Version(NEWEST_TESTED_SERIES).release
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------------
+
+def is_complete_dist_checkpoint(path: Path) -> bool:
+    """A dist checkpoint whose save finished, in the layout of any supported megatron-core.
+
+    `metadata.json` is written after all data (0.16 and 0.19 alike); the common state is either `common.pt`
+    (<= 0.18) or inside the torch_dist files, whose index `.metadata` is then present.
+    """
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and (
+        (path / COMMON_STATE_FILE).is_file() or (path / TORCH_DIST_INDEX).is_file())
+
+
+def unreadable_layout(path: Path) -> str | None:
+    """Why the installed megatron-core cannot read this checkpoint's layout (None when it can).
+
+    A checkpoint whose common state exists only inside the torch_dist files (written by megatron-core >= 0.19 without
+    our `common.pt`, e.g. by Megatron-LM) is unreadable below 0.19.
+    """
+    path = Path(path)
+    here = megatron_core_version()
+    if Version(here).release < COMMON_STATE_IN_TORCH_DIST_SINCE and not (path / COMMON_STATE_FILE).is_file():
+        return (f"written by megatron-core >= 0.19 without {COMMON_STATE_FILE}, which megatron-core {here} cannot "
+                f"read: load it under megatron-core 0.19.x (Python 3.12), or save it again there with tinyllm-mcore "
+                f"(which adds {COMMON_STATE_FILE})")
+    return None
+
+
+def checkpoint_stamp() -> dict:
+    """Plain values stored in a checkpoint's common state: which megatron-core wrote it."""
+    return {VERSION_KEY: megatron_core_version()}
+
+
+def write_common_state_file(path: Path) -> None:
+    """Give a finished checkpoint a `common.pt` if its megatron-core stored the common state elsewhere (0.19).
+
+    Call on one rank after the save. megatron-core 0.19 reads `common.pt` when present (its legacy path), so the
+    checkpoint stays identical for it, and 0.16 - which only knows `common.pt` - can load it. Written to a temp file
+    and renamed, so a reader never sees half a file.
+    """
+    path = Path(path)
+    target = path / COMMON_STATE_FILE
+    if target.is_file():
+        return
+    import torch
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    tmp = path / f".{COMMON_STATE_FILE}.tmp"
+    torch.save(common, tmp)
+    os.replace(tmp, target)
+
+
+# --- logging ---------------------------------------------------------------------------------------------------------
+
+# (logger, message start) of megatron-core log lines that describe megatron's roadmap, not anything a user can act on.
+_KNOWN_DEPRECATIONS = (
+    # 0.19, once per model built: GPTModel is supported and what the design asks for (see the module docstring).
+    ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED"),
+    # 0.19, on loading a checkpoint with common.pt: we write one on purpose, so 0.16 can read the checkpoint.
+    ("megatron.core.dist_checkpointing.strategies.common", "load_common is deprecated"),
+)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+def silence_known_deprecations() -> None:
+    """Filter out the megatron-core deprecation log lines listed above. Idempotent; works before megatron is imported
+    (the filters sit on the named loggers)."""
+    for logger_name, start in _KNOWN_DEPRECATIONS:
+        logger = logging.getLogger(logger_name)
+        if not any(isinstance(f, _DropMessage) and f.start == start for f in logger.filters):
+            logger.addFilter(_DropMessage(start))
