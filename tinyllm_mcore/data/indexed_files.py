@@ -114,14 +114,15 @@ class IndexSummary:
         self.documents = r.document_count - 1
 
 
-def merge_indexed(inputs: list[IndexSummary], bin_path: str, idx_path: str) -> None:
-    """Concatenate ``inputs`` (same dtype) into ``bin_path``/``idx_path``, streaming."""
+def merge_indexed(inputs: list[IndexSummary], bin_path: str, idx_path: str, block: int = BLOCK) -> None:
+    """Concatenate ``inputs`` (same dtype) into ``bin_path``/``idx_path``, streaming ``block`` index entries at a
+    time."""
     md = _megatron()
     dtype = inputs[0].dtype
     with open(bin_path, "wb") as out:
         for item in inputs:
             with open(item.prefix + ".bin", "rb") as f:
-                shutil.copyfileobj(f, out, 16 << 20)
+                shutil.copyfileobj(f, out)
     total_sequences = sum(i.sequences for i in inputs)
     total_documents = 1 + sum(i.documents for i in inputs)
     with md._IndexWriter(idx_path, dtype) as writer:  # writes the header, version and dtype code
@@ -129,14 +130,14 @@ def merge_indexed(inputs: list[IndexSummary], bin_path: str, idx_path: str) -> N
         f.write(np.array([total_sequences, total_documents], dtype="<u8").tobytes())
         for item in inputs:
             lengths = item.reader.sequence_lengths
-            for start in range(0, len(lengths), BLOCK):
-                f.write(np.asarray(lengths[start:start + BLOCK], dtype=np.int32).tobytes())
+            for start in range(0, len(lengths), block):
+                f.write(np.asarray(lengths[start:start + block], dtype=np.int32).tobytes())
         byte_offset = 0
         itemsize = md.DType.size(dtype)
         for item in inputs:
             lengths = item.reader.sequence_lengths
-            for start in range(0, len(lengths), BLOCK):
-                sizes = lengths[start:start + BLOCK].astype(np.int64) * itemsize
+            for start in range(0, len(lengths), block):
+                sizes = lengths[start:start + block].astype(np.int64) * itemsize
                 ends = np.cumsum(sizes) + byte_offset
                 f.write((ends - sizes).tobytes())
                 if len(sizes):
@@ -145,8 +146,8 @@ def merge_indexed(inputs: list[IndexSummary], bin_path: str, idx_path: str) -> N
         sequence_offset = 0
         for item in inputs:
             ends = item.reader.document_indices[1:]
-            for start in range(0, len(ends), BLOCK):
-                f.write((ends[start:start + BLOCK].astype(np.int64) + sequence_offset).tobytes())
+            for start in range(0, len(ends), block):
+                f.write((ends[start:start + block].astype(np.int64) + sequence_offset).tobytes())
             sequence_offset += item.sequences
 
 
