@@ -4,8 +4,8 @@
 nltk's punkt, which does not know Chinese punctuation). A sentence ends after
 
 * a run of 。！？；… or their full-width / half-width forms (｡ ．), or
-* a run of ASCII ``. ! ? ;`` followed by whitespace, the end of the text or a non-ASCII character (so ``3.14``,
-  ``a.com/x?y=1`` and ``e.g.x`` stay whole, ``Hello. 你好`` splits), or
+* a run of ASCII ``. ! ? ;`` followed (after any closing quotes) by whitespace, the end of the text or a non-ASCII
+  character (so ``3.14``, ``a.com/x?y=1`` and ``e.g.x`` stay whole, ``Hello. 你好`` and ``"好."然后`` split), or
 * a line break (titles, list items and paragraphs end without punctuation in Chinese text),
 
 and closing quotes and brackets right after the terminator (”’」』）》〉】〕"' ) ] ］ } ｝) stay with their sentence:
@@ -27,7 +27,8 @@ CHINESE_LANGS = ("chinese", "zh")
 
 _CLOSERS = "”’」』）)》〉】〕\"'\\]］｝}"
 _BOUNDARY = re.compile(
-    r"(?:[。！？；｡．…]+|[!?;.]+(?=\s|$|[^\x00-\x7f]))[" + _CLOSERS + r"]*"  # terminators (+ closing quotes)
+    r"(?:[。！？；｡．…]+|[!?;.]+(?=[" + _CLOSERS + r"]*(?:\s|$|[^\x00-\x7f])))"  # terminators
+    r"[" + _CLOSERS + r"]*"                                                       # + closing quotes
     r"|\n")                                                                     # or a line break
 
 
