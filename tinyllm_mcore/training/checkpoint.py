@@ -278,8 +278,8 @@ def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler,
                     args=None) -> Path:
     from megatron.core import dist_checkpointing
 
+    safety.forked_workers_die_with_parent()  # before anything forks, the results-queue manager included
     _forked_write_results_queue()
-    safety.forked_workers_die_with_parent()
 
     path = iteration_dir(save_dir, iteration)
     rank0 = dist.get_rank() == 0

@@ -356,13 +356,17 @@ def setup(stage: Stage, args, tokenizer=None, preset: ModelPreset | None = None)
     args.sequences_per_sample = getattr(args, "sequences_per_sample", 1)
     args.report_names = list(stage.report_names)
     args.tokenizer_identity = getattr(tokenizer, "identity", None)  # stored in checkpoints, checked on load
-    if args.load:  # fail fast, before building anything
-        ckpt.check_matches_run(args.load, preset, args.tokenizer_identity, args.allow_tokenizer_change)
+    if args.load:
+        ckpt.resolve_load_dir(args.load)  # fail fast, before building anything
 
     vpp = virtual_pipeline_stages(args, preset)
     rt.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, vpp,
                   args.expert_model_parallel_size, seed=args.seed)
     save_lock = _claim_save_folder(args.save) if args.save else None
+    if args.load:  # the files first (checksums), then what they hold (model shape, tokenizer)
+        if not args.no_verify_checkpoint:
+            ckpt.verify_checkpoint(ckpt.resolve_load_dir(args.load))
+        ckpt.check_matches_run(args.load, preset, args.tokenizer_identity, args.allow_tokenizer_change)
     config = build_config(args, preset)
     chunks = build_model_chunks(stage, args, preset, config)
     optimizer, scheduler = build_optimizer(args, chunks, config)
@@ -376,7 +380,7 @@ def setup(stage: Stage, args, tokenizer=None, preset: ModelPreset | None = None)
         iteration, consumed = ckpt.load_checkpoint(args.load, chunks, optimizer, scheduler, finetune=args.finetune,
                                                    load_optim=not (args.no_load_optim or args.skip_train),
                                                    load_rng=not args.no_load_rng,
-                                                   verify=not args.no_verify_checkpoint)
+                                                   verify=False)  # verified above
         rt.print_rank0(f"loaded {args.load} at iteration {iteration} ({consumed} samples consumed)")
     if stage.after_load is not None:
         stage.after_load(args, chunks)
