@@ -62,10 +62,12 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, s
     return wall, peak, text
 
 
-def ours(input_path: Path, prefix: Path, tokenizer: str, workers: int) -> dict:
+def ours(input_path: Path, prefix: Path, tokenizer: str, workers: int, partitions: int = 1) -> dict:
+    # Megatron-LM's command line (the same flags the Megatron-LM run below gets), plus --no-progress.
     wall, peak, text = run_measured([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input",
-                                     str(input_path), "--output-prefix", str(prefix), "--tokenizer-model", tokenizer,
-                                     "--workers", str(workers), "--append-eod", "--no-progress"])
+                                     str(input_path), "--output-prefix", str(prefix), "--tokenizer-type",
+                                     "SentencePieceTokenizer", "--tokenizer-model", tokenizer, "--workers",
+                                     str(workers), "--partitions", str(partitions), "--append-eod", "--no-progress"])
     docs = int(re.search(r"documents: (\d+)", text).group(1))
     tokens = int(re.search(r"tokens: (\d+)", text).group(1))
     processing = float(re.search(r"time: ([\d.]+) s", text).group(1))
@@ -73,13 +75,14 @@ def ours(input_path: Path, prefix: Path, tokenizer: str, workers: int) -> dict:
 
 
 def megatron_lm(checkout: Path, extra_path: str | None, input_path: Path, prefix: Path, tokenizer: str,
-                workers: int, docs: int) -> dict:
+                workers: int, docs: int, partitions: int = 1) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(checkout), extra_path, env.get("PYTHONPATH")) if p)
     wall, peak, text = run_measured([sys.executable, str(checkout / "tools" / "preprocess_data.py"), "--input",
                                      str(input_path), "--output-prefix", str(prefix), "--tokenizer-type",
                                      "SentencePieceTokenizer", "--tokenizer-model", tokenizer, "--workers",
-                                     str(workers), "--append-eod", "--log-interval", "10000"], env=env)
+                                     str(workers), "--partitions", str(partitions), "--append-eod", "--log-interval",
+                                     "10000"], env=env)
     rate = float(re.findall(r"Processed \d+ documents \(([\d.]+) docs/s", text)[-1])  # its last progress line
     return {"docs": docs, "wall": wall, "processing": docs / rate, "peak_rss": peak}
 
@@ -96,6 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--input", default=str(SHARED / "zh_classics.jsonl.gz"))
     p.add_argument("--tokenizer-model", default=str(SHARED / "tokenizers" / "chatglm3" / "tokenizer.model"))
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--partitions", type=int, default=1, help="--partitions for both tools (divides --workers)")
     p.add_argument("--megatron-lm", type=Path, default=None, help="a Megatron-LM checkout")
     p.add_argument("--megatron-lm-pythonpath", default=None, help="extra PYTHONPATH entry for the Megatron-LM run")
     args = p.parse_args(argv)
@@ -119,14 +123,14 @@ def main(argv=None) -> int:
 
         print(f"input {args.input}: {lines} lines; tokenizer {args.tokenizer_model}; {args.workers} workers; "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-        ours_half = ours(half, tmp / "ours_half", args.tokenizer_model, args.workers)
+        ours_half = ours(half, tmp / "ours_half", args.tokenizer_model, args.workers, args.partitions)
         print(line("ours, half corpus", ours_half))
-        ours_full = ours(full, tmp / "ours_full", args.tokenizer_model, args.workers)
+        ours_full = ours(full, tmp / "ours_full", args.tokenizer_model, args.workers, args.partitions)
         print(line("ours, full corpus", ours_full))
         print(f"peak memory (PSS, process tree) full / half corpus: {ours_full['peak_rss'] / ours_half['peak_rss']:.2f}")
         if args.megatron_lm:
             theirs = megatron_lm(args.megatron_lm, args.megatron_lm_pythonpath, full, tmp / "mlm_full",
-                                 args.tokenizer_model, args.workers, ours_full["docs"])
+                                 args.tokenizer_model, args.workers, ours_full["docs"], args.partitions)
             print(line("Megatron-LM, full corpus", theirs))
             identical = all((tmp / f"ours_full_text_document{s}").read_bytes() ==
                             (tmp / f"mlm_full_text_document{s}").read_bytes() for s in (".bin", ".idx"))
