@@ -531,7 +531,7 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
     if writer is not None:
         writer.close()
     return {"history": history, "iteration": iteration, "consumed_samples": consumed, "chunks": chunks,
-            "skipped": skipped_total}
+            "optimizer": optimizer, "scheduler": scheduler, "skipped": skipped_total}
 
 
 def main(stage: Stage, argv=None, tokenizer_loader=None) -> int:
