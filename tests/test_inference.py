@@ -79,22 +79,68 @@ def test_bad_sampling_params_and_vocab_mismatch(tmp_path):
         inference.check_vocab(preset, OtherVocab())
 
 
-def test_greedy_generation_equals_hf_export(tmp_path, sft_generator):
+@pytest.fixture(scope="module")
+def hf_export(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     from checkpoint_convert.mcore_to_hf import convert_mcore_to_hf
 
+    out = convert_mcore_to_hf(data.checkpoints()["sft"], tmp_path_factory.mktemp("hf") / "hf",
+                              tokenizer_model=data.tokenizer().model_path, log=lambda msg: None)
+    return transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+
+
+def hf_greedy(hf, prompt, max_new_tokens, stop_ids, repetition_penalty=1.0):
+    """transformers' greedy continuation; the penalty is passed explicitly, as the export's generation_config
+    carries the seed's sampling defaults (repetition penalty 1.1)."""
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=repetition_penalty,
+                          eos_token_id=list(stop_ids), pad_token_id=data.tokenizer().pad)
+    return out[0, len(prompt):].tolist()
+
+
+def hf_prompts():
+    tok = data.tokenizer()
+    records = data.corpus().sft[:2] + [r for r in data.corpus().eval if r["split"] == "heldout_phrasing"][:2]
+    return [tok.chat_prompt_ids([{"role": "user", "content": r["question"]}], system="") for r in records]
+
+
+def test_greedy_generation_equals_hf_export(sft_generator, hf_export):
+    """Several prompts in one ragged batch, with and without a repetition penalty, token for token."""
     generator, _ = sft_generator
     tok = data.tokenizer()
-    out = convert_mcore_to_hf(data.checkpoints()["sft"], tmp_path / "hf", tokenizer_model=tok.model_path,
-                              log=lambda msg: None)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    prompts = hf_prompts()
+    assert len(set(map(len, prompts))) > 1  # a ragged batch
+    for penalty in (1.0, 1.1):
+        params = inference.SamplingParams(max_new_tokens=20, greedy=True, stop_ids=[tok.eos],
+                                          repetition_penalty=penalty)
+        ours = generator.generate(prompts, params, keep_stop_token=True)
+        for prompt, mine in zip(prompts, ours):
+            assert mine == hf_greedy(hf_export, prompt, 20, [tok.eos], penalty), (penalty, prompt)
+            assert len(mine) >= 3
+
+
+def test_tp2_generate_cli_equals_hf_export(hf_export, tmp_path):
+    """tools/generate.py under torchrun at TP2 (gathered logits, every rank sampling) answers as the HF export."""
+    import json
+    import os
+    import subprocess
+
+    from distributed_helpers import free_port
+
+    tok = data.tokenizer()
     records = data.corpus().sft[:2] + [r for r in data.corpus().eval if r["split"] == "heldout_phrasing"][:2]
-    prompts = [tok.chat_prompt_ids([{"role": "user", "content": r["question"]}], system="") for r in records]
-    ours = generator.generate(prompts, inference.SamplingParams(max_new_tokens=20, greedy=True,
-                                                                stop_ids=[tok.eos]), keep_stop_token=True)
-    for prompt, mine in zip(prompts, ours):
-        with torch.no_grad():
-            theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                 max_new_tokens=20, do_sample=False, eos_token_id=tok.eos, pad_token_id=tok.pad)
-        assert mine == theirs[0, len(prompt):].tolist()
-        assert len(mine) > 3
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           str(Path(__file__).resolve().parents[1] / "tools" / "generate.py"),
+           "--load", str(data.checkpoints()["sft"]), "--tokenizer-model", tok.model_path,
+           "--tensor-model-parallel-size", "2", "--greedy", "--max-new-tokens", "20", "--chat", "--system", "",
+           "--json"] + sum((["--prompt", r["question"]] for r in records), [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = [json.loads(line)["ids"] for line in proc.stdout.splitlines() if line.startswith("{")]
+    stops = inference.chat_stop_ids(tok)
+    assert len(ours) == len(records)
+    for prompt, mine in zip(hf_prompts(), ours):
+        theirs = hf_greedy(hf_export, prompt, 20, stops)
+        assert mine == (theirs[:-1] if theirs and theirs[-1] in stops else theirs)
+        assert len(mine) >= 3

@@ -100,49 +100,49 @@ class Generator:
         self.max_sequence_length = max_sequence_length
         self.device = next(model.parameters()).device
 
-    def _logits(self, tokens: torch.Tensor, start: int, context) -> torch.Tensor:
-        positions = torch.arange(start, start + tokens.size(1), device=self.device).unsqueeze(0).expand_as(tokens)
-        out = self.model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
-        context.increment_sequence_len_offset(tokens.size(1))
-        return out[:, -1, : self.vocab_size]  # static context materialises the last position only
-
-    @torch.no_grad()
+    @torch.no_grad()  # not inference_mode: megatron caches its RoPE table, which a later training forward may reuse
     def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[list[int | None]]:
-        """Yield, per decoding step, each sequence's new token (None where it is still in its prompt or finished)."""
-        from megatron.core.inference.contexts import StaticInferenceContext
+        """Yield, per decoding step, each sequence's new token (None where it has finished)."""
+        from tinyllm_mcore.model import CachedDecoder
 
         params.validate()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        longest, shortest = int(lengths.max()), int(lengths.min())
+        lengths = [len(p) for p in prompts]
+        longest = max(lengths)
         if longest >= self.max_sequence_length:
             raise ValueError(f"prompt of {longest} tokens leaves no room in the model's "
                              f"{self.max_sequence_length}-token context")
-        total = min(longest + params.max_new_tokens, self.max_sequence_length)
-        batch = len(prompts)
-        tokens = torch.zeros(batch, total, dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+        batch, total = len(prompts), min(longest + params.max_new_tokens, self.max_sequence_length)
+        # Each sequence generates what it would alone: max_new_tokens, or up to the end of the context.
+        budget = torch.tensor([min(params.max_new_tokens, self.max_sequence_length - n) for n in lengths],
+                              device=self.device)
+        # Tokens so far, right-padded with each sequence's own first token: the repetition penalty, which reads
+        # [b, t] ids, then sees only a sequence's own tokens (a duplicate changes nothing).
+        tokens = torch.tensor([list(p) + [p[0]] * (total - len(p)) for p in prompts], dtype=torch.long,
+                              device=self.device)
+        rows = torch.arange(batch, device=self.device)
+        last = torch.tensor(lengths, device=self.device) - 1  # each sequence's last token position
         stop = torch.tensor(sorted(set(int(s) for s in params.stop_ids)) or [-1], device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(params.seed)
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         produced = torch.zeros(batch, dtype=torch.long, device=self.device)
 
         self.model.eval()
-        context = StaticInferenceContext(batch, total)
-        logits = self._logits(tokens[:, :shortest], 0, context)
-        for t in range(shortest, total):
-            in_prompt = t < lengths
-            sampled = sample(logits, tokens[:, :t], params, generator)
-            generating = ~in_prompt & ~done
-            tokens[:, t] = torch.where(in_prompt, tokens[:, t], torch.where(done, torch.zeros_like(sampled), sampled))
+        decoder = CachedDecoder(self.model, batch, total)
+        logits = decoder.prefill(tokens[:, :longest], last + 1)
+        while True:
+            sampled = sample(logits[:, : self.vocab_size], tokens[:, : int(last.max()) + 1], params, generator)
+            generating = ~done
+            new = torch.where(done, tokens[rows, last], sampled)  # a finished sequence keeps its last token
+            last = last + generating.long()
+            tokens[rows, last] = new
             produced += generating.long()
-            yield [int(tokens[i, t]) if generating[i] else None for i in range(batch)]
-            done |= generating & (torch.isin(tokens[:, t], stop) | (produced >= params.max_new_tokens))
-            if bool(done.all()) or t + 1 == total:
+            yield [token if active else None for token, active in zip(new.tolist(), generating.tolist())]
+            done |= generating & (torch.isin(new, stop) | (produced >= budget))
+            if bool(done.all()):
                 return
-            logits = self._logits(tokens[:, t : t + 1], t, context)
+            logits = decoder.decode(new, last)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  keep_stop_token: bool = False) -> list[list[int]]:

@@ -5,12 +5,15 @@
 
 REPL commands: /reset clears the history, /exit (or EOF) quits. The history is sent back every turn
 (<|system|> ... <|user|> q1 <|assistant|> a1 <eos> <|user|> q2 <|assistant|>); when it outgrows the model's context
-the oldest turns are dropped. At TP > 1 launch with torchrun; rank 0 reads stdin and broadcasts each line.
+the oldest turns are dropped. Answers print token by token, then a `[N tokens, X tokens/s]` line. A message that
+cannot fit the context gets one `error:` line and the session goes on. At TP > 1 launch with torchrun; rank 0 reads
+stdin and broadcasts each line.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python tools/chat.py`
@@ -41,30 +44,43 @@ class ChatSession:
             turns = turns[2:]
             ids = self.tokenizer.chat_prompt_ids(turns, system=self.system)
         if len(ids) > room:
-            raise ValueError(f"message of {len(ids)} tokens does not fit the context with "
-                             f"{self.params.max_new_tokens} new tokens")
+            raise ValueError(f"message of {len(ids)} tokens does not fit the model's "
+                             f"{self.generator.max_sequence_length}-token context with --max-new-tokens "
+                             f"{self.params.max_new_tokens}: shorten it or lower --max-new-tokens")
         return ids
 
-    def answer(self, message: str, echo: bool = True) -> str:
+    def answer(self, message: str, echo: bool = True, prefix: str = "") -> str:
+        """Stream the answer to `out` (after `prefix`), then a tokens/s line; raises ValueError, before printing
+        anything, for a message that cannot fit the context."""
         from tinyllm_mcore.runtime import distributed as rt
 
+        ids = self.prompt_ids(message)
         streamer = inference.TextStreamer(self.tokenizer)
         stops = set(self.params.stop_ids)
         show = echo and rt.is_logging_rank()
-        for step in self.generator.stream([self.prompt_ids(message)], self.params):
+        self._write(prefix if show else "")
+        start, count = time.perf_counter(), 0
+        for step in self.generator.stream([ids], self.params):
             token = step[0]
-            if token is None or token in stops:
+            if token is None:
+                continue
+            count += 1
+            if token in stops:
                 continue
             delta = streamer.push(token)
-            if show and delta:
-                self.out.write(delta)
-                self.out.flush()
+            if show:
+                self._write(delta)
+        seconds = time.perf_counter() - start
         if show:
-            self.out.write("\n")
-            self.out.flush()
+            self._write(f"\n[{count} tokens, {count / seconds:.1f} tokens/s]\n")
         answer = self.tokenizer.detokenize(streamer.ids, skip_special_tokens=True)
         self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
         return answer
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
 
 
 def _read_line(prompt: str) -> str | None:
@@ -99,11 +115,13 @@ def run(args, out=sys.stdout) -> ChatSession:
             session.history.clear()
             continue
         if line.strip():
-            from tinyllm_mcore.runtime import distributed as rt
+            try:
+                session.answer(line, prefix="助手> ")
+            except ValueError as e:  # a message too long for the context: say so, keep the session
+                from tinyllm_mcore.runtime import distributed as rt
 
-            if rt.is_logging_rank():
-                out.write("助手> ")
-            session.answer(line)
+                if rt.is_logging_rank():
+                    print(f"error: {e}", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:

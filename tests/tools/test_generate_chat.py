@@ -1,6 +1,7 @@
 """tools/generate.py and tools/chat.py in-process on the SFT checkpoint: one-shot, batches, multi-turn history,
 streaming, and one-line errors."""
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -28,19 +29,38 @@ def test_generate_answers_trained_questions(capsys):
     assert records[0]["answer"] in capsys.readouterr().out
 
 
-def test_chat_streams_and_keeps_history(monkeypatch):
+class Writes(io.StringIO):
+    """Records every write: streaming shows as many small writes before the tokens/s line."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_chat_streams_keeps_history_and_survives_an_overlong_message(monkeypatch, capsys):
     from tinyllm_mcore.runtime import distributed as rt
 
     records = data.corpus().sft[:2]
-    lines = iter([records[0]["question"], records[1]["question"], "/exit"])
+    overlong = "".join(r["question"] for r in data.corpus().sft) * 4  # far beyond the tiny model's 256 positions
+    lines = iter([records[0]["question"], overlong, records[1]["question"], "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    out = io.StringIO()
+    out = Writes()
     try:
         session = chat.run(chat.build_parser().parse_args(flags()), out=out)
         streamed = out.getvalue()
         assert [m["content"] for m in session.history] == [records[0]["question"], records[0]["answer"],
                                                           records[1]["question"], records[1]["answer"]]
-        assert records[0]["answer"] in streamed
+        assert records[0]["answer"] in streamed and records[1]["answer"] in streamed
+        # the answer arrives piece by piece, then one tokens/s line per answer
+        first_stats = next(i for i, w in enumerate(out.writes) if "tokens/s]" in w)
+        assert first_stats > 3 and "".join(out.writes[:first_stats]).endswith(records[0]["answer"])
+        assert len(re.findall(r"\n\[\d+ tokens, [\d.]+ tokens/s\]\n", streamed)) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith("error: message of") and "--max-new-tokens" in errors[0]
         # the second turn's prompt carries the first exchange
         ids = session.prompt_ids("x")
         assert data.tokenizer().detokenize(ids).count("<|assistant|>") == 3
