@@ -136,13 +136,15 @@ def write_real_corpus(folder):
 def test_corpus_is_streamed_mixed_with_the_facts_tokenized_and_reported(tmp_path, capsys):
     """`--corpus` end to end up to the indexed dataset: gzip and parquet through the project's corpus reader, mixed
     with the synthetic fact documents, covered by the tokenizer, tokenized by preprocess_data (the real CLIs)."""
-    from tinyllm_mcore.quickstart.pipeline import prepare_data
+    from tinyllm_mcore.quickstart.pipeline import preprocess, train_tokenizer, write_corpus
     from tinyllm_mcore.tokenizer import Tokenizer
 
     corpus = write_real_corpus(tmp_path / "corpus")
     prepare_run_dir(tmp_path / "run", overwrite=False)
     run = Run(tmp_path / "run", Settings(), str(corpus))
-    paths = prepare_data(run, str(corpus))
+    paths = write_corpus(run, str(corpus))  # the steps run_pipeline starts with (prepare_data), SFT/DPO data aside
+    train_tokenizer(run, paths)
+    preprocess(run, paths, "pretrain")
 
     out = capsys.readouterr().out
     assert f"user text from {corpus} + synthetic fact documents" in out

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,10 +47,12 @@ class Settings:
     sft_iters: int = 150
     sft_lr: float = 1e-3
     dpo_iters: int = 60
-    dpo_lr: float = 1e-5
-    dpo_beta: float = 0.1
-    reward_iters: int = 60
-    reward_lr: float = 1e-4
+    dpo_lr: float = 1e-4
+    # β 1 (not the seed's 0.1): the loss saturates once chosen leads rejected by a few nats, enough to flip the
+    # greedy answer's style; at 0.1 DPO keeps pushing the rejected answers down until the facts' own tokens suffer
+    dpo_beta: float = 1.0
+    reward_iters: int = 150
+    reward_lr: float = 3e-4
     micro_batch_size: int = 16
     dpo_micro_batch_size: int = 8
     log_interval: int = 10
@@ -60,8 +63,8 @@ class Settings:
 
     @classmethod
     def fast(cls) -> "Settings":
-        return cls(pretrain_iters=40, sft_iters=30, dpo_iters=10, log_interval=5, eval_interval=20, eval_limit=48,
-                   chat_questions=3)
+        return cls(pretrain_iters=40, sft_iters=30, dpo_iters=10, reward_iters=10, log_interval=5, eval_interval=20,
+                   eval_limit=48, chat_questions=3)
 
 
 class StepFailed(RuntimeError):
@@ -242,7 +245,7 @@ def read_user_corpus(corpus: str, budget_chars: int) -> tuple[list[dict], dict]:
             if characters >= budget_chars:
                 truncated = True
                 break
-    except (OSError, EOFError, UnicodeDecodeError) as e:  # e.g. a damaged .gz
+    except (OSError, EOFError, ValueError, zlib.error) as e:  # e.g. a damaged .gz
         raise ValueError(f"--corpus {corpus}: cannot read it ({e})") from None
     if not docs:
         raise ValueError(f"--corpus {corpus}: no document with a non-empty \"text\" field")
@@ -287,17 +290,27 @@ def training_args(run: Run, stage: str, *, iters: int, lr: float, micro_batch_si
 
 def prepare_data(run: Run, corpus: str | None) -> dict[str, Path]:
     """Corpus -> tokenizer -> indexed datasets (pretrain, sft, preference) under RUN/data; returns the corpus paths."""
-    s = run.settings
     paths = write_corpus(run, corpus)
+    train_tokenizer(run, paths)
+    for name in ("pretrain", "sft", "dpo"):
+        preprocess(run, paths, name)
+    return paths
+
+
+def train_tokenizer(run: Run, paths: dict[str, Path]) -> None:
     run_step(run, "tokenizer", python(
         "-m", "tools.train_tokenizer", "--input", str(paths["tokenizer"]), "--output-dir", str(run.path("tokenizer")),
-        "--vocab-size", str(s.vocab_size or tokenizer_vocab_size(paths["tokenizer"])), "--character-coverage", "1.0"))
-    for mode, name in (("pretrain", "pretrain"), ("sft", "sft"), ("preference", "dpo")):
-        run_step(run, f"preprocess_{name}", python(
-            "-m", "tools.preprocess_data", "--mode", mode, "--input", str(paths[name]),
-            "--output-prefix", str(run.path("data", name)), "--tokenizer-model", str(run.path("tokenizer")),
-            "--append-eod", "--no-progress"))
-    return paths
+        "--vocab-size", str(run.settings.vocab_size or tokenizer_vocab_size(paths["tokenizer"])),
+        "--character-coverage", "1.0"))
+
+
+def preprocess(run: Run, paths: dict[str, Path], name: str) -> None:
+    """One corpus file (pretrain, sft or dpo) -> RUN/data/NAME_*_document.bin/.idx."""
+    mode = {"pretrain": "pretrain", "sft": "sft", "dpo": "preference"}[name]
+    run_step(run, f"preprocess_{name}", python(
+        "-m", "tools.preprocess_data", "--mode", mode, "--input", str(paths[name]),
+        "--output-prefix", str(run.path("data", name)), "--tokenizer-model", str(run.path("tokenizer")),
+        "--append-eod", "--no-progress"))
 
 
 def run_pipeline(output_dir: str, settings: Settings, corpus: str | None = None, overwrite: bool = False) -> Path:
