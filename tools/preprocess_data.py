@@ -18,6 +18,11 @@ stop on (bad JSON, a missing key) are counted instead (with several --json-keys,
 as an empty document in that key's output only); --mode sft|preference. --split-sentences --lang chinese splits
 Chinese text (tinyllm_mcore/data/sentences.py); other --lang values use nltk's punkt data.
 
+Where Megatron-LM core_v0.16.1 differs from its own documented meaning, the meaning is kept: with several --json-keys
+it writes the .idx of the last key only (here every key gets its pair); with --split-sentences and one partition it
+stops after writing the split-sentence jsonl (here the sentence-level dataset is written); its --partitions leaves
+part files beside the input and reuses them on the next run (here parts are temporary, beside the output).
+
 Exit status: 0 on success, 1 for bad paths or arguments or input that yields no tokens (one `error:` line; nothing is
 written and a dataset already at the prefix is left as it was), 130 on Ctrl-C, 143 on SIGTERM.
 """
