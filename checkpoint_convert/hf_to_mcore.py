@@ -14,8 +14,10 @@ files into the global model, which megatron's dist_checkpointing writes under it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -63,10 +65,11 @@ def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, tensor
     and renamed at the end, so a failure leaves nothing behind."""
     from megatron.core import dist_checkpointing
 
-    from tinyllm_mcore.training.checkpoint import _forked_write_results_queue
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from tinyllm_mcore.training.checkpoint import TRACKER, _rng_state, iteration_dir
+    from tinyllm_mcore.runtime import compat
+    from tinyllm_mcore.training import checkpoint_safety as safety
+    from tinyllm_mcore.training.checkpoint import TRACKER, _forked_write_results_queue, _rng_state, iteration_dir
 
     t0 = time.perf_counter()
     hf_dir = Path(load)
@@ -135,11 +138,17 @@ def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, tensor
             "iteration": 0, "consumed_samples": 0, "args": args, "model": model.sharded_state_dict(),
             "rng_state": [ShardedObject("rng_state", rng, (pp, tp), (p, t), replica_id=0)
                           for p in range(pp) for t in range(tp)],
+            **compat.checkpoint_stamp(),
         }
         staged_iter = iteration_dir(staged, 0) if new_root else staged
         staged_iter.mkdir(exist_ok=True)
         _forked_write_results_queue()
-        dist_checkpointing.save(state, str(staged_iter))
+        safety.forked_workers_die_with_parent()
+        with _quiet_writer_errors():  # a failed write is reported once, as one line, by staged_output_dir / run_cli
+            dist_checkpointing.save(state, str(staged_iter))
+        # as the trainer's saves: readable by every supported megatron-core, checksummed last
+        compat.write_common_state_file(staged_iter)
+        safety.write_manifest(staged_iter)
         compat.write_common_state_file(staged_iter)  # loadable under every supported megatron-core
         if new_root:
             (staged / TRACKER).write_text("0")
@@ -149,6 +158,18 @@ def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, tensor
         os.replace(tmp, save_root / TRACKER)
     log(f"[hf_to_mcore] wrote {path} in {time.perf_counter() - t0:.1f} s")
     return path
+
+
+@contextlib.contextmanager
+def _quiet_writer_errors():
+    """megatron's checkpoint writer logs a worker's failure before raising it; the raise is what we report."""
+    writer_log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    level = writer_log.level
+    writer_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        writer_log.setLevel(level)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,14 +59,16 @@ def _check_checkpoint_shapes(path, preset, saved_shapes: dict) -> int:
 
 def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype: str = "fp32",
                         tokenizer_model: str | None = None, hf_arch: str | None = None, prompt_prefix: bool = True,
-                        max_shard_bytes: int = 2 * 1024**3, log=print, allow_non_finite: bool = False) -> Path:
+                        max_shard_bytes: int = 2 * 1024**3, log=print, allow_non_finite: bool = False,
+                        verify: bool = True) -> Path:
     """Export; return the HF directory. Raises ValueError/FileNotFoundError with one-line messages.
 
     Tensors with NaN/inf values (also a finite value that overflows ``dtype``) are refused unless
     ``allow_non_finite``. The directory is written under a temporary name beside ``save`` and renamed when
-    complete, so a failure (bad input, disk full) leaves nothing; an earlier export at ``save`` is replaced."""
+    complete, so a failure (bad input, disk full) leaves nothing; an earlier export at ``save`` is replaced.
+    ``verify`` checks the checkpoint's files against its manifest first."""
     from tinyllm_mcore.tokenizer import Tokenizer
-    from tinyllm_mcore.training.checkpoint import resolve_load_dir, saved_preset
+    from tinyllm_mcore.training.checkpoint import CheckpointError, resolve_load_dir, saved_preset, verify_checkpoint
 
     t0 = time.perf_counter()
     if dtype not in DTYPES:
@@ -74,6 +76,8 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
     if hf_arch is not None and hf_arch not in hf_export.HF_ARCHS:
         raise ValueError(f"unsupported --hf-arch {hf_arch!r}; choose one of {', '.join(hf_export.HF_ARCHS)}")
     path = resolve_load_dir(load)
+    if verify:
+        verify_checkpoint(path)
     preset, saved_args = saved_preset(load)
     hf_arch = hf_arch or hf_export.default_hf_arch(preset)
     if (hf_arch == "qwen2_moe") != bool(preset.num_experts):
@@ -103,7 +107,13 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
         log(f"[mcore_to_hf] {path} (saved at TP{saved_args.get('tensor_model_parallel_size', '?')} "
             f"PP{saved_args.get('pipeline_model_parallel_size', '?')}; {preset.name}, vocab {preset.vocab_size} of "
             f"{padded} rows) -> {out} as {hf_arch}, {dtype}")
-        state = load_global_state(path, preset, padded)
+        try:
+            state = load_global_state(path, preset, padded)
+        except MappingError:
+            raise
+        except Exception as e:  # a damaged file the manifest could not vouch for: one line naming the checkpoint
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {first})") from None
 
     def tensors():
         for name, tensor, source in megatron_to_hf(preset, state.__getitem__, o_proj_bias=hf_arch == "llama",
@@ -147,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size-mb", type=int, default=2048)
     p.add_argument("--allow-non-finite", action="store_true",
                    help="export even if tensors hold NaN/inf (refused by default, naming the tensor)")
+    p.add_argument("--no-verify-checkpoint", action="store_true",
+                   help="skip checking the checkpoint's files against its manifest (checksums)")
     p.add_argument("--quiet", action="store_true", help="do not list every mapped tensor")
     return p
 
@@ -158,7 +170,8 @@ def main(argv=None) -> int:
     log = conversion_log(args.quiet)
     return run_cli(lambda: convert_mcore_to_hf(
         args.load, args.save, args.dtype, args.tokenizer_model, args.hf_arch, not args.no_prompt_prefix,
-        args.max_shard_size_mb * 1024**2, log=log, allow_non_finite=args.allow_non_finite))
+        args.max_shard_size_mb * 1024**2, log=log, allow_non_finite=args.allow_non_finite,
+        verify=not args.no_verify_checkpoint))
 
 
 if __name__ == "__main__":

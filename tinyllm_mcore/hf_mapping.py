@@ -257,9 +257,14 @@ def check_finite(name: str, t: Tensor, where: str) -> Tensor:
     return t
 
 
-def _is_out_of_space(error: BaseException) -> bool:
+def _is_out_of_space(error: BaseException, directory) -> bool:
     import errno
+    import shutil
 
+    # megatron's checkpoint writer reports a full disk as "unexpected pos N vs M", without the errno: look at the disk
+    usage = shutil.disk_usage(directory)
+    if usage.free < min(1 << 20, usage.total // 20):
+        return True
     while error is not None:
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
             return True
@@ -299,8 +304,9 @@ def staged_output_dir(target, replaceable=lambda existing: True):
         else:
             os.replace(staged, target)
     except BaseException as e:
+        out_of_space = _is_out_of_space(e, staged)
         shutil.rmtree(staged, ignore_errors=True)
-        if _is_out_of_space(e):
+        if out_of_space:
             raise MappingError(f"no space left on device while writing {target} (nothing was written; free space "
                                f"on {target.parent} and retry)") from None
         raise

@@ -4,6 +4,7 @@ converters are one CPU process each), on a tiny model written straight from the 
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from tinyllm_mcore.hf_mapping import hf_shapes
 from tinyllm_mcore.presets import get_preset
 
 PRESET = get_preset("tiny", vocab_size=256)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_hf_dir(path: Path, tensors: dict | None = None, legacy_bin: bool = False) -> dict:
@@ -186,9 +188,30 @@ def test_disk_full_during_hf_export_is_one_line_and_leaves_nothing(tmp_path, cap
         line = one_error_line(capsys)
         assert "no space left on device" in line and str(disk / "hf") in line, line
         assert leftovers(disk) == []
-        assert hf_to_mcore.main(["--load", str(root / "hf"), "--save", str(disk / "mc"), "--quiet"]) == 2
-        line = one_error_line(capsys)
-        assert "no space left on device" in line and str(disk / "mc") in line, line
+        # as a user runs it: megatron's checkpoint writer must not log its own copy of the failure
+        proc = subprocess.run([sys.executable, str(REPO / "checkpoint_convert" / "hf_to_mcore.py"), "--load",
+                               str(root / "hf"), "--save", str(disk / "mc"), "--quiet"], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        err = [line for line in proc.stderr.splitlines() if "Warning" not in line and not line.startswith("  ")]
+        assert proc.returncode == 2 and len(err) == 1, proc.stderr
+        assert err[0].startswith("error: no space left on device") and str(disk / "mc") in err[0], err
         assert leftovers(disk) == []
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_bit_flip_in_a_checkpoint_shard_is_caught_before_export(tmp_path, capsys, source):
+    """Issue 12 item 5 (conversion side): a flipped run of bytes in a weight shard exported silently."""
+    import shutil
+
+    root, _ = source
+    ckpt = tmp_path / "mc"
+    shutil.copytree(root / "mc", ckpt)
+    shard = sorted((ckpt / "iter_0000000").glob("*.distcp"))[0]
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2: len(blob) // 2 + 64] = bytes(b ^ 0xFF for b in blob[len(blob) // 2: len(blob) // 2 + 64])
+    shard.write_bytes(bytes(blob))
+    assert mcore_to_hf.main(["--load", str(ckpt), "--save", str(tmp_path / "hf")]) == 2
+    line = one_error_line(capsys)
+    assert f"{shard}: checksum mismatch" in line, line
+    assert leftovers(tmp_path) == ["mc"]
