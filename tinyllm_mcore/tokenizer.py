@@ -358,14 +358,17 @@ class HFTokenizer(ChatFormat):
         return self.hf.unk_token_id
 
     def chat_support_error(self) -> str | None:
-        missing = [t for t in ROLE_TOKENS if t not in self.special_tokens]
-        if missing or self.eos is None:
-            what = f"no single-token chat role markers {', '.join(missing)}" if missing else "no eos_token"
-            return (f"tokenizer {self.model_path} has {what}: add them and save it, e.g. tok = AutoTokenizer."
-                    f"from_pretrained(DIR); tok.add_special_tokens({{'additional_special_tokens': {list(ROLE_TOKENS)}"
-                    f"{', ' if missing else ''}{'' if missing else chr(39) + 'eos_token' + chr(39) + ': ...'}}}); "
-                    f"tok.save_pretrained(DIR) (and resize the model's embeddings)")
-        return None
+        missing = [t for t in ROLE_TOKENS[:3] if t not in self.special_tokens]  # <|observation|> only if used
+        if not missing and self.eos is not None:
+            return None
+        if missing:
+            what = f"no single-token chat role markers {', '.join(missing)}"
+            fix = f"tok.add_special_tokens({{'additional_special_tokens': {list(ROLE_TOKENS)}}})"
+        else:
+            what, fix = "no eos_token", "tok.add_special_tokens({'eos_token': '<|endoftext|>'})"
+        return (f"tokenizer {self.model_path} has {what}: add them and save it, e.g. tok = "
+                f"AutoTokenizer.from_pretrained(DIR); {fix}; tok.save_pretrained(DIR) (then resize the model's "
+                f"embeddings)")
 
     def token_to_id(self, token: str) -> int:
         i = self.hf.convert_tokens_to_ids(token)
