@@ -98,3 +98,13 @@ def test_more_shots_than_dev_questions_and_zero_new_tokens_are_refused(tmp_path,
                           "--max-new-tokens", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0] == "error: --max-new-tokens must be >= 1, got 0", err
+
+
+def test_non_utf8_csv_names_the_file(tmp_path, hf_dir, capsys):
+    """Issue 12 item 8: a GBK-encoded CSV gave a codec error without the file name."""
+    bench = write_cmmlu_dir(tmp_path / "cmmlu", {"arts": 2}, dev=1)
+    path = bench / "test" / "arts.csv"
+    path.write_bytes(path.read_text(encoding="utf-8").encode("gbk"))
+    assert evaluate.main(["--hf", str(hf_dir), "--benchmark-dir", str(bench)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path}: not UTF-8 text"), err

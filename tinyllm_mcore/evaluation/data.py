@@ -51,8 +51,14 @@ def read_questions(path: str | Path, subject: str | None = None) -> SubjectFile:
     """Read one CMMLU or C-Eval CSV (the header decides which)."""
     path = Path(path)
     subject = subject or subject_from_filename(path)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:  # CMMLU/C-Eval ship UTF-8; a GBK re-save is the usual culprit
+        raise EvalDataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. "
+                            f"iconv -f GBK -t UTF-8") from None
+    except csv.Error as e:
+        raise EvalDataError(f"{path}: unreadable CSV ({e})") from None
     if not rows:
         raise EvalDataError(f"{path}: empty file")
     header = rows[0]
