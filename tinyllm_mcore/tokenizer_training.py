@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -40,16 +41,7 @@ def _texts(sources: Sequence[Path], json_key: str, skipped: Counter, examples: d
 
     for source in sources:
         if source.name.endswith(TEXT_SUFFIXES):
-            opener = gzip.open if source.name.endswith(".gz") else open
-            with opener(source, "rb") as f:
-                for number, raw in enumerate(f, start=1):
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError:  # never train on U+FFFD replacements
-                        skip("invalid_utf8", f"{source}:{number}")
-                        continue
-                    if line.strip():
-                        yield line.rstrip("\n")
+            yield from _text_lines(source, skip)
             continue
         for chunk in iter_chunks([source], 1024, columns=[json_key]):
             items = chunk.records if chunk.records is not None else chunk.lines
@@ -73,6 +65,22 @@ def _texts(sources: Sequence[Path], json_key: str, skipped: Counter, examples: d
                     skip("empty_text", where)
                 else:
                     yield item[json_key]
+
+
+def _text_lines(source: Path, skip) -> Iterator[str]:
+    opener = gzip.open if source.name.endswith(".gz") else open
+    try:
+        with opener(source, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:  # never train on U+FFFD replacements
+                    skip("invalid_utf8", f"{source}:{number}")
+                    continue
+                if line.strip():
+                    yield line.rstrip("\n")
+    except (EOFError, OSError, zlib.error) as e:  # a truncated .gz or an I/O error
+        raise ValueError(f"reading {source}: {e or type(e).__name__}") from None
 
 
 def _sentences(texts: Iterator[str], max_sentence_bytes: int) -> Iterator[str]:
@@ -104,6 +112,16 @@ def train_tokenizer(inputs: str | Sequence[str], output_dir: str | os.PathLike, 
     skipped = Counter() if skipped is None else skipped
     examples: dict[str, str] = {}
     sentences = _sentences(_texts(sources, json_key, skipped, examples), max_sentence_length)
+    reading_error: list[Exception] = []  # SentencePiece wraps what the iterator raises into its own message
+
+    def remember_errors(it: Iterator[str]) -> Iterator[str]:
+        try:
+            yield from it
+        except ValueError as e:
+            reading_error.append(e)
+            raise
+
+    sentences = remember_errors(sentences)
     first = next(sentences, None)  # SentencePiece reports an empty corpus as an INTERNAL check failure
     if first is None:
         detail = ", ".join(f"{n} {reason} (e.g. {examples[reason]})" for reason, n in sorted(skipped.items()))
@@ -140,6 +158,8 @@ def train_tokenizer(inputs: str | Sequence[str], output_dir: str | os.PathLike, 
                 minloglevel=2,
             )
         except RuntimeError as e:  # "INTERNAL: src/x.cc(744) [check] message": keep the message
+            if reading_error:
+                raise reading_error[0] from None
             message = re.sub(r"^\w+: \S+\(\d+\) \[.*?\] ?", "", str(e).strip()) or str(e).strip()
             raise ValueError(f"SentencePiece cannot train on {', '.join(map(str, sources))}: {message}") from None
         (staged / "tokenizer.vocab").unlink(missing_ok=True)  # the .model holds everything

@@ -65,11 +65,14 @@ def test_empty_input_and_bad_vocab_are_one_line_and_leave_no_folder(tmp_path, ca
     (tmp_path / "empty.jsonl").write_text("\n\n")
     (tmp_path / "keys.jsonl").write_text('{"title": "无正文"}\n[1]\n{"text": ""}\n{"text": 3}\n')
     (tmp_path / "one.jsonl").write_text('{"text": "你好"}\n')
+    whole = gzip.compress("\n".join(random_text(random.Random(1)) for _ in range(3000)).encode("utf-8"))
+    (tmp_path / "cut.txt.gz").write_bytes(whole[: len(whole) // 2])
     cases = [(["empty.jsonl", "--vocab-size", "300"], "no text to train on in"),
              (["keys.jsonl", "--vocab-size", "300"], "(skipped: 1 empty_text (e.g. "),
              (["one.jsonl", "--vocab-size", "0"], "--vocab-size 0 is too small"),
              (["one.jsonl", "--vocab-size", "-5"], "--vocab-size -5 is too small"),
-             (["one.jsonl", "--vocab-size", "100000"], "Vocabulary size too high (100000)")]
+             (["one.jsonl", "--vocab-size", "100000"], "Vocabulary size too high (100000)"),
+             (["cut.txt.gz", "--vocab-size", "300"], "cut.txt.gz: Compressed file ended")]
     for argv, message in cases:
         rc = cli.main(["--input", str(tmp_path / argv[0]), "--output-dir", str(tmp_path / "out" / "tok"), *argv[1:]])
         err = capsys.readouterr().err.strip().splitlines()
