@@ -1,16 +1,14 @@
 """Text generation on a megatron-core GPTModel with a KV cache: used by tools/generate.py, tools/chat.py and eval.
 
-The KV cache is megatron-core's own `StaticInferenceContext`: GPTModel.forward(inference_context=...) stores each
-layer's keys/values in preallocated [max_seq, batch, groups, head_dim] buffers and, past the prompt, attends one new
-query to all cached keys (our SDPA core attention handles the "query shorter than keys" case). Logits are gathered
-across tensor-parallel ranks (`runtime_gather_output=True`), so every TP rank samples the same token from the same
-logits with an identically seeded generator: generation runs at any TP with all ranks executing this same loop.
-Pipeline parallelism is not supported for generation (load at PP1; dist checkpoints reshard on load).
+The forward is `model.CachedDecoder`: the model's own modules and weights with a cache of rotated keys (megatron's
+StaticInferenceContext re-rotates every cached key in every layer at every step; its rotated-key paths need CUDA),
+the whole batch of prompts processed in one forward, and logits for each sequence's last position only. Logits are
+gathered across tensor-parallel ranks, so every TP rank samples the same token from the same logits with an
+identically seeded generator: generation runs at any TP with all ranks executing this same loop. Pipeline
+parallelism is not supported for generation (load at PP1; dist checkpoints reshard on load).
 
-Prompts of different lengths share one batch without padding: the cache is prefilled with the shortest prompt, then
-each step feeds one token per sequence — the prompt's own next token while a sequence is still inside its prompt
-(Megatron-LM's static-batching approach), else the sampled one. Every sequence therefore sees exactly the
-positions and tokens it would see alone.
+Prompts of different lengths share one batch: they are right-padded for the prompt forward and each sequence then
+decodes at its own positions, so every sequence sees exactly the positions and tokens it would see alone.
 
 Sampling follows Hugging Face's order and semantics: repetition penalty (over prompt and generated tokens), then
 temperature, top-k, top-p; temperature 0 or `greedy=True` takes the argmax.

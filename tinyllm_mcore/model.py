@@ -190,9 +190,12 @@ class CachedDecoder:
     at every step, and its paths that cache rotated keys (flash decode, the dynamic engine) need CUDA flash-attn.
     Here RoPE is applied once per key and keys/values go to preallocated [b, groups, max_length, head_dim] buffers;
     activations stay [b, s, h]; only each sequence's last position reaches the output layer. The local spec's
-    parallel linears run as F.linear on their (TP-sharded) weights plus megatron's TP all-reduce / all-gather where
-    their forward would communicate: that skips megatron's autograd wrappers, the per-layer cost of a decode step
-    on a CPU. Other modules (Transformer Engine's fused norm+linear, MoE layers) are called as modules.
+    parallel linears and the output layer run as plain matmuls on contiguous [in, out] copies of their (TP-sharded)
+    weights, made per generation call (so never stale; they double the dense weights' memory while generating), plus
+    megatron's TP all-reduce / all-gather where their forward would communicate. On a CPU, one or a few rows times
+    that layout run 1.3-4x faster than F.linear over megatron's [out, in] weights (measured at 16m and 92m, batch 1
+    and 8), and the calls skip megatron's autograd wrappers. Other modules (Transformer Engine's fused norm+linear,
+    MoE layers) are called as modules.
 
     Sequences keep their own positions: a batch of prompts is right-padded (causal attention keeps padding out of
     every real token's view) and each sequence then decodes at its own next position, with a key mask only when
@@ -218,10 +221,12 @@ class CachedDecoder:
         freqs = model.rotary_pos_emb(max(model.max_sequence_length, max_length))[:max_length, 0, 0, :]
         self.cos, self.sin = freqs.cos().to(weight.dtype), freqs.sin().to(weight.dtype)
         self.rows = torch.arange(batch_size, device=weight.device)
-        # The output layer (no bias) as a contiguous [h, vocab] copy: on a CPU, a few rows times it run 1.3-4x faster
-        # than F.linear over megatron's [vocab, h] weight (measured at 16m and 92m, batch 1 and 8). Copied per
-        # generation call, so it never goes stale.
-        self.output_weight = model.output_layer.weight.t().contiguous()
+        linears = [model.output_layer]
+        for layer in self.layers:
+            linears += [layer.self_attention.linear_qkv, layer.self_attention.linear_proj]
+            if type(layer.mlp) is MLP:
+                linears += [layer.mlp.linear_fc1, layer.mlp.linear_fc2]
+        self.in_out = {linear: linear.weight.t().contiguous() for linear in linears if _plain(linear)}
 
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Right-padded prompts [b, s] (row i's prompt: its first lengths[i] tokens) -> logits [b, vocab] at each
@@ -257,22 +262,46 @@ class CachedDecoder:
         hidden = self.model.embedding.word_embeddings(tokens)  # [b, s, h]; no embedding dropout in eval
         for layer, key_cache, value_cache in zip(self.layers, self.keys, self.values):
             attention = layer.self_attention
-            qkv = _linear(attention.linear_qkv, layer.input_layernorm(hidden)).view(b, s, self.groups, -1)
+            qkv = self._linear(attention.linear_qkv, layer.input_layernorm(hidden)).view(b, s, self.groups, -1)
             query, key, value = qkv.split([q_per_group * d, d, d], dim=-1)
             query = _rotate(query.reshape(b, s, self.heads, d), cos, sin)
             keys, values = store(key_cache, _rotate(key, cos, sin)), store(value_cache, value)
             context = torch.nn.functional.scaled_dot_product_attention(
                 query.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
                 enable_gqa=q_per_group > 1)
-            hidden = hidden + _linear(attention.linear_proj, context.transpose(1, 2).reshape(b, s, -1))
-            hidden = hidden + _mlp(layer.mlp, layer.pre_mlp_layernorm(hidden))
+            hidden = hidden + self._linear(attention.linear_proj, context.transpose(1, 2).reshape(b, s, -1))
+            hidden = hidden + self._mlp(layer.mlp, layer.pre_mlp_layernorm(hidden))
         return hidden
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.model.decoder.final_layernorm(hidden) @ self.output_weight
-        if self.tp > 1:
+        logits = self._linear(self.model.output_layer, self.model.decoder.final_layernorm(hidden))
+        if self.tp > 1 and self.model.output_layer in self.in_out:  # else the module gathered already
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
         return logits
+
+    def _linear(self, linear, x: torch.Tensor) -> torch.Tensor:
+        """A megatron linear's output with its bias added; column-parallel outputs stay sharded, as the module's."""
+        weight = self.in_out.get(linear)
+        if weight is None:
+            out, bias = linear(x)
+            return out if bias is None else out + bias
+        out = x @ weight
+        if type(linear) is tensor_parallel.RowParallelLinear and linear.tp_group.size() > 1:
+            out = tensor_parallel.reduce_from_tensor_model_parallel_region(out, group=linear.tp_group)
+        return out if linear.bias is None else out + linear.bias
+
+    def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
+        """megatron's MLP (SwiGLU: fc1 = [gate; up] per TP shard) on plain ops; other MLPs (MoE) as modules."""
+        if type(mlp) is not MLP:
+            out, bias = mlp(x)
+            return out if bias is None else out + bias
+        intermediate = self._linear(mlp.linear_fc1, x)
+        if mlp.config.gated_linear_unit:
+            gate, up = torch.chunk(intermediate, 2, dim=-1)
+            intermediate = mlp.config.activation_func(gate) * up
+        else:
+            intermediate = mlp.activation_func(intermediate)
+        return self._linear(mlp.linear_fc2, intermediate)
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -281,31 +310,12 @@ def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return t * cos + torch.cat((-second, first), dim=-1) * sin
 
 
-def _linear(linear, x: torch.Tensor) -> torch.Tensor:
-    """A megatron linear's output with its bias added; column-parallel outputs stay sharded, as the module's."""
-    if type(linear) is tensor_parallel.ColumnParallelLinear and not linear.gather_output:
-        return torch.nn.functional.linear(x, linear.weight, linear.bias)
-    if type(linear) is tensor_parallel.RowParallelLinear:
-        out = torch.nn.functional.linear(x, linear.weight)
-        if linear.tp_group.size() > 1:
-            out = tensor_parallel.reduce_from_tensor_model_parallel_region(out, group=linear.tp_group)
-        return out if linear.bias is None else out + linear.bias
-    out, bias = linear(x)
-    return out if bias is None else out + bias
+def _plain(linear) -> bool:
+    """megatron's own column/row-parallel linear whose forward is a matmul (+ TP reduce), no gather / SP."""
+    if type(linear) is tensor_parallel.ColumnParallelLinear:
+        return not linear.gather_output
+    return type(linear) is tensor_parallel.RowParallelLinear
 
-
-def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
-    """megatron's MLP (SwiGLU: fc1 = [gate; up] per TP shard) on plain ops; other MLPs (MoE) as modules."""
-    if type(mlp) is not MLP:
-        out, bias = mlp(x)
-        return out if bias is None else out + bias
-    intermediate = _linear(mlp.linear_fc1, x)
-    if mlp.config.gated_linear_unit:
-        gate, up = torch.chunk(intermediate, 2, dim=-1)
-        intermediate = mlp.config.activation_func(gate) * up
-    else:
-        intermediate = mlp.activation_func(intermediate)
-    return _linear(mlp.linear_fc2, intermediate)
 
 def flops_per_token(preset: ModelPreset, seq_length: int, vocab_size: int | None = None) -> float:
     """Training FLOPs per token (forward + backward = 3 × forward), counting matmuls only.
