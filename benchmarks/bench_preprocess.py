@@ -76,14 +76,16 @@ def ours(input_path: Path, prefix: Path, tokenizer: str, workers: int, partition
 
 def megatron_lm(checkout: Path, extra_path: str | None, input_path: Path, prefix: Path, tokenizer: str,
                 workers: int, docs: int, partitions: int = 1) -> dict:
+    log_interval = max(1, min(10000, docs // (4 * partitions)))  # a few progress lines per part
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(checkout), extra_path, env.get("PYTHONPATH")) if p)
     wall, peak, text = run_measured([sys.executable, str(checkout / "tools" / "preprocess_data.py"), "--input",
                                      str(input_path), "--output-prefix", str(prefix), "--tokenizer-type",
                                      "SentencePieceTokenizer", "--tokenizer-model", tokenizer, "--workers",
                                      str(workers), "--partitions", str(partitions), "--append-eod", "--log-interval",
-                                     "10000"], env=env)
-    rate = float(re.findall(r"Processed \d+ documents \(([\d.]+) docs/s", text)[-1])  # its last progress line
+                                     str(log_interval)], env=env)
+    # Its last progress line; with partitions, each part reports its own rate and the parts run side by side.
+    rate = float(re.findall(r"Processed \d+ documents \(([\d.]+) docs/s", text)[-1]) * partitions
     return {"docs": docs, "wall": wall, "processing": docs / rate, "peak_rss": peak}
 
 
