@@ -24,6 +24,7 @@ BLOCK = 1 << 20  # index entries per streamed block
 
 
 def _megatron():
+    # Imported on first use: importing megatron-core takes seconds, and not every importer of this module needs it.
     from megatron.core.datasets import indexed_dataset
 
     return indexed_dataset
