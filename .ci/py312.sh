@@ -16,11 +16,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
 
-if [[ -z "${PYTHON312:-}" ]]; then
-    PYTHON312=$(command -v python3.12 ||
-                ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python 2>/dev/null | sort -V | tail -1 || true)
+is_312() { [[ -n "$1" ]] && "$1" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; }
+if [[ -z "${PYTHON312:-}" ]]; then  # python3.12 on PATH may be a pyenv shim for a version not selected: try it
+    for candidate in "$(command -v python3.12 || true)" \
+                     $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python 2>/dev/null | sort -rV); do
+        if is_312 "$candidate"; then PYTHON312=$candidate; break; fi
+    done
 fi
-if [[ -z "$PYTHON312" ]] || ! "$PYTHON312" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+if ! is_312 "${PYTHON312:-}"; then
     echo "error: no Python 3.12 found (set PYTHON312)" >&2
     exit 2
 fi

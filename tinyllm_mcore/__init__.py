@@ -7,9 +7,9 @@ warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Ape
 warnings.filterwarnings("ignore", message=r".*Apex is not installed.*")
 warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")  # megatron's own TransformerConfig default
 
-# megatron-core 0.19's "GPTModel IS DEPRECATED" (GPTModel is supported) and similar roadmap notices: runtime/compat.py
-from tinyllm_mcore.runtime.compat import silence_known_deprecations  # noqa: E402
+# megatron-core 0.19's "GPTModel IS DEPRECATED" (GPTModel is supported) and similar log lines: runtime/compat.py
+from tinyllm_mcore.runtime.compat import silence_known_noise  # noqa: E402
 
-silence_known_deprecations()
+silence_known_noise()
 
 __version__ = "0.1.0"

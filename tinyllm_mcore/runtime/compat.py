@@ -11,8 +11,10 @@ asks which megatron-core is installed:
   A checkpoint in 0.19's layout without `common.pt` (from another tool) fails below 0.19 with one line saying so
   (`unreadable_layout`). Each checkpoint records the megatron-core version that wrote it (`checkpoint_stamp`).
 - 0.19 logs "GPTModel IS DEPRECATED ... use HybridModel" for every model built. GPTModel still gets fixes and is what
-  the design asks for (docs/architecture.md, "megatron-core versions"); `silence_known_deprecations` filters it out
+  the design asks for (docs/architecture.md, "megatron-core versions"); `silence_known_noise` filters it out
   (called when tinyllm_mcore is imported).
+- Optimizer state: 0.19 matches saved parameter groups by their LR/WD settings too, so a resume without the same
+  --lr fails; `match_saved_param_groups_by_structure` restores 0.16's rule (the saved settings win).
 - CUDA streams on CPU (0.19's DDP waits on the current CUDA stream in every gradient sync) are the CPU adapter's
   business: runtime/cpu.py.
 """
@@ -105,14 +107,64 @@ def write_common_state_file(path: Path) -> None:
     os.replace(tmp, target)
 
 
+# --- optimizer state ---------------------------------------------------------------------------------------------
+
+# What identifies an optimizer parameter group in megatron-core 0.16..0.18 (and still in 0.19, among more keys).
+_STRUCTURAL_GROUP_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+
+
+def match_saved_param_groups_by_structure() -> None:
+    """Let a resume that does not restate --lr/--min-lr/--weight-decay load its optimizer state under 0.19.
+
+    megatron-core 0.19 matches saved optimizer parameter groups to the current ones by their settings, max_lr, min_lr,
+    start_wd and end_wd included, so resuming a run whose flags default to other values fails ("Could not find
+    parameter group"). Up to 0.18 groups matched on their structure only and the saved group, with the saved
+    settings, replaced the current one, the same rule our LR scheduler follows (megatron's
+    use_checkpoint_opt_param_scheduler). Where 0.19's match fails, this matches on structure, as before. A no-op
+    below 0.19; idempotent.
+    """
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    if "max_lr" not in getattr(megatron_optimizer, "param_group_identifier_keys", ()):
+        return
+    cls = megatron_optimizer.MegatronOptimizer
+    by_settings = cls._filter_and_reorder_param_groups
+    if getattr(by_settings, "tinyllm_by_structure", False):
+        return
+
+    def structure(group: dict) -> tuple:
+        return tuple(group.get(key, group.get(f"pre_{key}")) for key in _STRUCTURAL_GROUP_KEYS)
+
+    def filter_and_reorder(current_groups, state_dict_groups):
+        try:
+            return by_settings(current_groups, state_dict_groups)
+        except ValueError:
+            saved = {structure(group): group for group in state_dict_groups}
+            if len(saved) != len(state_dict_groups) or any(structure(g) not in saved for g in current_groups):
+                raise  # groups that differ only in their settings: only 0.19's own match can tell them apart
+            ordered = []
+            for current, params in zip(current_groups, [group["params"] for group in state_dict_groups]):
+                group = saved[structure(current)]
+                group["params"] = params
+                ordered.append(group)
+            return ordered
+
+    filter_and_reorder.tinyllm_by_structure = True
+    cls._filter_and_reorder_param_groups = staticmethod(filter_and_reorder)
+
+
 # --- logging ---------------------------------------------------------------------------------------------------------
 
-# (logger, message start) of megatron-core log lines that describe megatron's roadmap, not anything a user can act on.
-_KNOWN_DEPRECATIONS = (
-    # 0.19, once per model built: GPTModel is supported and what the design asks for (see the module docstring).
+# (logger, message start) of log lines the Python 3.12 stack prints that no user can act on; our CLIs promise one
+# `error:` line on bad input, so stray log lines on stderr count.
+_KNOWN_NOISE = (
+    # megatron-core 0.19, once per model built: GPTModel is supported and what the design asks for (module docstring).
     ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED"),
-    # 0.19, on loading a checkpoint with common.pt: we write one on purpose, so 0.16 can read the checkpoint.
+    # megatron-core 0.19, on loading a checkpoint with common.pt: we write one on purpose, so 0.16 can read it.
     ("megatron.core.dist_checkpointing.strategies.common", "load_common is deprecated"),
+    # PyPI's torch for Python 3.12 is the CUDA build; on a CPU machine it says so when megatron-core 0.19 imports
+    # torch.utils.cpp_extension. The CPU build (Python 3.11 here) and GPU machines never print it.
+    ("torch.utils.cpp_extension", "No CUDA runtime is found"),
 )
 
 
@@ -125,10 +177,10 @@ class _DropMessage(logging.Filter):
         return not record.getMessage().startswith(self.start)
 
 
-def silence_known_deprecations() -> None:
-    """Filter out the megatron-core deprecation log lines listed above. Idempotent; works before megatron is imported
+def silence_known_noise() -> None:
+    """Filter out the log lines listed above. Idempotent; works before megatron or torch's submodules are imported
     (the filters sit on the named loggers)."""
-    for logger_name, start in _KNOWN_DEPRECATIONS:
+    for logger_name, start in _KNOWN_NOISE:
         logger = logging.getLogger(logger_name)
         if not any(isinstance(f, _DropMessage) and f.start == start for f in logger.filters):
             logger.addFilter(_DropMessage(start))

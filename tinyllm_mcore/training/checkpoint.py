@@ -424,6 +424,7 @@ def _load(path: Path, models, optimizer, scheduler, *, finetune: bool, load_opti
     for i, m in enumerate(models):
         unwrap(m).load_state_dict(loaded[_model_key(i, len(models))], strict=True)
     if with_optim:
+        compat.match_saved_param_groups_by_structure()
         with torch.no_grad(), _distributed_optimizer_load_fixes(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
     elif optimizer is not None:
