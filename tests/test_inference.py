@@ -144,3 +144,22 @@ def test_tp2_generate_cli_equals_hf_export(hf_export, tmp_path):
         theirs = hf_greedy(hf_export, prompt, 20, stops)
         assert mine == (theirs[:-1] if theirs and theirs[-1] in stops else theirs)
         assert len(mine) >= 3
+
+
+def test_moe_layers_generate_as_recomputation(sft_generator):
+    """MoE layers go through CachedDecoder's module path (megatron's MoELayer): same greedy tokens as recomputing."""
+    from dataclasses import replace
+
+    from tinyllm_mcore.model import build_model
+    from tinyllm_mcore.presets import transformer_config
+
+    _, preset = sft_generator  # its runtime (TP1) is initialised
+    preset = replace(preset, num_experts=4, moe_router_topk=2)
+    torch.manual_seed(0)
+    model = build_model(preset, transformer_config(preset, use_cpu_initialization=True, init_method_std=0.2)).eval()
+    assert type(model.decoder.layers[0].mlp).__name__ == "MoELayer"
+    generator = inference.Generator(model, preset.vocab_size, preset.max_position_embeddings)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 30, 40, 50, 60, 70, 80, 90]]
+    outputs = generator.generate(prompts, inference.SamplingParams(max_new_tokens=10, greedy=True))
+    for prompt, out in zip(prompts, outputs):
+        assert out == naive_greedy(model, prompt, 10, preset.vocab_size)
