@@ -35,9 +35,10 @@ install_packages() {
   fi
   command -v apt-get >/dev/null || die "slurm-wlm and munge are missing and there is no apt-get to install them"
   echo "installing slurm-wlm and munge from the distribution" >&2
-  apt-get update -q
-  # policy-rc.d-free containers: the packages' own services are not needed (this script starts its own daemons)
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge
+  # (to stderr: stdout is only the SLURM_CONF line). The packages' own services are not used: the daemons below are
+  # this script's, with their own config, key and ports.
+  apt-get update -q >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge >&2
 }
 
 write_config() {

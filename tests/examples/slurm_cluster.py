@@ -122,6 +122,6 @@ def local_slurm_fixture():
     if proc.returncode != 0:
         _unavailable(f"examples/local_slurm.sh start failed: {proc.stderr.strip()}")
     try:
-        yield Cluster(Path(proc.stdout.strip().split("=", 1)[1]))
+        yield Cluster(Path(proc.stdout.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")))
     finally:
         subprocess.run(["bash", str(LOCAL_SLURM), "stop"], env=env, capture_output=True, timeout=180)
