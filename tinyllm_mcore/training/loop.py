@@ -412,6 +412,8 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
     """Run a stage to --train-iters. Returns the history (train/eval records) on every rank."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    # first: a signal that arrives while the model is built is remembered too (Slurm may warn right at the start)
+    exit_conditions = ExitConditions.from_args(args)
     state = setup(stage, args, tokenizer)
     chunks, optimizer, scheduler = state["chunks"], state["optimizer"], state["scheduler"]
     preset = state["preset"]
@@ -461,7 +463,6 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
                        " | ".join(f"{k} {v:.6f}" for k, v in result.items()))
         return {"history": history, "iteration": iteration, "consumed_samples": consumed, "chunks": chunks,
                 "skipped": 0}
-    exit_conditions = ExitConditions.from_args(args)
     while iteration < args.train_iters:
         t0 = time.perf_counter()
         reports, grad_norm, ok = train_step(stage, forward_backward, train_iters, chunks, optimizer, scheduler, args)
