@@ -461,6 +461,9 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
         history.append({"split": "valid", "iteration": iteration, **result})
         rt.print_rank0(f"[{stage.name}] evaluation of iteration {iteration}: " +
                        " | ".join(f"{k} {v:.6f}" for k, v in result.items()))
+        exit_conditions.close()
+        if state["save_lock"] is not None:
+            state["save_lock"].release()
         return {"history": history, "iteration": iteration, "consumed_samples": consumed, "chunks": chunks,
                 "skipped": 0}
     while iteration < args.train_iters:
