@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from tinyllm_mcore.quickstart.corpus import (RELATIONS, bare_answer, build_corpus, exact_match, fact_correct, fact_value,
-                                             preferred_style)
+from tinyllm_mcore.quickstart.corpus import (RELATIONS, bare_answer, build_corpus, exact_match, fact_correct,
+                                             fact_value, preferred_style)
 
 
 @pytest.fixture(scope="module")

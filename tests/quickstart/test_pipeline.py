@@ -77,13 +77,15 @@ def test_report_from_metrics(tmp_path):
                                      "preferred_style": int(style * 10), "preferred_style_rate": style}}
 
     def pairs(style, fact):
-        return {kind: {"all": {"pairs": 4, "accuracy": acc, "mean_margin": acc - 0.5}}
+        return {kind: {split: {"pairs": 4, "accuracy": acc, "mean_margin": acc - 0.5}
+                       for split in ("heldout_phrasing", "all")}
                 for kind, acc in (("style", style), ("fact", fact), ("all", (style + fact) / 2))}
 
     (tmp_path / "eval.json").write_text(json.dumps({
         "models": {"pretrained": {"scores": scores(0.0, 0.0), "examples": []},
                    "sft": {"scores": scores(0.9, 0.5), "examples": []},
-                   "dpo": {"scores": scores(1.0, 0.9), "examples": [{"question": "q", "answer": "a", "prediction": "a"}]}},
+                   "dpo": {"scores": scores(1.0, 0.9),
+                           "examples": [{"question": "q", "answer": "a", "prediction": "a"}]}},
         "dpo_heldout_pairs": {"policy": "dpo", "reference": "sft", "beta": 0.1, "summary": pairs(1.0, 0.75)},
         "reward_model": {"checkpoint": "x", "heldout_pairs": pairs(1.0, 0.5),
                          "dpo_vs_sft": {"questions": 10, "same_answer": 2, "policy_preferred": 6,
@@ -100,9 +102,9 @@ def test_report_from_metrics(tmp_path):
     assert "| dpo | 5 | 5.000 | 1.000 | 1.500 |" in text
     assert "DPO preferred in 75.0% of the questions where they differ" in text
     assert report.summary_line(tmp_path) == (
-        "held-out facts: pretrained 0.0%, sft 90.0%, dpo 100.0%; full-sentence style pretrained 0.0%, sft 50.0%, "
-        "dpo 90.0%; DPO held-out pair accuracy 87.5%; reward model held-out accuracy 75.0%; reward model prefers "
-        "DPO's answer 75.0%")
+        "held-out phrasings: facts pretrained 0.0%, sft 90.0%, dpo 100.0%; full-sentence style pretrained 0.0%, "
+        "sft 50.0%, dpo 90.0%; DPO pair accuracy 87.5%; reward model pair accuracy 75.0%; reward model prefers DPO's "
+        "answer 75.0%")
 
 
 # Natural Chinese prose (written for this test), a stand-in for a user's real-text corpus.
@@ -119,7 +121,7 @@ REAL_TEXT = (
 
 
 def write_real_corpus(folder):
-    """The same prose in three of the formats tools/preprocess_data.py reads: jsonl.gz, parquet, and a folder of them."""
+    """The same prose in formats tools/preprocess_data.py reads: jsonl.gz and parquet files in one folder."""
     import gzip
 
     import pyarrow as pa
@@ -175,7 +177,8 @@ def test_corpus_budget_and_bad_corpus_inputs(tmp_path, capsys):
 
     corpus = write_real_corpus(tmp_path / "corpus")
     docs, used = read_user_corpus(str(corpus / "*.jsonl.gz"), budget_chars=30)  # a glob, stopped at the budget
-    assert used["truncated"] and used["characters"] == 30 and "".join(d["text"] for d in docs) == "".join(REAL_TEXT)[:30]
+    assert used["truncated"] and used["characters"] == 30
+    assert "".join(d["text"] for d in docs) == "".join(REAL_TEXT)[:30]
 
     (tmp_path / "damaged.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 100)[:40])
     (tmp_path / "empty.jsonl").write_text('{"title": "no text field"}\n')

@@ -29,7 +29,7 @@ def test_quickstart_sft_learns_facts_dpo_learns_the_preferred_style_reward_model
     proc = subprocess.run([sys.executable, "-m", "tinyllm_mcore.quickstart", "--output-dir", str(out)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "held-out facts: pretrained" in proc.stdout
+    assert "held-out phrasings: facts pretrained" in proc.stdout
 
     report = (out / "report.md").read_text(encoding="utf-8")
     for stage in ("pretrain", "sft", "dpo", "reward"):

@@ -350,8 +350,9 @@ def run_pipeline(output_dir: str, settings: Settings, corpus: str | None = None,
         eval_data.write_text("\n".join(subset) + "\n", encoding="utf-8")
         questions = {json.loads(r)["question"] for r in subset}
         eval_pairs = run.path("corpus", "eval_pairs_subset.jsonl")
-        eval_pairs.write_text("".join(line + "\n" for line in paths["eval_pairs"].read_text(encoding="utf-8").splitlines()
-                                      if json.loads(line)["prompt"] in questions), encoding="utf-8")
+        pairs = paths["eval_pairs"].read_text(encoding="utf-8").splitlines()
+        eval_pairs.write_text("".join(line + "\n" for line in pairs if json.loads(line)["prompt"] in questions),
+                              encoding="utf-8")
     run_step(run, "evaluate", python(
         "-m", "tinyllm_mcore.quickstart.qa", "mcore", "--tokenizer-model", str(run.path("tokenizer")),
         "--eval-data", str(eval_data), "--checkpoint", f"pretrained={pretrain_ckpt}",

@@ -199,8 +199,8 @@ def evaluate_checkpoints(checkpoints: dict[str, str], tokenizer_model: str, eval
                 model, tokenizer, records, models[dpo_policy]["predictions"], models[dpo_reference]["predictions"],
                 seq_length, batch_size)
             ranking = results["reward_model"]["dpo_vs_sft"]
-            print(f"[qa] reward model, {dpo_policy} answer vs {dpo_reference} answer on {ranking['questions']} held-out "
-                  f"questions: {dpo_policy} preferred {ranking['policy_preferred']}, {dpo_reference} preferred "
+            print(f"[qa] reward model, {dpo_policy} answer vs {dpo_reference} answer on {ranking['questions']} "
+                  f"held-out questions: {dpo_policy} preferred {ranking['policy_preferred']}, {dpo_reference} preferred "
                   f"{ranking['reference_preferred']}, same answer {ranking['same_answer']}", flush=True)
     return results
 
