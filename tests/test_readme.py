@@ -80,6 +80,8 @@ def module_of(words: list[str]) -> str | None:
 
 def skip_reason(words: list[str]) -> str | None:
     words = program(words)
+    if not words:
+        return "sets variables only"
     if words[0] == "pip":
         return "installs packages"
     return RUN_ELSEWHERE.get(module_of(words) or "")
