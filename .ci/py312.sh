@@ -53,6 +53,6 @@ fi
 export TINYLLM_OTHER_PYTHON=${TINYLLM_OTHER_PYTHON:-}
 
 # The README's test command in the 3.12 environment (with TINYLLM_OTHER_PYTHON, including the cross-version test).
-# shellcheck disable=SC2086
-"$VENV/bin/python" -m pytest -q ${PY312_PYTEST_ARGS:-}
+eval "set -- ${PY312_PYTEST_ARGS:-}"  # shell words, so a quoted -m expression stays one argument
+"$VENV/bin/python" -m pytest -q "$@"
 echo "[py312] done in $((SECONDS - start)) s"
