@@ -25,8 +25,8 @@ def test_generate_answers_trained_questions(capsys):
             flags() + ["--chat", "--json"] + sum((["--prompt", r["question"]] for r in records), [])))
     finally:
         rt.destroy()
-    assert texts == [r["answer"] for r in records]
-    assert records[0]["answer"] in capsys.readouterr().out
+    assert all(data.accepted_answer(text, r) for text, r in zip(texts, records, strict=True)), texts
+    assert texts[0] in capsys.readouterr().out
 
 
 class Writes(io.StringIO):

@@ -446,9 +446,8 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_model:
     previous_sigterm = None
     if threading.current_thread() is threading.main_thread():
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
-    bar = _progress_bar(progress, log_interval)
     start = time.perf_counter()
-    pool = in_flight = outputs = None
+    pool = in_flight = outputs = bar = None
     lines_read = 0
     try:
         outputs = _AtomicOutputs(result.prefixes, encoder.dtype, round_robin)
@@ -460,6 +459,9 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_model:
             context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
             pool = context.Pool(workers, initializer=_init_worker, initargs=(encoder,))
             encoded_chunks = pool.imap(_encode_in_worker, in_flight.feed(chunks))
+        # The bar's monitor thread starts only now: forking workers while another thread may hold a lock (stderr's,
+        # tqdm's) can leave a worker waiting on it forever.
+        bar = _progress_bar(progress, log_interval)
         for encoded in encoded_chunks:  # in input order: the output is deterministic
             outputs.add(encoded)
             _count(result, encoded)
@@ -497,7 +499,8 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_model:
             in_flight.close()
             pool.terminate()
             pool.join()
-        bar.close()
+        if bar is not None:
+            bar.close()
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
     result.seconds = time.perf_counter() - start
