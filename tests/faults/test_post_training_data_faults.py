@@ -66,3 +66,37 @@ def test_wrong_mode_and_empty_prefixes_are_one_line(prefixes, tmp_path, capsys):
     assert "sft" in line and "preference" in line, line
     line = run_stage(sft.STAGE, "--sft-data", prefixes["empty"], tmp_path, capsys)
     assert "empty dataset" in line, line
+
+
+def mixed_stage_error(stage, argv, capsys) -> str:
+    capsys.readouterr()
+    rc = main(stage, ["--tokenizer-model", str(tiny_tokenizer_dir()), "--seq-length", "64", "--micro-batch-size", "2",
+                      "--train-iters", "2", *argv], tokenizer_loader=load_tokenizer)
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error: ")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in "\n".join(err), err
+    return errors[0]
+
+
+def test_checkpoints_of_another_stage_or_size_are_one_line(prefixes, tmp_path, capsys):
+    """Issue 12 item 16: stage mixing used to end in KeyError / 'Global shape mismatch' dumps from the loader."""
+    from tinyllm_mcore import reward
+
+    lm = prefixes["checkpoint"]
+    # a reward model resumed (--load) from an LM checkpoint: it has no reward head
+    message = mixed_stage_error(reward.STAGE, ["--model-size", "tiny", "--preference-data", prefixes["preference"],
+                                               "--load", lm], capsys)
+    assert "has no reward_head.weight" in message and lm in message
+    # a real reward checkpoint, then SFT --load of it: it has no LM head
+    reward_ckpt = str(tmp_path / "reward")
+    assert main(reward.STAGE, ["--model-size", "tiny", "--tokenizer-model", str(tiny_tokenizer_dir()), "--seq-length",
+                               "64", "--micro-batch-size", "2", "--train-iters", "1", "--preference-data",
+                               prefixes["preference"], "--init-from", lm, "--save", reward_ckpt],
+                tokenizer_loader=load_tokenizer) == 0
+    message = mixed_stage_error(sft.STAGE, ["--model-size", "tiny", "--sft-data", prefixes["sft"], "--load",
+                                            reward_ckpt, "--finetune"], capsys)
+    assert "has no output_layer.weight" in message
+    # DPO of another --model-size than its checkpoint
+    message = mixed_stage_error(dpo.STAGE, ["--model-size", "16m", "--preference-data", prefixes["preference"],
+                                            "--load", lm, "--finetune"], capsys)
+    assert "is a tiny model and this run builds 16m" in message and "--model-size tiny" in message

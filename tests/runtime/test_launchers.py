@@ -87,3 +87,26 @@ def test_srun_one_task_per_rank(local_slurm, torchrun_two_agents, tmp_path):
     assert curves[1, 2] == curves[2, 1] == torchrun_two_agents
     # one rank accumulating 2 micro-batches makes the same update, up to the order of the sums
     assert curves[1, 1] == pytest.approx(torchrun_two_agents, rel=1e-5)
+
+
+def _single_node(launcher: list[str], out: Path) -> list[float]:
+    proc = subprocess.run([sys.executable, *launcher, *TRAIN, "--metrics-jsonl", str(out / "metrics.jsonl")],
+                          env=clean_env(), cwd=out, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return losses(out / "metrics.jsonl")
+
+
+def test_single_node_launchers(torchrun_two_agents, tmp_path):
+    """Plain `python -m` (a world of one on a private port), `torchrun --nproc-per-node 1` (its agent's store: this
+    used to hang in init_process_group on a port nobody served) and `--nproc-per-node 2` (DP=2, the same losses as
+    the two-agent launch)."""
+    runs = {}
+    for name, launcher in [("python", []),
+                           ("torchrun1", ["-m", "torch.distributed.run", "--nproc-per-node", "1",
+                                          "--master-port", str(free_port())]),
+                           ("torchrun2", ["-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                          "--master-port", str(free_port())])]:
+        (tmp_path / name).mkdir()
+        runs[name] = _single_node(launcher, tmp_path / name)
+    assert runs["python"] == runs["torchrun1"] and len(runs["python"]) == 3
+    assert runs["torchrun2"] == torchrun_two_agents

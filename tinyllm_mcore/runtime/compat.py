@@ -162,6 +162,9 @@ _KNOWN_NOISE = (
     ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED"),
     # megatron-core 0.19, on loading a checkpoint with common.pt: we write one on purpose, so 0.16 can read it.
     ("megatron.core.dist_checkpointing.strategies.common", "load_common is deprecated"),
+    # megatron-core 0.19, on the first save: its own (synchronous here) writer is "deprecated" in favour of NVRx,
+    # an optional package; nothing to act on.
+    ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated"),
     # PyPI's torch for Python 3.12 is the CUDA build; on a CPU machine it says so when megatron-core 0.19 imports
     # torch.utils.cpp_extension. The CPU build (Python 3.11 here) and GPU machines never print it.
     ("torch.utils.cpp_extension", "No CUDA runtime is found"),

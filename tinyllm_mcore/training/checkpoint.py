@@ -323,7 +323,10 @@ def check_matches_run(load: str, preset, tokenizer_identity: str | None, allow_t
     saved_preset = saved.get("preset")
     if saved_preset is not None:
         current = dataclasses.asdict(preset)
-        differs = [k for k in current if k != "vocab_size" and saved_preset.get(k, current[k]) != current[k]]
+        # only what decides tensor shapes: routing choices (top-k) may change between stages on the same weights
+        shape_fields = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "num_query_groups",
+                        "num_experts", "moe_shared_expert_ffn_hidden_size")
+        differs = [k for k in shape_fields if saved_preset.get(k, current[k]) != current[k]]
         if differs:
             shown = ", ".join(f"{k} {saved_preset[k]} vs {current[k]}" for k in differs[:3])
             raise CheckpointError(f"{path} is a {saved_preset.get('name')} model and this run builds "
