@@ -19,13 +19,16 @@ def flags():
 def test_generate_answers_trained_questions(capsys):
     from tinyllm_mcore.runtime import distributed as rt
 
-    records = data.corpus().sft[:2]
+    records = data.corpus().sft[:8]
     try:
         texts = generate.run(generate.build_parser().parse_args(
             flags() + ["--chat", "--json"] + sum((["--prompt", r["question"]] for r in records), [])))
     finally:
         rt.destroy()
-    assert all(data.accepted_answer(text, r) for text, r in zip(texts, records, strict=True)), texts
+    # the CLI answers as the library does (greedy, chat format), and the SFT model knows most trained facts
+    library = data.answer_questions(data.checkpoints()["sft"], [r["question"] for r in records])
+    assert [t.strip() for t in texts] == [t.strip() for t in library]
+    assert sum(data.accepted_answer(text, r) for text, r in zip(texts, records, strict=True)) >= 5, texts
     assert texts[0] in capsys.readouterr().out
 
 
