@@ -411,6 +411,21 @@ class _InFlightLimit:
         self._slots.release()
 
 
+def _shut_down(pool, timeout_s: float = 20.0) -> None:
+    """Pool.terminate(), bounded. A worker killed by the same signal as this process (SIGTERM to the process group)
+    can die holding the task queue's lock, and terminate() then waits on that lock forever (seen as a preprocess
+    that never exited). The workers are gone either way: kill what is left and stop waiting."""
+    stopper = threading.Thread(target=pool.terminate, daemon=True)
+    stopper.start()
+    stopper.join(timeout_s)
+    if stopper.is_alive():
+        for worker in pool._pool:
+            worker.kill()
+        pool._terminate.cancel()  # multiprocessing's exit hook would run the same blocked terminate() again
+        return
+    pool.join()
+
+
 def _raise_terminated(signum, frame):
     raise Terminated("terminated by SIGTERM")
 
@@ -497,8 +512,7 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_model:
     finally:
         if pool is not None:
             in_flight.close()
-            pool.terminate()
-            pool.join()
+            _shut_down(pool)
         if bar is not None:
             bar.close()
         if previous_sigterm is not None:
