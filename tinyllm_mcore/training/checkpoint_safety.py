@@ -117,23 +117,33 @@ class SaveFolderLock:
             self._file.close()
 
 
-def _die_with_parent(_registered) -> None:
+class _ForkedWorkersDieWithParent:
+    """Registered once with multiprocessing's after-fork hooks, which every `multiprocessing.Process` child runs.
+    `prctl` is looked up here, in the parent: a dlopen in a freshly forked child can block forever on the loader
+    lock another parent thread held at the fork."""
+
+    def __init__(self):
+        try:
+            self.prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):  # not Linux
+            self.prctl = None
+
+
+def _die_with_parent(registration: _ForkedWorkersDieWithParent) -> None:
     """In a forked worker: be killed when the process that forked it dies, however it dies."""
-    parent = os.getppid()
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):  # not Linux
+    if registration.prctl is None:
         return
+    parent = os.getppid()
+    registration.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
 
 
-class _ForkedWorkersDieWithParent:
-    """Registered once with multiprocessing's after-fork hooks, which every `multiprocessing.Process` child runs."""
-
-
-_REGISTRATION = _ForkedWorkersDieWithParent()
+_REGISTRATION = None
 
 
 def forked_workers_die_with_parent() -> None:
+    global _REGISTRATION
+    if _REGISTRATION is None:
+        _REGISTRATION = _ForkedWorkersDieWithParent()
     multiprocessing.util.register_after_fork(_REGISTRATION, _die_with_parent)
