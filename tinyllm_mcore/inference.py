@@ -1,6 +1,6 @@
 """Text generation on a megatron-core GPTModel with a KV cache: used by tools/generate.py, tools/chat.py and eval.
 
-The forward is `model.CachedDecoder`: the model's own modules and weights with a cache of rotated keys (megatron's
+The forward is `decoding.CachedDecoder`: the model's own modules and weights with a cache of rotated keys (megatron's
 StaticInferenceContext re-rotates every cached key in every layer at every step; its rotated-key paths need CUDA),
 the whole batch of prompts processed in one forward, and logits for each sequence's last position only. Logits are
 gathered across tensor-parallel ranks, so every TP rank samples the same token from the same logits with an
@@ -101,7 +101,7 @@ class Generator:
     @torch.no_grad()  # not inference_mode: megatron caches its RoPE table, which a later training forward may reuse
     def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[list[int | None]]:
         """Yield, per decoding step, each sequence's new token (None where it has finished)."""
-        from tinyllm_mcore.model import CachedDecoder
+        from tinyllm_mcore.decoding import CachedDecoder
 
         params.validate()
         if not prompts or any(len(p) == 0 for p in prompts):
