@@ -1,16 +1,11 @@
 """Shared test fixtures. Tests that need ../shared (the read-only data beside the checkout) skip cleanly without it."""
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TINYLLM_SHARED", REPO.parent / "shared"))
-
-# Scripts under tools/ and checkpoint_convert/ are imported as packages in tests.
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 @pytest.fixture(scope="session")

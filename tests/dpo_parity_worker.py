@@ -12,7 +12,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 def make_checkpoints(out: Path) -> None:
     """One process: two differently seeded initial checkpoints (policy, reference)."""
-    import post_training_data as data
+    from tests.harness import post_training_data as data
     from tinyllm_mcore import sft
     from tinyllm_mcore.runtime import distributed as rt
     from tinyllm_mcore.training.loop import parse_args, train
@@ -28,7 +28,7 @@ def make_checkpoints(out: Path) -> None:
 def main(out: Path) -> None:
     import torch.distributed as dist
 
-    import post_training_data as data
+    from tests.harness import post_training_data as data
     from megatron.core import parallel_state
 
     from tinyllm_mcore import dpo

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import post_training_data as data  # noqa: E402
+from tests.harness import post_training_data as data
 
 WORKER = Path(__file__).with_name("dpo_parity_worker.py")
 

@@ -6,10 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import post_training_data as data  # noqa: E402
+from tests.harness import post_training_data as data
 
-from tinyllm_mcore import inference  # noqa: E402
+from tinyllm_mcore import inference
 
 
 def naive_greedy(model, prompt, steps, vocab):
@@ -126,7 +125,7 @@ def test_tp2_generate_cli_equals_hf_export(hf_export, tmp_path):
     import os
     import subprocess
 
-    from distributed_helpers import free_port
+    from tests.harness.distributed import free_port
 
     tok = data.tokenizer()
     records = data.corpus().sft[:2] + [r for r in data.corpus().eval if r["split"] == "heldout_phrasing"][:2]

@@ -1,15 +1,12 @@
 """Reward model: the scalar head reads the last answer token, the Bradley-Terry loss, trunk init from an LM
 checkpoint, and learning to rank the corpus' correct answers above wrong ones."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import post_training_data as data  # noqa: E402
+from tests.harness import post_training_data as data
 
-from tinyllm_mcore import reward  # noqa: E402
+from tinyllm_mcore import reward
 
 
 def test_last_token_and_loss():

@@ -1,11 +1,7 @@
 """SFT: the stage teaches a tiny model to answer the corpus' questions in the chat format, which the initial
 (pretrained-stand-in) checkpoint cannot; the loss is on assistant tokens only."""
-import sys
-from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import post_training_data as data  # noqa: E402
+from tests.harness import post_training_data as data
 
 
 def test_sft_teaches_facts_in_chat_format():

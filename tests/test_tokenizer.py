@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from tests.tiny_data import tiny_tokenizer
+from tests.harness.text_data import tiny_tokenizer
 from tinyllm_mcore.tokenizer import DEFAULT_SYSTEM, ROLE_TOKENS, Tokenizer
 
 @pytest.fixture(scope="module")

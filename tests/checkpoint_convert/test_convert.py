@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from checkpoint_convert import hf_to_mcore, mcore_to_hf
 from checkpoint_convert.hf_to_mcore import convert_hf_to_mcore
 from checkpoint_convert.mcore_to_hf import convert_mcore_to_hf
-from tests.tiny_data import tiny_tokenizer, write_text_jsonl
+from tests.harness.text_data import tiny_tokenizer, write_text_jsonl
 from tinyllm_mcore.hf_mapping import dist_checkpoint_shapes
 from tinyllm_mcore.presets import get_preset
 

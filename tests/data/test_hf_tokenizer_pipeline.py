@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.data.tiny_hf_tokenizer import tiny_hf_tokenizer_dir
-from tests.tiny_data import write_text_jsonl
+from tests.harness.hf_tokenizer import tiny_hf_tokenizer_dir
+from tests.harness.text_data import write_text_jsonl
 from tools import preprocess_data
 
 REPO = Path(__file__).resolve().parents[2]

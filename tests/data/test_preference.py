@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from tests.tiny_data import tiny_tokenizer, tiny_tokenizer_dir
+from tests.harness.text_data import tiny_tokenizer, tiny_tokenizer_dir
 from tinyllm_mcore.data.preference import PreferenceDataset
 from tinyllm_mcore.data.preprocess import preprocess
 

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from tests.tiny_data import tiny_tokenizer, tiny_tokenizer_dir, write_text_jsonl
+from tests.harness.text_data import tiny_tokenizer, tiny_tokenizer_dir, write_text_jsonl
 from tinyllm_mcore.data.preprocess import preprocess
 from tinyllm_mcore.data.pretrain import build_pretrain_datasets
 

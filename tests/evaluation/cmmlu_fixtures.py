@@ -5,7 +5,7 @@ import csv
 import random
 from pathlib import Path
 
-from tests.tiny_data import random_text
+from tests.harness.text_data import random_text
 
 LETTERS = "ABCD"
 
@@ -42,7 +42,7 @@ def make_tiny_hf_model(out_dir: Path, init_std: float = 0.3, seed: int = 0) -> P
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.tiny_data import tiny_tokenizer
+    from tests.harness.text_data import tiny_tokenizer
     from tinyllm_mcore.hf_export import hf_config, write_tokenizer
     from tinyllm_mcore.presets import get_preset
 

@@ -24,7 +24,7 @@ def _port():
 @pytest.fixture(scope="session")
 def mcore_export(tmp_path_factory):
     """{"bench": CMMLU dir, "hf": export dir, "tokenizer": dir, "mcore": {layout: {"choices", "scores"}}}"""
-    from tests.tiny_data import tiny_tokenizer_dir
+    from tests.harness.text_data import tiny_tokenizer_dir
     from tinyllm_mcore.tokenizer import Tokenizer
 
     tmp = tmp_path_factory.mktemp("eval_export")

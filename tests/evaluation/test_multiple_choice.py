@@ -100,7 +100,7 @@ def test_score_continuations_multi_token_options_match_reference(model_and_encod
     the model (left-truncated)."""
     lm, encoder = model_and_encoder
     rng = random.Random(4)
-    from tests.tiny_data import random_text
+    from tests.harness.text_data import random_text
 
     pairs = []
     for _ in range(12):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.tiny_data import tiny_tokenizer_dir
+from tests.harness.text_data import tiny_tokenizer_dir
 from tinyllm_mcore import dpo, pretrain, sft
 from tinyllm_mcore.data.preprocess import preprocess
 from tinyllm_mcore.pretrain import load_tokenizer

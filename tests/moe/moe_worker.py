@@ -5,18 +5,14 @@ RUNS.json: [{"name": ..., "argv": [...], "skew_router": false}, ...]. Between ru
 torn down. "skew_router" initialises every layer so that nearly all tokens pick expert 0 first (for the aux-loss test).
 """
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "training")))
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from synthetic import progression_datasets  # noqa: E402
-from tinyllm_mcore.pretrain import lm_forward_step  # noqa: E402
-from tinyllm_mcore.training.loop import Stage, parse_args, train  # noqa: E402
+from tests.harness.progression_data import progression_datasets
+from tinyllm_mcore.pretrain import lm_forward_step
+from tinyllm_mcore.training.loop import Stage, parse_args, train
 
 
 def skew_router(args, chunks):

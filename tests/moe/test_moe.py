@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests import distributed_helpers
+from tests.harness import distributed as distributed_helpers
 
 from checkpoint_convert.hf_to_mcore import convert_hf_to_mcore
 from checkpoint_convert.mcore_to_hf import convert_mcore_to_hf

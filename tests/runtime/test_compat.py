@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
-from tests import distributed_helpers
-from tests.training.synthetic import progression_datasets
+from tests.harness import distributed as distributed_helpers
+from tests.harness.progression_data import progression_datasets
 from tinyllm_mcore.pretrain import lm_forward_step
 from tinyllm_mcore.runtime import compat
 from tinyllm_mcore.runtime import distributed as rt

@@ -64,7 +64,7 @@ def test_perplexity_on_jsonl(tmp_path, hf_dir, capsys):
 ])
 def test_bad_input_is_one_line(argv, message, hf_dir, tmp_path, capsys):
     bench = write_cmmlu_dir(tmp_path / "cmmlu", {"arts": 2}, dev=1)
-    from tests.tiny_data import tiny_tokenizer_dir
+    from tests.harness.text_data import tiny_tokenizer_dir
 
     argv = [a.replace("HF", str(hf_dir)).replace("BENCH", str(bench)).replace("TOK", str(tiny_tokenizer_dir()))
             for a in argv]

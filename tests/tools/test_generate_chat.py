@@ -2,13 +2,10 @@
 streaming, and one-line errors."""
 import io
 import re
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import post_training_data as data  # noqa: E402
+from tests.harness import post_training_data as data
 
-from tools import chat, generate  # noqa: E402
+from tools import chat, generate
 
 
 def flags():

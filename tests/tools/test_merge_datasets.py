@@ -7,8 +7,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from tests.data.tiny_hf_tokenizer import tiny_hf_tokenizer_dir
-from tests.tiny_data import tiny_tokenizer_dir, write_text_jsonl
+from tests.harness.hf_tokenizer import tiny_hf_tokenizer_dir
+from tests.harness.text_data import tiny_tokenizer_dir, write_text_jsonl
 from tinyllm_mcore.data.vocab_contract import read_sidecar
 from tools import merge_datasets, preprocess_data
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from tests.tiny_data import tiny_tokenizer, tiny_tokenizer_dir, write_text_jsonl
+from tests.harness.text_data import tiny_tokenizer, tiny_tokenizer_dir, write_text_jsonl
 from tinyllm_mcore.tokenizer import Tokenizer
 from tools import preprocess_data as cli
 
@@ -134,7 +134,7 @@ def corpus_records(n=157, seed=11):
     """Chinese documents with punctuation, quotes and newlines, plus the edge cases Megatron-LM accepts."""
     import random
 
-    from tests.tiny_data import random_text
+    from tests.harness.text_data import random_text
 
     rng = random.Random(seed)
     texts = [random_text(rng, 5, 120) for _ in range(n)]
@@ -148,7 +148,7 @@ def corpus_records(n=157, seed=11):
 def megatron_tokenizer(kind):
     from megatron.core.tokenizers import MegatronTokenizer
 
-    from tests.data.tiny_hf_tokenizer import tiny_hf_tokenizer_dir
+    from tests.harness.hf_tokenizer import tiny_hf_tokenizer_dir
 
     if kind == "sp":
         return MegatronTokenizer.from_pretrained(tokenizer_path=str(tiny_tokenizer_dir() / "tokenizer.model"),
@@ -158,7 +158,7 @@ def megatron_tokenizer(kind):
 
 
 def tokenizer_flags(kind):
-    from tests.data.tiny_hf_tokenizer import tiny_hf_tokenizer_dir
+    from tests.harness.hf_tokenizer import tiny_hf_tokenizer_dir
 
     if kind == "sp":
         return ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
@@ -321,7 +321,7 @@ def test_english_sentences_need_nltk_punkt_data(tmp_path, capsys):
 
 
 def test_sft_with_an_hf_tokenizer_lacking_role_markers_says_how_to_add_them(tmp_path, capsys):
-    from tests.data.tiny_hf_tokenizer import tiny_hf_tokenizer_dir
+    from tests.harness.hf_tokenizer import tiny_hf_tokenizer_dir
 
     (tmp_path / "sft.jsonl").write_text(json.dumps({"question": "一", "answer": "二"}, ensure_ascii=False) + "\n")
     assert cli.main(["--mode", "sft", "--input", str(tmp_path / "sft.jsonl"), "--output-prefix", str(tmp_path / "s"),

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from tests.tiny_data import random_text
+from tests.harness.text_data import random_text
 from tinyllm_mcore.tokenizer import ROLE_TOKENS, Tokenizer
 from tools import train_tokenizer as cli
 
@@ -53,7 +53,7 @@ def test_train_tokenizer_bad_input_is_one_error_line(tmp_path, capsys):
 
 def test_hf_files_load_in_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from tests.tiny_data import tiny_tokenizer_dir
+    from tests.harness.text_data import tiny_tokenizer_dir
     hf = transformers.AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir()))
     tok = Tokenizer.load(tiny_tokenizer_dir())
     ids = hf("<|user|>\n你好", add_special_tokens=False)["input_ids"]

@@ -5,17 +5,13 @@ RUNS.json: [{"name": ..., "argv": [...], "expect_error": bool?}, ...]. Between r
 launch (one ~5 s megatron import) covers many layouts.
 """
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+import torch.distributed as dist
 
-import torch.distributed as dist  # noqa: E402
-
-from synthetic import progression_datasets  # noqa: E402
-from tinyllm_mcore.pretrain import lm_forward_step  # noqa: E402
-from tinyllm_mcore.training.loop import Stage, parse_args, train  # noqa: E402
+from tests.harness.progression_data import progression_datasets
+from tinyllm_mcore.pretrain import lm_forward_step
+from tinyllm_mcore.training.loop import Stage, parse_args, train
 
 STAGE = Stage("pretrain", progression_datasets, lm_forward_step)
 

@@ -1,7 +1,7 @@
 """Crash safety: a save that dies midway never moves the latest pointer onto a partial checkpoint."""
 import pytest
 
-from tests.training.synthetic import progression_datasets
+from tests.harness.progression_data import progression_datasets
 from tinyllm_mcore.pretrain import lm_forward_step
 from tinyllm_mcore.runtime import distributed as rt
 from tinyllm_mcore.training import checkpoint as ckpt

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import distributed_helpers
+from tests.harness import distributed as distributed_helpers
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.tiny_data import tiny_tokenizer_dir
+from tests.harness.text_data import tiny_tokenizer_dir
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = ["--model-size", "tiny", "--seq-length", "32", "--micro-batch-size", "2", "--lr-warmup-iters", "0",
@@ -229,7 +229,7 @@ def test_validation_without_a_validation_split_is_one_line(tmp_path):
 
 
 def test_checkpoint_and_tokenizer_must_match(tmp_path):
-    from tests.tiny_data import write_text_jsonl
+    from tests.harness.text_data import write_text_jsonl
     from tinyllm_mcore.tokenizer_training import train_tokenizer
 
     other = tmp_path / "other_tok"
@@ -255,7 +255,7 @@ def test_checkpoint_and_tokenizer_must_match(tmp_path):
 def test_a_run_that_skipped_every_iteration_fails():
     import math
 
-    from tests.training.synthetic import progression_datasets
+    from tests.harness.progression_data import progression_datasets
     from tinyllm_mcore.pretrain import lm_forward_step
     from tinyllm_mcore.runtime import distributed as rt
     from tinyllm_mcore.training.loop import Stage, parse_args, train

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tests.training.synthetic import progression_datasets
+from tests.harness.progression_data import progression_datasets
 from tinyllm_mcore.pretrain import lm_forward_step
 from tinyllm_mcore.runtime import distributed as rt
 from tinyllm_mcore.training.checkpoint import unwrap

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import distributed_helpers
+from tests.harness import distributed as distributed_helpers
 
 WORKER = Path(__file__).with_name("loop_worker.py")
 COMMON = ["--model-size", "tiny", "--seq-length", "32", "--global-batch-size", "4", "--lr", "2e-3",

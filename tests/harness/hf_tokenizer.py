@@ -9,7 +9,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from tests.tiny_data import random_text
+from tests.harness.text_data import random_text
 
 ROLE_MARKERS = ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
 

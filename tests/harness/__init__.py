@@ -1,0 +1,1 @@
+"""Shared test helpers: tiny corpora and tokenizers, post-training fixtures, and the multi-process worker harness."""
