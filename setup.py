@@ -1,6 +1,23 @@
 """tinyllm-mcore: the tiny-llm-zh Chinese small LLM trained with megatron-core (TP/PP/DP, also on CPU)."""
 from setuptools import find_packages, setup
 
+# command -> the `main(argv=None) -> int` it runs (tests/cli/test_packaging.py checks each one in the built wheel)
+CONSOLE_SCRIPTS = {
+    "tinyllm-train-tokenizer": "tinyllm_mcore.cli.train_tokenizer:main",
+    "tinyllm-preprocess-data": "tinyllm_mcore.cli.preprocess_data:main",
+    "tinyllm-merge-datasets": "tinyllm_mcore.cli.merge_datasets:main",
+    "tinyllm-pretrain": "tinyllm_mcore.pretrain:main",
+    "tinyllm-sft": "tinyllm_mcore.sft:main",
+    "tinyllm-dpo": "tinyllm_mcore.dpo:main",
+    "tinyllm-reward": "tinyllm_mcore.reward:main",
+    "tinyllm-chat": "tinyllm_mcore.cli.chat:main",
+    "tinyllm-generate": "tinyllm_mcore.cli.generate:main",
+    "tinyllm-evaluate": "tinyllm_mcore.cli.evaluate:main",
+    "tinyllm-mcore-to-hf": "tinyllm_mcore.cli.mcore_to_hf:main",
+    "tinyllm-hf-to-mcore": "tinyllm_mcore.cli.hf_to_mcore:main",
+    "tinyllm-quickstart": "tinyllm_mcore.quickstart.__main__:main",
+}
+
 setup(
     name="tinyllm-mcore",
     version="0.1.0",
@@ -9,11 +26,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    # tinyllm_mcore is the library; tools/, checkpoint_convert/ and benchmarks/ are script folders installed as
-    # packages too so `python -m tools.preprocess_data` works from anywhere after `pip install`.
-    packages=find_packages(include=["tinyllm_mcore", "tinyllm_mcore.*", "tools", "checkpoint_convert", "benchmarks"]),
+    # Only the library is installed: tools/, checkpoint_convert/ and benchmarks/ are scripts for a checkout that import
+    # it, and every command is also a console script below.
+    packages=find_packages(include=["tinyllm_mcore", "tinyllm_mcore.*"]),
+    entry_points={"console_scripts": [f"{name}={target}" for name, target in CONSOLE_SCRIPTS.items()]},
     include_package_data=True,
-    package_data={"": ["*.sh"]},
     install_requires=[
         # A range that the machine's CPU torch satisfies: pip then installs nothing more (no multi-GB CUDA pull).
         "torch>=2.4",
