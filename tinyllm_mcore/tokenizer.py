@@ -29,6 +29,10 @@ Every quoted chunk is encoded by SentencePiece on its own, which is what the see
 knew as added tokens (so ``<|user|>`` + "\\n介绍一下中国。\\n" gives exactly the seed's ids). ``<prefix>`` is what the
 seed's ``add_special_tokens=True`` put first: ``[gMASK] sop`` for ChatGLM3, ``<s>`` for the LLaMA-style tokenizers.
 Texts are stripped as in the seed. The default system text is the seed's ``你是由wdndev开发的个人助手。``.
+
+The format is defined once, as data: ``CHAT_TURNS`` (one ``ChatTurn`` per role) and ``DEFAULT_SYSTEM``.
+``encode_conversation`` below reads it, and so does ``tokenizer_files.chat_template``, which generates the Jinja chat
+template of the Hugging Face tokenizer folders from it; the two cannot drift apart.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -43,6 +48,30 @@ import sentencepiece as spm
 
 DEFAULT_SYSTEM = "你是由wdndev开发的个人助手。"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """How one role's message is written: its role marker (a single id), then ``opening + content + closing`` as one
+    SentencePiece chunk (content stripped). An answer (``is_answer``) is split instead: ``opening`` closes the
+    prompt as a chunk of its own, and ``content + closing`` is the response chunk, followed by eos — the tokens the
+    model is trained to produce."""
+    marker: str
+    opening: str
+    closing: str
+    is_answer: bool = False
+
+
+# The chat format, the one definition (module docstring). Order: system first (only as the first message); the rest
+# may follow in any order.
+CHAT_TURNS = {
+    "system": ChatTurn("<|system|>", "\n", "\n"),
+    "user": ChatTurn("<|user|>", "\n", "\n"),
+    "observation": ChatTurn("<|observation|>", "\n", "\n"),
+    "assistant": ChatTurn("<|assistant|>", "\n", "", is_answer=True),
+}
+# The turn whose opening, left open, asks the model to answer (the generation prompt).
+ANSWER_ROLE = "assistant"
 # What the seed appends after ChatGLM3's 64789 SentencePiece pieces, in id order.
 CHATGLM3_APPENDED_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop") + ROLE_TOKENS
 CHATGLM3_BASE_VOCAB = 64789
@@ -77,7 +106,7 @@ class ChatFormat:
         tokens). If the last message is not an assistant's, the last segment is a prompt ending in
         ``<|assistant|> "\\n"`` (a generation prompt). ``messages`` are ``{"role", "content"}`` dicts with roles
         system (first only), user, assistant, observation; ``system`` replaces the default system text ("" omits the
-        system block); a leading system message wins over both.
+        system block); a leading system message wins over both. The format: ``CHAT_TURNS``.
         """
         self.require_chat_tokens()
         messages = list(messages)
@@ -89,29 +118,38 @@ class ChatFormat:
         segments: list[list[int]] = []
         prompt = list(self.chat_prefix_ids)
         if system.strip():
-            prompt += self._role_block("<|system|>", system)
+            prompt += self._turn_ids("system", system)[0]
         for message in messages:
             role, content = message.get("role"), message.get("content")
             if not isinstance(content, str):
                 raise ValueError(f"message content must be a string, got {type(content).__name__}")
-            if role == "assistant":
-                prompt += [self.token_to_id("<|assistant|>")] + self.tokenize_content("\n")
-                segments += [prompt, self.tokenize_content(content.strip()) + [self.eos]]
-                prompt = []
-            elif role in ("user", "observation"):
-                prompt += self._role_block(f"<|{role}|>", content)
-            else:
+            if role not in CHAT_TURNS or role == "system":
                 raise ValueError(f"unknown chat role {role!r} (system only first; user, assistant, observation)")
+            opening, response = self._turn_ids(role, content)
+            prompt += opening
+            if CHAT_TURNS[role].is_answer:
+                segments += [prompt, response]
+                prompt = []
         if prompt:  # ends with a user turn: leave the model to answer
-            segments.append(prompt + [self.token_to_id("<|assistant|>")] + self.tokenize_content("\n"))
+            segments.append(prompt + self.generation_prompt_ids())
         return segments
 
     def chat_prompt_ids(self, messages: Sequence[dict], system: str | None = None) -> list[int]:
         """Ids to feed a model that should answer the last user message (chat, eval, generate)."""
         return [i for segment in self.encode_conversation(messages, system) for i in segment]
 
-    def _role_block(self, role_token: str, text: str) -> list[int]:
-        return [self.token_to_id(role_token)] + self.tokenize_content("\n" + text.strip() + "\n")
+    def generation_prompt_ids(self) -> list[int]:
+        """What asks the model to answer: the answer turn's marker and opening."""
+        turn = CHAT_TURNS[ANSWER_ROLE]
+        return [self.token_to_id(turn.marker)] + self.tokenize_content(turn.opening)
+
+    def _turn_ids(self, role: str, content: str) -> tuple[list[int], list[int]]:
+        """One message -> (prompt ids, response ids); the response is empty unless the role's turn is an answer."""
+        turn = CHAT_TURNS[role]
+        text = content.strip()
+        if turn.is_answer:
+            return (self.generation_prompt_ids(), self.tokenize_content(text + turn.closing) + [self.eos])
+        return [self.token_to_id(turn.marker)] + self.tokenize_content(turn.opening + text + turn.closing), []
 
 
 class Tokenizer(ChatFormat):
@@ -433,51 +471,3 @@ def messages_from_record(record: dict) -> tuple[list[dict], str | None]:
     return [{"role": "user", "content": record["question"]},
             {"role": "assistant", "content": record["answer"]}], record.get("system")
 
-
-def write_hf_tokenizer_files(tokenizer: Tokenizer, out_dir: str | os.PathLike) -> list[Path]:
-    """Write what a Hugging Face export needs beside the weights: ``tokenizer.model``, ``tokenizer_config.json``
-    (LlamaTokenizer, role markers as added tokens so HF encodes them as single ids) and ``special_tokens_map.json``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_file = out_dir / "tokenizer.model"
-    model_file.write_bytes(tokenizer.sp.serialized_model_proto())
-
-    def added(content, special):
-        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                "special": special}
-
-    sp = tokenizer.sp
-    decoder = {str(sp.unk_id()): added(sp.id_to_piece(sp.unk_id()), True),
-               str(sp.bos_id()): added(sp.id_to_piece(sp.bos_id()), True),
-               str(sp.eos_id()): added(sp.id_to_piece(sp.eos_id()), True)}
-    for text, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1]):
-        decoder[str(i)] = added(text, True)
-    # The chat format above as a jinja template (text only; ids can differ where HF merges text across chunks).
-    chat_template = (
-        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-        "{% set messages = messages[1:] %}{% else %}{% set system = '" + DEFAULT_SYSTEM + "' %}{% endif %}"
-        "<|system|>\n{{ system | trim }}\n"
-        "{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>\n{{ m['content'] | trim }}"
-        "{{ eos_token }}{% else %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}\n{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-    config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": tokenizer.kind != "chatglm3",
-        "add_eos_token": False,
-        "legacy": True,
-        "added_tokens_decoder": decoder,
-        "bos_token": sp.id_to_piece(sp.bos_id()),
-        "eos_token": sp.id_to_piece(sp.eos_id()),
-        "unk_token": sp.id_to_piece(sp.unk_id()),
-        "pad_token": sp.id_to_piece(sp.unk_id()),
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 1 << 30,
-        "chat_template": chat_template,
-    }
-    config_file = out_dir / "tokenizer_config.json"
-    config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
-    special_map = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    special_map["additional_special_tokens"] = list(tokenizer.special_tokens)
-    map_file = out_dir / "special_tokens_map.json"
-    map_file.write_text(json.dumps(special_map, ensure_ascii=False, indent=2), encoding="utf-8")
-    return [model_file, config_file, map_file]

@@ -16,7 +16,6 @@ import gzip
 import json
 import os
 import re
-import shutil
 import tempfile
 import zlib
 from collections import Counter
@@ -26,7 +25,8 @@ from typing import Iterator, Sequence
 import sentencepiece as spm
 
 from tinyllm_mcore.data.corpus import JSONL_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES, expand_inputs, iter_chunks
-from tinyllm_mcore.tokenizer import ROLE_TOKENS, Tokenizer, write_hf_tokenizer_files
+from tinyllm_mcore.tokenizer import ROLE_TOKENS, Tokenizer
+from tinyllm_mcore.tokenizer_files import write_tokenizer_folder
 
 SPECIAL_PIECES = 3  # <unk> <s> </s>
 BYTE_PIECES = 256  # byte fallback
@@ -132,12 +132,13 @@ def train_tokenizer(inputs: str | Sequence[str], output_dir: str | os.PathLike, 
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output-dir {output_dir} exists and is not a directory")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    # SentencePiece writes its model into a scratch folder; write_tokenizer_folder then puts it and the Hugging Face
+    # files into output_dir in one step (whatever else output_dir holds stays).
+    with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}.train-", dir=output_dir.parent) as scratch:
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=_chain_first(first, sentences),
-                model_prefix=str(staged / "tokenizer"),
+                model_prefix=str(Path(scratch) / "tokenizer"),
                 model_type="bpe",
                 vocab_size=vocab_size,
                 character_coverage=character_coverage,
@@ -162,17 +163,7 @@ def train_tokenizer(inputs: str | Sequence[str], output_dir: str | os.PathLike, 
                 raise reading_error[0] from None
             message = re.sub(r"^\w+: \S+\(\d+\) \[.*?\] ?", "", str(e).strip()) or str(e).strip()
             raise ValueError(f"SentencePiece cannot train on {', '.join(map(str, sources))}: {message}") from None
-        (staged / "tokenizer.vocab").unlink(missing_ok=True)  # the .model holds everything
-        write_hf_tokenizer_files(Tokenizer.load(staged / "tokenizer.model"), staged)
-        if output_dir.exists():  # keep whatever else the folder holds; replace our files one by one
-            for path in staged.iterdir():
-                os.replace(path, output_dir / path.name)
-            shutil.rmtree(staged)
-        else:
-            os.replace(staged, output_dir)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+        write_tokenizer_folder(Tokenizer.load(Path(scratch) / "tokenizer.model"), output_dir)
     return Tokenizer.load(output_dir / "tokenizer.model")
 
 

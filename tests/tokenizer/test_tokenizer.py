@@ -8,6 +8,7 @@ import pytest
 from tests.harness.text_data import tiny_tokenizer
 from tinyllm_mcore.tokenizer import DEFAULT_SYSTEM, ROLE_TOKENS, Tokenizer
 
+
 @pytest.fixture(scope="module")
 def chatglm3(chatglm3_tokenizer_model):
     return Tokenizer.load(chatglm3_tokenizer_model)
