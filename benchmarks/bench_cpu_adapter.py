@@ -10,14 +10,10 @@ and prints the ratio.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 from torch.overrides import TorchFunctionMode
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class RedirectCudaDevice(TorchFunctionMode):
@@ -43,7 +39,7 @@ def main(argv=None) -> int:
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from tinyllm_mcore.pretrain import lm_forward_step
+    from tinyllm_mcore.training.steps import lm_forward_step
     from tinyllm_mcore.runtime import distributed as rt
     from tinyllm_mcore.training.loop import Stage, micro_batches, parse_args, setup, train_step
 

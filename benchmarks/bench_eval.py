@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHARED = Path(os.environ.get("TINYLLM_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data"
 

@@ -13,13 +13,9 @@ vocab for the LM head). The peak is the best square-matmul rate measured here fo
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def hf_throughput(preset, seq, mbs, steps, warmup, bf16: bool, device) -> float:
@@ -46,7 +42,7 @@ def hf_throughput(preset, seq, mbs, steps, warmup, bf16: bool, device) -> float:
 
 
 def ours_throughput(preset_name, seq, mbs, steps, warmup, bf16: bool, device) -> float:
-    from tinyllm_mcore.pretrain import lm_forward_step
+    from tinyllm_mcore.training.steps import lm_forward_step
     from tinyllm_mcore.training.loop import Stage, parse_args, setup, train_step, micro_batches
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func

@@ -9,6 +9,10 @@
 #   WORK_DIR/checkpoints/{pretrain,sft,dpo}
 #   WORK_DIR/runs/<stage> TensorBoard events, metrics.jsonl
 #   WORK_DIR/hf           the Hugging Face export
+#
+# Every command is `python -m tinyllm_mcore.<module>`: the package must be installed where the jobs run
+# (`pip install -e .` in a checkout every node sees); in a container (CONTAINER_IMAGE) the job starts in the mounted
+# checkout, which `-m` imports from.
 set -euo pipefail
 
 # Under sbatch the script runs from a spool copy: find the repository from the submit directory.
@@ -43,7 +47,6 @@ export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"
 [ -n "${NCCL_SOCKET_IFNAME:-}" ] && export NCCL_SOCKET_IFNAME
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-4}}"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 die() { echo "error: $*" >&2; exit 2; }
 

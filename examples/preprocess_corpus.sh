@@ -5,7 +5,7 @@
 #                            DATA_DIR/<name>_text_document, blended by pretrain_92m_multinode.sh's DATA_PATH
 #   SFT_INPUT, DPO_INPUT     chat and preference jsonl -> DATA_DIR/sft_sft_document, DATA_DIR/dpo_preference_document
 #   TRAIN_TOKENIZER=0        keep an existing TOKENIZER (e.g. the seed's ChatGLM3 tokenizer.model) instead
-#   EXTRA_ARGS               more flags for every tools/preprocess_data.py call
+#   EXTRA_ARGS               more flags for every tinyllm_mcore.cli.preprocess_data call
 #SBATCH --job-name=tinyllm-preprocess
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
@@ -31,16 +31,16 @@ done
 if [ "$TRAIN_TOKENIZER" = "1" ]; then
   inputs=()
   for item in "${CORPUS_LIST[@]}"; do inputs+=("${item#*=}"); done
-  single -m tools.train_tokenizer --input "${inputs[@]}" --output-dir "$TOKENIZER" --vocab-size "$VOCAB_SIZE" \
-    --num-threads "$WORKERS"
+  single -m tinyllm_mcore.cli.train_tokenizer --input "${inputs[@]}" --output-dir "$TOKENIZER" \
+    --vocab-size "$VOCAB_SIZE" --num-threads "$WORKERS"
 fi
 
 for item in "${CORPUS_LIST[@]}"; do
-  single -m tools.preprocess_data --mode pretrain --input "${item#*=}" --output-prefix "$DATA_DIR/${item%%=*}" \
-    --tokenizer-model "$TOKENIZER" --json-keys text --append-eod --workers "$WORKERS" \
-    ${EXTRA[@]+"${EXTRA[@]}"}
+  single -m tinyllm_mcore.cli.preprocess_data --mode pretrain --input "${item#*=}" \
+    --output-prefix "$DATA_DIR/${item%%=*}" --tokenizer-model "$TOKENIZER" --json-keys text --append-eod \
+    --workers "$WORKERS" ${EXTRA[@]+"${EXTRA[@]}"}
 done
-single -m tools.preprocess_data --mode sft --input "$SFT_INPUT" --output-prefix "$DATA_DIR/sft" \
+single -m tinyllm_mcore.cli.preprocess_data --mode sft --input "$SFT_INPUT" --output-prefix "$DATA_DIR/sft" \
   --tokenizer-model "$TOKENIZER" --workers "$WORKERS" ${EXTRA[@]+"${EXTRA[@]}"}
-single -m tools.preprocess_data --mode preference --input "$DPO_INPUT" --output-prefix "$DATA_DIR/dpo" \
+single -m tinyllm_mcore.cli.preprocess_data --mode preference --input "$DPO_INPUT" --output-prefix "$DATA_DIR/dpo" \
   --tokenizer-model "$TOKENIZER" --workers "$WORKERS" ${EXTRA[@]+"${EXTRA[@]}"}

@@ -2,6 +2,4 @@
 # The embedded default, end to end on CPU: `bash examples/quickstart.sh [--fast] [--output-dir DIR] [--corpus PATH]`.
 # Same as `python -m tinyllm_mcore.quickstart`; see its --help for every setting.
 set -euo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 exec "${PYTHON:-python}" -m tinyllm_mcore.quickstart "$@"

@@ -1,16 +1,20 @@
-"""`python -m tinyllm_mcore.quickstart [--output-dir DIR] [--fast] [--corpus PATH]`: the whole pipeline, unattended."""
+"""`python -m tinyllm_mcore.quickstart [--output-dir DIR] [--fast] [--corpus PATH]` (or the `tinyllm-quickstart`
+console script): the whole pipeline, unattended."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from tinyllm_mcore.quickstart.pipeline import Settings, StepFailed, run_pipeline
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tinyllm_mcore.quickstart", allow_abbrev=False,
+        # `python -m` would show "__main__.py" as the program name
+        prog=None if Path(sys.argv[0]).name == "tinyllm-quickstart" else "python -m tinyllm_mcore.quickstart",
+        allow_abbrev=False,
         description="Run corpus -> tokenizer -> preprocess -> TP2 pretrain -> SFT -> DPO -> reward model -> "
                     "evaluate -> HF export -> chat on a tiny model (CPU is fine) and write a report.")
     p.add_argument("--output-dir", default="quickstart_run", help="run folder (logs, checkpoints, report.md)")
@@ -52,4 +56,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

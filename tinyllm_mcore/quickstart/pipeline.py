@@ -5,10 +5,11 @@
            -> held-out evaluation (pretrained / SFT / DPO answers, DPO's implicit reward and the reward model on
               held-out preference pairs) -> HF export (DPO) -> chat (HF)
 
-Each step runs the project's own CLI (`python -m tools.train_tokenizer`, `torchrun -m tinyllm_mcore.pretrain`, ...)
-with its output in ``RUN/logs/NN_step.log``; the console shows the step, its command and its progress lines. A failing
-step ends the run with one line naming the step and its log, and a non-zero exit. At the end ``RUN/report.md``
-gathers metrics, timings, loss curves and artifact paths (see report.py).
+Each step runs the project's own CLI as a subprocess of the installed package (`python -m
+tinyllm_mcore.cli.train_tokenizer`, `torchrun -m tinyllm_mcore.pretrain`, ...) with its output in
+``RUN/logs/NN_step.log``; the console shows the step, its command and its progress lines. A failing step ends the run
+with one line naming the step and its log, and a non-zero exit. At the end ``RUN/report.md`` gathers metrics, timings,
+loss curves and artifact paths (see report.py).
 """
 from __future__ import annotations
 
@@ -26,10 +27,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tinyllm_mcore
 
 MARKER = ".tinyllm_quickstart"  # marks a folder the quickstart made (only such a folder is ever wiped)
-REPO_ROOT = Path(tinyllm_mcore.__file__).resolve().parents[1]  # holds tools/ and checkpoint_convert/ too
 
 
 @dataclass
@@ -118,8 +117,6 @@ def _free_port() -> int:
 
 def _env() -> dict:
     env = dict(os.environ)
-    # tools/ and checkpoint_convert/ importable as packages from a checkout as from an install
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("PYTHONWARNINGS", "ignore")
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -166,6 +163,25 @@ def run_step(run: Run, name: str, argv: list[str], *, echo: bool = True) -> Step
     run.steps.append(result)
     run.save()
     return result
+
+
+def check_steps_import_this_package() -> None:
+    """The steps are `python -m tinyllm_mcore...` subprocesses run from the run folder, so they import the installed
+    package: refuse to start when that is missing or is another copy than the one running (a checkout used without
+    `pip install -e .`, or next to an install of a different checkout)."""
+    import tempfile
+
+    import tinyllm_mcore
+
+    here = Path(tinyllm_mcore.__file__).resolve().parent
+    probe = subprocess.run(python("-c", "import importlib.util as u; s = u.find_spec('tinyllm_mcore'); "
+                                        "print(s.origin if s else '')"),
+                           cwd=tempfile.gettempdir(), env=_env(), capture_output=True, text=True)
+    found = probe.stdout.strip()
+    if not found or Path(found).resolve().parent != here:
+        where = f"import tinyllm_mcore from {Path(found).parent}" if found else "cannot import tinyllm_mcore"
+        raise ValueError(f"the quickstart's steps are subprocesses, which {where} (this is {here}): "
+                         f"run `pip install -e .` in {here.parent}")
 
 
 def python(*args: str) -> list[str]:
@@ -299,7 +315,7 @@ def prepare_data(run: Run, corpus: str | None) -> dict[str, Path]:
 
 def train_tokenizer(run: Run, paths: dict[str, Path]) -> None:
     run_step(run, "tokenizer", python(
-        "-m", "tools.train_tokenizer", "--input", str(paths["tokenizer"]), "--output-dir", str(run.path("tokenizer")),
+        "-m", "tinyllm_mcore.cli.train_tokenizer", "--input", str(paths["tokenizer"]), "--output-dir", str(run.path("tokenizer")),
         "--vocab-size", str(run.settings.vocab_size or tokenizer_vocab_size(paths["tokenizer"])),
         "--character-coverage", "1.0"))
 
@@ -308,7 +324,7 @@ def preprocess(run: Run, paths: dict[str, Path], name: str) -> None:
     """One corpus file (pretrain, sft or dpo) -> RUN/data/NAME_*_document.bin/.idx."""
     mode = {"pretrain": "pretrain", "sft": "sft", "dpo": "preference"}[name]
     run_step(run, f"preprocess_{name}", python(
-        "-m", "tools.preprocess_data", "--mode", mode, "--input", str(paths[name]),
+        "-m", "tinyllm_mcore.cli.preprocess_data", "--mode", mode, "--input", str(paths[name]),
         "--output-prefix", str(run.path("data", name)), "--tokenizer-model", str(run.path("tokenizer")),
         "--append-eod", "--no-progress"))
 
@@ -317,6 +333,7 @@ def run_pipeline(output_dir: str, settings: Settings, corpus: str | None = None,
     from tinyllm_mcore.quickstart import report
 
     root = Path(output_dir).resolve()
+    check_steps_import_this_package()
     prepare_run_dir(root, overwrite)
     run = Run(root, settings, corpus)
     s = settings
@@ -361,7 +378,7 @@ def run_pipeline(output_dir: str, settings: Settings, corpus: str | None = None,
         "--reward-model", str(run.path("checkpoints", "reward")), "--seq-length", str(s.seq_length),
         "--output-json", str(run.path("eval.json"))))
     run_step(run, "export_hf", python(
-        "-m", "checkpoint_convert.mcore_to_hf", "--load", str(dpo_ckpt), "--save", str(run.path("hf")),
+        "-m", "tinyllm_mcore.cli.mcore_to_hf", "--load", str(dpo_ckpt), "--save", str(run.path("hf")),
         "--tokenizer-model", str(run.path("tokenizer")), "--quiet"))
     run_step(run, "chat", python(
         "-m", "tinyllm_mcore.quickstart.qa", "hf", "--hf", str(run.path("hf")), "--eval-data", str(paths["eval"]),

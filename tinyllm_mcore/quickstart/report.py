@@ -217,7 +217,7 @@ def write_report(root: str | Path) -> Path:
                  ("evaluation", "eval.json"), ("logs", "logs")]
     lines += ["## Artifacts", ""] + [f"- {what}: `{root / rel}`" for what, rel in artifacts if (root / rel).exists()]
     lines += ["", f"TensorBoard: `tensorboard --logdir {root / 'tensorboard'}`",
-              f"Chat: `python tools/chat.py --load {root / 'checkpoints' / 'dpo'} --tokenizer-model {root / 'tokenizer'}`",
+              f"Chat: `tinyllm-chat --load {root / 'checkpoints' / 'dpo'} --tokenizer-model {root / 'tokenizer'}`",
               ""]
     out = root / "report.md"
     tmp = root / "report.md.tmp"
