@@ -1,11 +1,13 @@
-"""tools/generate.py and tools/chat.py in-process on the SFT checkpoint: one-shot, batches, multi-turn history,
-streaming, and one-line errors."""
+"""cli.generate and cli.chat in-process on the SFT checkpoint: one-shot, batches, multi-turn history, streaming,
+and one-line errors; `python tools/generate.py` and `python tools/chat.py` as scripts."""
 import io
+import json
 import re
+import subprocess
 
+from tests.cli.checkout_scripts import ENV, tool_command
 from tests.harness import post_training_data as data
-
-from tools import chat, generate
+from tinyllm_mcore.cli import chat, generate
 
 
 def flags():
@@ -84,3 +86,18 @@ def test_cli_errors(tmp_path, capsys):
     assert generate.main(["--load", str(data.checkpoints()["sft"]), "--tokenizer-model", str(other),
                           "--prompt", "x"]) == 2
     assert "does not match the checkpoint's vocab" in capsys.readouterr().err
+
+
+def test_generate_and_chat_run_as_scripts(tmp_path):
+    """`python tools/generate.py` and `python tools/chat.py --prompt` (the checkout scripts, run side by side from a
+    scratch directory) answer a trained question as the library does."""
+    question = data.corpus().sft[0]["question"]
+    expected = data.answer_questions(data.checkpoints()["sft"], [question])[0]
+    procs = [subprocess.Popen(tool_command(name, *flags(), *extra, "--prompt", question), cwd=tmp_path, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, extra in (("generate", ["--chat", "--json"]), ("chat", []))]
+    (generated, generate_err), (chatted, chat_err) = (p.communicate(timeout=300) for p in procs)
+    assert [p.returncode for p in procs] == [0, 0], generate_err + chat_err
+    assert json.loads(generated.strip().splitlines()[-1])["completion"].strip() == expected.strip()
+    answer, stats = chatted.rstrip("\n").rsplit("\n", 1)
+    assert answer.strip() == expected.strip() and re.fullmatch(r"\[\d+ tokens, [\d.]+ tokens/s\]", stats), chatted

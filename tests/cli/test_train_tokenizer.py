@@ -1,13 +1,15 @@
-"""tools/train_tokenizer.py on a tiny corpus: role markers are single pieces, encode/decode round-trips."""
+"""cli.train_tokenizer on a tiny corpus: role markers are single pieces, encode/decode round-trips;
+`python tools/train_tokenizer.py` as a script."""
 import gzip
 import json
 import random
 
 import pytest
 
+from tests.cli.checkout_scripts import run, the_error_line, tool_command
 from tests.harness.text_data import random_text
 from tinyllm_mcore.tokenizer import ROLE_TOKENS, Tokenizer
-from tools import train_tokenizer as cli
+from tinyllm_mcore.cli import train_tokenizer as cli
 
 
 def test_train_tokenizer_cli_from_mixed_inputs(tmp_path):
@@ -49,6 +51,12 @@ def test_train_tokenizer_bad_input_is_one_error_line(tmp_path, capsys):
     assert cli.main(["--input", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "t")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "missing.jsonl" in err and "\n" not in err
+
+
+def test_runs_as_a_script(tmp_path):
+    """`python tools/train_tokenizer.py` (a checkout script) on a missing input: one error line, no output folder."""
+    proc = run(tool_command("train_tokenizer", "--input", "missing.jsonl", "--output-dir", "tok"), cwd=tmp_path)
+    assert "missing.jsonl" in the_error_line(proc) and proc.returncode == 1 and not (tmp_path / "tok").exists()
 
 
 def test_hf_files_load_in_transformers(tmp_path):

@@ -1,5 +1,5 @@
-"""tools/merge_datasets.py: Megatron-LM's flags; N parts merged equal one pass over the whole; tokenizers, modes and
-mismatched pairs refused in one line; memory flat in dataset size."""
+"""cli.merge_datasets: Megatron-LM's flags; N parts merged equal one pass over the whole; tokenizers, modes and
+mismatched pairs refused in one line; memory flat in dataset size; `python tools/merge_datasets.py` as a script."""
 import json
 import shutil
 import tracemalloc
@@ -7,10 +7,11 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from tests.cli.checkout_scripts import run, tool_command
 from tests.harness.hf_tokenizer import tiny_hf_tokenizer_dir
 from tests.harness.text_data import tiny_tokenizer_dir, write_text_jsonl
 from tinyllm_mcore.data.vocab_contract import read_sidecar
-from tools import merge_datasets, preprocess_data
+from tinyllm_mcore.cli import merge_datasets, preprocess_data
 
 
 def preprocess(inputs, prefix, *extra, tokenizer=None):
@@ -126,3 +127,13 @@ def test_merge_memory_is_flat_and_files_equal_megatron_core_add_index(tmp_path):
         reference.add_index(prefix)
     reference.finalize(str(tmp_path / "ref.idx"))
     assert pair_bytes(tmp_path / "600000") == pair_bytes(tmp_path / "ref")
+
+
+def test_runs_as_a_script(parts, tmp_path):
+    """`python tools/merge_datasets.py` (a checkout script, run from another folder) writes what the function
+    writes."""
+    proc = run(tool_command("merge_datasets", "--input", parts / "parts", "--output-prefix", tmp_path / "script"),
+               cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("merged 3 datasets: "), proc.stderr
+    assert merge_datasets.main(["--input", str(parts / "parts"), "--output-prefix", str(tmp_path / "function")]) == 0
+    assert pair_bytes(tmp_path / "script") == pair_bytes(tmp_path / "function")

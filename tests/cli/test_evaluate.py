@@ -1,15 +1,12 @@
-"""tools/evaluate.py in-process: multiple choice and perplexity on an HF directory, result files, bad input."""
+"""cli.evaluate in-process: multiple choice and perplexity on an HF directory, result files, bad input;
+`python tools/evaluate.py` as a script."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.cli.checkout_scripts import run, the_error_line, tool_command
 from tests.evaluation.cmmlu_fixtures import make_tiny_hf_model, random_questions, write_cmmlu_csv, write_cmmlu_dir
-from tools import evaluate
-
-REPO = Path(__file__).resolve().parents[2]
+from tinyllm_mcore.cli import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +76,10 @@ def test_shots_without_dev_split(tmp_path, hf_dir, capsys):
     assert "needs the dev split" in capsys.readouterr().err
 
 
-def test_runs_as_a_script():
-    proc = subprocess.run([sys.executable, "tools/evaluate.py", "--help"], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0 and "--benchmark-dir" in proc.stdout
+def test_runs_as_a_script(tmp_path, hf_dir):
+    """`python tools/evaluate.py` (a checkout script) on bad input: one error line naming the folder."""
+    proc = run(tool_command("evaluate", "--hf", hf_dir, "--benchmark-dir", tmp_path / "missing"), cwd=tmp_path)
+    assert "benchmark directory not found" in the_error_line(proc) and str(tmp_path / "missing") in proc.stderr
 
 
 def test_more_shots_than_dev_questions_and_zero_new_tokens_are_refused(tmp_path, hf_dir, capsys):

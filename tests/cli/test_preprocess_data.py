@@ -1,4 +1,5 @@
-"""tools/preprocess_data.py: indexed files megatron-core reads back exactly, bad lines counted, crash safety."""
+"""cli.preprocess_data: indexed files megatron-core reads back exactly, bad lines counted, crash safety (signals to
+`python tools/preprocess_data.py`, the script users run)."""
 import gzip
 import json
 import os
@@ -14,7 +15,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from tests.harness.text_data import tiny_tokenizer, tiny_tokenizer_dir, write_text_jsonl
 from tinyllm_mcore.tokenizer import Tokenizer
-from tools import preprocess_data as cli
+from tinyllm_mcore.cli import preprocess_data as cli
 
 REPO = Path(__file__).resolve().parents[2]
 
