@@ -490,3 +490,49 @@ def load_model_for_inference(load: str, *, use_te: bool | None = None, bf16: boo
     load_checkpoint(load, [model], finetune=True)
     model.eval()
     return [model], preset
+
+
+# ==================================================================================================================
+# Model-only checkpoints written by one process for a TP x PP run (the HF -> mcore converter, tinyllm_mcore/convert).
+# Dist checkpoints hold global arrays, so one process with the whole (TP1/PP1) model writes what any layout loads; only
+# the RNG entries are per (PP, TP) rank: one is written for every rank of the target layout, so a plain --load (no
+# --finetune) at that layout finds what load_checkpoint asks for.
+def write_model_checkpoint(path: str | os.PathLike, model, *, args: dict, tensor_model_parallel_size: int = 1,
+                           pipeline_model_parallel_size: int = 1) -> Path:
+    """Write ``model`` as a complete iteration-0 checkpoint into the iteration directory ``path`` (created; not
+    published: see publish_checkpoint). ``args`` (plain values) become the checkpoint's run arguments."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    safety.forked_workers_die_with_parent()  # before anything forks, the results-queue manager included
+    _forked_write_results_queue()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    rng = _rng_state()
+    state = {"iteration": 0, "consumed_samples": 0, "args": dict(args), "model": unwrap(model).sharded_state_dict(),
+             "rng_state": [ShardedObject("rng_state", rng, (pp, tp), (p, t), replica_id=0)
+                           for p in range(pp) for t in range(tp)],
+             **compat.checkpoint_stamp()}
+    dist_checkpointing.save(state, str(path))
+    compat.write_common_state_file(path)
+    safety.write_manifest(path)  # last: a folder without it is an incomplete save
+    return path
+
+
+def publish_checkpoint(save_dir: str | os.PathLike, iteration: int) -> None:
+    """Point ``save_dir``'s tracker file at ``iteration`` (atomically; call once that checkpoint is complete)."""
+    tmp = Path(save_dir) / f".{TRACKER}.tmp"
+    tmp.write_text(str(iteration))
+    os.replace(tmp, Path(save_dir) / TRACKER)
+
+
+def saved_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Dist-checkpoint key -> global shape of every tensor in the checkpoint directory ``path`` (metadata only)."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        return {k: tuple(v.global_shape) for k, v in dist_checkpointing.load_tensors_metadata(str(path)).items()}
+    except Exception as e:  # unreadable metadata: one line naming the checkpoint
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{path}: unreadable tensor metadata ({type(e).__name__}: {first})") from e
