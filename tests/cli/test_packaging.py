@@ -14,7 +14,7 @@ import pytest
 
 from tests.cli.checkout_scripts import REPO, console_script, run, the_error_line
 
-# Every command of the package (docs/architecture.md, "Entry points") -> the function it runs.
+# Every command of the package (README.md, "Commands") -> the function it runs.
 COMMANDS = {
     "tinyllm-train-tokenizer": "tinyllm_mcore.cli.train_tokenizer:main",
     "tinyllm-preprocess-data": "tinyllm_mcore.cli.preprocess_data:main",
@@ -67,6 +67,8 @@ def test_every_command_is_a_console_script_of_a_main_function(wheel):
         assert callable(main), f"{command}: {target} is not a function"
         parameters = list(inspect.signature(main).parameters.values())
         assert [(p.name, p.default) for p in parameters] == [("argv", None)], f"{command}: {target}{parameters}"
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert [c for c in COMMANDS if f"`{c}`" not in readme] == [], "README's Commands table misses these"
 
 
 def test_installed_console_scripts_run(tmp_path):
