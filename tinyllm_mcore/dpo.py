@@ -29,14 +29,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from tinyllm_mcore.pretrain import batch_to_device
-from tinyllm_mcore.training.loop import Stage, main
+from tinyllm_mcore.training.loop import Stage, run_stage
+from tinyllm_mcore.training.steps import (attention_mask, batch_to_device, flatten_pairs, pair_loss_report,
+                                          preference_datasets)
 
 REPORT_NAMES = ("dpo loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
                 "logps/chosen", "logps/rejected")
-
-# policy chunk (unwrapped GPTModel) id -> its frozen reference chunk; set by `build_reference`
-_REFERENCES: dict[int, torch.nn.Module] = {}
 
 
 def add_dpo_args(parser) -> None:
@@ -47,8 +45,13 @@ def add_dpo_args(parser) -> None:
     g.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO ε in [0, 0.5)")
     g.add_argument("--ref-load", default=None,
                    help="reference checkpoint (default: --load, i.e. the policy's starting weights)")
-    # a sample is a (chosen, rejected) pair; no --data-path needed
-    parser.set_defaults(sequences_per_sample=2, allow_no_data=True, shuffle_each_epoch=True)
+
+
+def check_dpo_args(args) -> None:
+    if not 0 <= args.label_smoothing < 0.5:
+        raise ValueError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if not args.load and not args.ref_load:
+        raise ValueError("DPO needs a starting checkpoint: --load SFT_CKPT --finetune (and/or --ref-load)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,10 +71,8 @@ def dpo_loss(reference_nll: torch.Tensor, loss_mask: torch.Tensor, beta: float, 
     rewards = beta * (policy - reference.detach())  # [pairs, 2]: implicit rewards of chosen, rejected
     margin = rewards[:, 0] - rewards[:, 1]
     losses = -F.logsigmoid(margin) * (1 - label_smoothing) - F.logsigmoid(-margin) * label_smoothing
-    loss_sum = losses.sum()
-    pairs = torch.tensor(float(losses.numel()), device=losses.device)
-    stats = {
-        "dpo loss": loss_sum,
+    return pair_loss_report(losses, {
+        "dpo loss": losses.sum(),
         "rewards/chosen": rewards[:, 0].sum(),
         "rewards/rejected": rewards[:, 1].sum(),
         # a tie (margin 0: every pair at the first step, when policy = reference) counts as not accurate
@@ -79,33 +80,14 @@ def dpo_loss(reference_nll: torch.Tensor, loss_mask: torch.Tensor, beta: float, 
         "rewards/margin": margin.sum(),
         "logps/chosen": policy[:, 0].sum(),
         "logps/rejected": policy[:, 1].sum(),
-    }
-    reports = {k: torch.stack([v.detach().float(), pairs]) for k, v in stats.items()}
-    return loss_sum, pairs.to(torch.int), reports
+    })
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Forward step: policy and frozen reference on the same micro-batch
 
 
-def flatten_pairs(batch: dict) -> dict:
-    """[mbs, 2, s] -> [2·mbs, s], rows alternating chosen, rejected."""
-    for k, v in batch.items():
-        if v.dim() < 3 or v.size(1) != 2:
-            raise ValueError(f"preference samples need a leading pair dimension of 2; {k!r} has shape "
-                             f"{tuple(v.shape[1:])}")
-    return {k: v.flatten(0, 1) for k, v in batch.items()}
-
-
-def pair_attention_mask(batch: dict):
-    if "segment_ids" in batch:
-        from tinyllm_mcore.data.sft import packed_attention_mask
-
-        return packed_attention_mask(batch["segment_ids"])
-    return None
-
-
-def run_policy_and_reference(model, reference, tokens, position_ids, attention_mask, labels):
+def run_policy_and_reference(model, reference, tokens, position_ids, mask, labels):
     """Forward this pipeline stage of the policy (with grad) and the reference (without).
 
     Returns (policy_output, reference_output): per-token −log p on the last stage, hidden states elsewhere.
@@ -118,45 +100,46 @@ def run_policy_and_reference(model, reference, tokens, position_ids, attention_m
         rows = received.size(1) // 2
         policy.set_input_tensor(received[:, :rows])
         unwrap(reference).set_input_tensor(received[:, rows:].detach())
-    policy_out = model(tokens, position_ids, attention_mask, labels=labels)
+    policy_out = model(tokens, position_ids, mask, labels=labels)
     with torch.no_grad():
-        reference_out = reference(tokens, position_ids, attention_mask, labels=labels)
+        reference_out = reference(tokens, position_ids, mask, labels=labels)
     return policy_out, reference_out
 
 
-def dpo_forward_step(data_iterator, model, *, beta: float, label_smoothing: float):
+def dpo_forward_step(ctx, data_iterator, model):
     from tinyllm_mcore.training.checkpoint import unwrap
 
     batch = flatten_pairs(batch_to_device(next(data_iterator)))
-    reference = _REFERENCES[id(unwrap(model))]
     policy_out, reference_out = run_policy_and_reference(
-        model, reference, batch["tokens"], batch["position_ids"], pair_attention_mask(batch), batch["labels"])
+        model, ctx.reference_for(model), batch["tokens"], batch["position_ids"], attention_mask(batch),
+        batch["labels"])
     if not unwrap(model).post_process:
-        # send both to the next stage in one tensor (the loop sizes it with sequences_per_sample = 4)
+        # both go to the next stage in one tensor (the stage declares models_per_pipeline_message=2)
         return torch.cat([policy_out, reference_out.to(policy_out.dtype)], dim=1), None
-    return policy_out, partial(dpo_loss, reference_out, batch["loss_mask"], beta, label_smoothing)
+    return policy_out, partial(dpo_loss, reference_out, batch["loss_mask"], ctx.args.beta, ctx.args.label_smoothing)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reference model
 
 
-def build_reference(args, chunks) -> list[torch.nn.Module]:
+def build_references(ctx) -> None:
     """One frozen copy per policy chunk, same layout; weights from --ref-load, else copied from the policy as loaded."""
     from megatron.core.transformer.module import Float16Module
     from megatron.core.utils import get_model_config
 
-    from tinyllm_mcore.presets import ModelPreset
+    from tinyllm_mcore.model import build_model, use_te_for
     from tinyllm_mcore.training import checkpoint as ckpt
-    from tinyllm_mcore.training.loop import default_model_provider
 
-    preset = ModelPreset(**args.preset)
+    args = ctx.args
     references = []
-    for chunk in chunks:
+    for chunk in ctx.chunks:
         policy = ckpt.unwrap(chunk)
         config = get_model_config(policy)
-        reference = default_model_provider(args, preset, config, policy.pre_process, policy.post_process,
-                                           getattr(policy, "vp_stage", None))
+        reference = build_model(ctx.preset, config, pre_process=policy.pre_process,
+                                post_process=policy.post_process, vp_stage=getattr(policy, "vp_stage", None),
+                                use_te=use_te_for(args.transformer_impl),
+                                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
         if torch.cuda.is_available():
             reference.cuda(torch.cuda.current_device())
         if args.bf16 or args.fp16:
@@ -165,59 +148,27 @@ def build_reference(args, chunks) -> list[torch.nn.Module]:
     if args.ref_load:
         ckpt.load_checkpoint(args.ref_load, references, finetune=True)
     else:
-        for reference, chunk in zip(references, chunks):
+        for reference, chunk in zip(references, ctx.chunks):
             ckpt.unwrap(reference).load_state_dict(ckpt.unwrap(chunk).state_dict(), strict=True)
-    _REFERENCES.clear()
-    for reference, chunk in zip(references, chunks):
+    for reference in references:
         reference.eval()
         reference.requires_grad_(False)
-        _REFERENCES[id(ckpt.unwrap(chunk))] = reference
-    return references
-
-
-def after_load(args, chunks) -> None:
-    if not args.load and not args.ref_load:
-        raise ValueError("DPO needs a starting checkpoint: --load SFT_CKPT --finetune (and/or --ref-load)")
-    build_reference(args, chunks)
-    if args.pipeline_model_parallel_size > 1:
-        args.sequences_per_sample = 4  # pipeline messages carry policy and reference activations of each pair
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data
-
-
-def preference_datasets(args, tokenizer, preset):
-    if not args.preference_data:
-        raise ValueError("give --preference-data FILE.jsonl or indexed PREFIX")
-    if tokenizer is None:
-        raise ValueError("DPO needs --tokenizer-model (the chat format's role markers come from the tokenizer)")
-    from tinyllm_mcore.data.preference import build_preference_datasets
-
-    return build_preference_datasets(args.preference_data, tokenizer=tokenizer, seq_length=args.seq_length,
-                                     split=args.split, seed=args.seed)
+    ctx.references = references
 
 
 def make_stage(datasets_provider=preference_datasets) -> Stage:
-    def forward_step(data_iterator, model):
-        args = _ARGS["args"]
-        return dpo_forward_step(data_iterator, model, beta=args.beta, label_smoothing=args.label_smoothing)
-
-    def remember_args(args, chunks):
-        if not 0 <= args.label_smoothing < 0.5:
-            raise ValueError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
-        _ARGS["args"] = args
-        after_load(args, chunks)
-
-    return Stage(name="dpo", datasets_provider=datasets_provider, forward_step=forward_step,
-                 extra_args=add_dpo_args, default_warmup_fraction=0.1, after_load=remember_args,
-                 report_names=REPORT_NAMES)
+    return Stage(name="dpo", datasets_provider=datasets_provider, forward_step=dpo_forward_step,
+                 extra_args=add_dpo_args, default_warmup_fraction=0.1, needs_data_path=False,
+                 shuffle_each_epoch=True, sequences_per_sample=2, models_per_pipeline_message=2,
+                 check_args=check_dpo_args, after_load=build_references, report_names=REPORT_NAMES)
 
 
-_ARGS: dict = {}
 STAGE = make_stage()
 
-if __name__ == "__main__":
-    from tinyllm_mcore.pretrain import load_tokenizer
 
-    raise SystemExit(main(STAGE, tokenizer_loader=load_tokenizer))
+def main(argv=None) -> int:
+    return run_stage(STAGE, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

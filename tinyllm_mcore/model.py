@@ -41,6 +41,11 @@ def transformer_engine_usable() -> bool:
     return True
 
 
+def use_te_for(transformer_impl: str) -> bool | None:
+    """--transformer-impl to build_model's use_te: auto (None: TE when usable), local, transformer_engine."""
+    return {"auto": None, "local": False, "transformer_engine": True}[transformer_impl]
+
+
 class SDPAttention(DotProductAttention):
     """megatron-core core attention computed by torch's scaled_dot_product_attention.
 
@@ -106,6 +111,47 @@ it is megatron's path.
         return linear_cross_entropy(hidden_states.transpose(0, 1), self.output_layer.weight, labels)
 
 
+class RewardModel(TinyLLMGPTModel):
+    """The GPT trunk with a scalar head: on the last stage a [hidden -> 1] linear replaces the LM head.
+
+    forward returns per-position rewards [b, s] (float32); the reward stage reads them at each sequence's last token.
+    """
+
+    def __init__(self, *args, head_init_seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.post_process:
+            del self.output_layer  # no LM head: the final-norm hidden states go to the scalar head
+            self.output_layer = None
+            self.reward_head = torch.nn.Linear(self.config.hidden_size, 1, bias=False, dtype=self.config.params_dtype)
+            # its own generator: the head starts the same at every layout (megatron seeds each pipeline rank apart)
+            generator = torch.Generator().manual_seed(head_init_seed)
+            std = 1.0 / (self.config.hidden_size + 1) ** 0.5
+            with torch.no_grad():
+                self.reward_head.weight.copy_(torch.randn(self.reward_head.weight.shape, generator=generator) * std)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        # LanguageModule's version edits the (absent) output layer's entry on the last stage
+        post_process, self.post_process = self.post_process, False
+        try:
+            return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        finally:
+            self.post_process = post_process
+
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        if not self.post_process:
+            return hidden_states
+        if self.config.sequence_parallel:
+            # The head sees every position: gather the sequence shards. Every TP rank then computes the same loss,
+            # so the backward only splits the gradient back into shards (the default reduce-scatter would sum the
+            # TP ranks' identical gradients: TP times too large).
+            hidden_states = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False, group=self.pg_collection.tp)
+        return self.reward_head(hidden_states).squeeze(-1).transpose(0, 1).float()  # [s, b, 1] -> [b, s]
+
+
+HEADS = {"lm": TinyLLMGPTModel, "reward": RewardModel}
+
+
 class _null:
     def __enter__(self):
         return None
@@ -150,18 +196,24 @@ def build_model(
     use_te: bool | None = None,
     parallel_output: bool = True,
     make_vocab_size_divisible_by: int = 128,
+    head: str = "lm",
+    seed: int = 0,
 ) -> GPTModel:
     """One pipeline chunk of the tiny-llm GPT for this rank (the whole model at PP1).
 
     `config` is the TransformerConfig from `presets.transformer_config`; the parallel state must be initialised.
     The embedding is padded to a multiple of `make_vocab_size_divisible_by × TP` rows (see presets.padded_vocab_size).
+    `head` is "lm" (the vocabulary output layer) or "reward" (a scalar per position, see RewardModel, whose head is
+    initialised from `seed`).
     """
+    if head not in HEADS:
+        raise ValueError(f"unknown model head {head!r}: use one of {sorted(HEADS)}")
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     vocab = padded_vocab_size(preset.vocab_size, config.tensor_model_parallel_size, make_vocab_size_divisible_by)
-    return TinyLLMGPTModel(
+    return HEADS[head](
         config=config,
         transformer_layer_spec=block_spec(preset, config, vp_stage, use_te),
         vocab_size=vocab,
@@ -174,6 +226,7 @@ def build_model(
         rotary_base=int(preset.rope_theta),
         rotary_percent=1.0,
         vp_stage=vp_stage,
+        **({"head_init_seed": seed} if head == "reward" else {}),
     )
 
 

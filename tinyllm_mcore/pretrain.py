@@ -6,40 +6,16 @@ MockGPTDataset) and a forward step whose loss is the masked next-token cross-ent
 from __future__ import annotations
 
 import os
-from functools import partial
 
-import torch
-
-from tinyllm_mcore.training.loop import Stage, main
-from tinyllm_mcore.training.losses import masked_token_loss
+from tinyllm_mcore.training.loop import Stage, run_stage
+from tinyllm_mcore.training.steps import lm_forward_step
 
 
-def batch_to_device(batch: dict) -> dict:
-    if torch.cuda.is_available():
-        return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
-    return batch
-
-
-def lm_forward_step(data_iterator, model):
-    """Forward a micro-batch of {tokens, labels, loss_mask, position_ids[, segment_ids]} through the GPT.
-
-    Packed SFT sequences carry segment_ids: attention is then causal within each packed sample only.
-    """
-    batch = batch_to_device(next(data_iterator))
-    attention_mask = None
-    if "segment_ids" in batch:
-        from tinyllm_mcore.data.sft import packed_attention_mask
-
-        attention_mask = packed_attention_mask(batch["segment_ids"])
-    output = model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"])
-    return output, partial(masked_token_loss, batch["loss_mask"])
-
-
-def num_samples(args) -> tuple[int, int, int]:
+def num_samples(ctx) -> tuple[int, int, int]:
+    """Samples megatron's GPTDataset builds for train, validation (every evaluation) and test."""
+    args, batch = ctx.args, ctx.batch.global_batch_size
     evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
-    return (args.train_iters * args.global_batch_size,
-            evals * args.eval_iters * args.global_batch_size,
-            args.eval_iters * args.global_batch_size)
+    return args.train_iters * batch, evals * args.eval_iters * batch, args.eval_iters * batch
 
 
 class SyntheticTokenizer:
@@ -52,22 +28,23 @@ class SyntheticTokenizer:
         self.unique_identifiers = {"class": "SyntheticTokenizer", "vocab_size": vocab_size}
 
 
-def pretrain_datasets(args, tokenizer, preset):
+def pretrain_datasets(ctx):
     from tinyllm_mcore.data.pretrain import build_pretrain_datasets
 
+    args, tokenizer = ctx.args, ctx.tokenizer
     if tokenizer is None:
         if not args.mock_data:
             raise ValueError("--data-path needs --tokenizer-model (its eod/pad ids define documents and padding)")
-        tokenizer = SyntheticTokenizer(preset.vocab_size)
+        tokenizer = SyntheticTokenizer(ctx.preset.vocab_size)
     if not args.mock_data:  # data whose vocabulary sidecar says it does not fit is refused before training
         from tinyllm_mcore.data.vocab_contract import check_prefix_vocab
 
         for prefix in _prefixes(args.data_path):
-            check_prefix_vocab(prefix, preset.vocab_size, getattr(tokenizer, "identity", None), mode="pretrain")
+            check_prefix_vocab(prefix, ctx.preset.vocab_size, ctx.tokenizer_identity, mode="pretrain")
 
     return build_pretrain_datasets(
         data_path=args.data_path, split=args.split, seq_length=args.seq_length, seed=args.seed,
-        tokenizer=tokenizer, num_samples=num_samples(args), mock=args.mock_data, cache_dir=args.data_cache_path)
+        tokenizer=tokenizer, num_samples=num_samples(ctx), mock=args.mock_data, cache_dir=args.data_cache_path)
 
 
 def check_data_paths(args) -> None:
@@ -93,16 +70,13 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def load_tokenizer(args):
-    if not args.tokenizer_model:
-        return None
-    from tinyllm_mcore.tokenizer import Tokenizer
-
-    return Tokenizer.load(args.tokenizer_model, args.tokenizer_type)
-
-
 STAGE = Stage(name="pretrain", datasets_provider=pretrain_datasets, forward_step=lm_forward_step,
-              default_warmup_fraction=0.05, check_args=check_data_paths)
+              default_warmup_fraction=0.05, check_args=check_data_paths, perplexity_of="lm loss")
+
+
+def main(argv=None) -> int:
+    return run_stage(STAGE, argv)
+
 
 if __name__ == "__main__":
-    raise SystemExit(main(STAGE, tokenizer_loader=load_tokenizer))
+    raise SystemExit(main())

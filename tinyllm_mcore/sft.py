@@ -8,8 +8,8 @@ pretrained weights only (fresh iteration count, optimizer and schedule).
 """
 from __future__ import annotations
 
-from tinyllm_mcore.pretrain import lm_forward_step, load_tokenizer
-from tinyllm_mcore.training.loop import Stage, main
+from tinyllm_mcore.training.loop import Stage, run_stage
+from tinyllm_mcore.training.steps import lm_forward_step
 
 
 def add_sft_args(parser) -> None:
@@ -17,26 +17,32 @@ def add_sft_args(parser) -> None:
     g.add_argument("--sft-data", nargs="*", default=None,
                    help="chat jsonl file(s) or indexed prefix(es) from preprocess_data --mode sft")
     g.add_argument("--no-pack", action="store_true", help="one conversation per sequence (padded) instead of packing")
-    parser.set_defaults(allow_no_data=True, shuffle_each_epoch=True)
 
 
-def sft_datasets(args, tokenizer, preset):
+def sft_datasets(ctx):
+    args = ctx.args
     if not args.sft_data:
         raise ValueError("give --sft-data FILE.jsonl or indexed PREFIX")
-    if tokenizer is None:
+    if ctx.tokenizer is None:
         raise ValueError("SFT needs --tokenizer-model (the chat format's role markers come from the tokenizer)")
     from tinyllm_mcore.data.sft import build_sft_datasets
 
-    return build_sft_datasets(args.sft_data, tokenizer=tokenizer, seq_length=args.seq_length, split=args.split,
+    return build_sft_datasets(args.sft_data, tokenizer=ctx.tokenizer, seq_length=args.seq_length, split=args.split,
                               seed=args.seed, pack=not args.no_pack)
 
 
 def make_stage(datasets_provider=sft_datasets) -> Stage:
     return Stage(name="sft", datasets_provider=datasets_provider, forward_step=lm_forward_step,
-                 extra_args=add_sft_args, default_warmup_fraction=0.03, report_names=("lm loss",))
+                 extra_args=add_sft_args, default_warmup_fraction=0.03, needs_data_path=False,
+                 shuffle_each_epoch=True, perplexity_of="lm loss")
 
 
 STAGE = make_stage()
 
+
+def main(argv=None) -> int:
+    return run_stage(STAGE, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main(STAGE, tokenizer_loader=load_tokenizer))
+    raise SystemExit(main())

@@ -10,7 +10,7 @@ import sys
 import torch.distributed as dist
 
 from tests.harness.progression_data import progression_datasets
-from tinyllm_mcore.pretrain import lm_forward_step
+from tinyllm_mcore.training.steps import lm_forward_step
 from tinyllm_mcore.training.loop import Stage, parse_args, train
 
 STAGE = Stage("pretrain", progression_datasets, lm_forward_step)

@@ -153,8 +153,8 @@ WRITER_SLEEPS = textwrap.dedent("""
         return original(*args, **kwargs)
 
     filesystem_async.FileSystemWriterAsync.write_preloaded_data = staticmethod(slow_write)
-    from tinyllm_mcore.pretrain import STAGE, main
-    raise SystemExit(main(STAGE, sys.argv[2:]))
+    from tinyllm_mcore.pretrain import main
+    raise SystemExit(main(sys.argv[2:]))
 """)
 
 
@@ -256,12 +256,12 @@ def test_a_run_that_skipped_every_iteration_fails():
     import math
 
     from tests.harness.progression_data import progression_datasets
-    from tinyllm_mcore.pretrain import lm_forward_step
+    from tinyllm_mcore.training.steps import lm_forward_step
     from tinyllm_mcore.runtime import distributed as rt
     from tinyllm_mcore.training.loop import Stage, parse_args, train
 
-    def poisoned(data_iterator, model):
-        output, loss_fn = lm_forward_step(data_iterator, model)
+    def poisoned(ctx, data_iterator, model):
+        output, loss_fn = lm_forward_step(ctx, data_iterator, model)
 
         def nan_loss(output_tensor):
             total, count, report = loss_fn(output_tensor)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.harness.progression_data import progression_datasets
-from tinyllm_mcore.pretrain import lm_forward_step
+from tinyllm_mcore.training.steps import lm_forward_step
 from tinyllm_mcore.runtime import distributed as rt
 from tinyllm_mcore.training.checkpoint import unwrap
 from tinyllm_mcore.training.loop import Stage, parse_args, train
@@ -14,8 +14,8 @@ from tinyllm_mcore.training.loop import Stage, parse_args, train
 def poisoned_stage(poisoned_calls):
     calls = {"n": 0}
 
-    def forward_step(data_iterator, model):
-        output, loss_fn = lm_forward_step(data_iterator, model)
+    def forward_step(ctx, data_iterator, model):
+        output, loss_fn = lm_forward_step(ctx, data_iterator, model)
         calls["n"] += 1
         poison = calls["n"] in poisoned_calls
 

@@ -83,33 +83,24 @@ def answer_with_checkpoint(load: str, tokenizer, questions: list[str], batch_siz
 
 
 def load_reward_model(load: str):
-    """The reward model of a `tinyllm_mcore.reward` checkpoint at TP1 in this process (the stage's own provider)."""
-    import torch
+    """The reward model of a `tinyllm_mcore.reward` checkpoint at TP1 in this process."""
     from megatron.core import parallel_state as ps
 
-    from tinyllm_mcore.presets import transformer_config
-    from tinyllm_mcore.reward import reward_model_provider
     from tinyllm_mcore.runtime import distributed as rt
     from tinyllm_mcore.training import checkpoint as ckpt
 
-    preset, saved = ckpt.saved_preset(load)
     if not ps.model_parallel_is_initialized():
         rt.initialize(tp=1, pp=1)
-    config = transformer_config(preset, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                                params_dtype=torch.float32, use_cpu_initialization=True, perform_initialization=False)
-    args = argparse.Namespace(transformer_impl=saved.get("transformer_impl", "auto"), init_from=None,
-                              make_vocab_size_divisible_by=saved.get("make_vocab_size_divisible_by", 128))
-    model = reward_model_provider(args, preset, config, True, True, None)
-    ckpt.load_checkpoint(load, [model], finetune=True)
-    return model.eval()
+    chunks, _ = ckpt.load_model_for_inference(load)
+    return chunks[0]
 
 
 def pair_batches(pairs: list[dict], tokenizer, seq_length: int, batch_size: int):
     """The pairs tokenized exactly as DPO / reward training sees them (PreferenceDataset, in order), in batches of
     [2·b, s] rows alternating chosen, rejected, with their attention mask."""
     from tinyllm_mcore.data.preference import PreferenceDataset
-    from tinyllm_mcore.dpo import flatten_pairs, pair_attention_mask
     from tinyllm_mcore.training.loop import collate
+    from tinyllm_mcore.training.steps import attention_mask, flatten_pairs
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pairs.jsonl"
@@ -120,7 +111,7 @@ def pair_batches(pairs: list[dict], tokenizer, seq_length: int, batch_size: int)
         batches = []
         for start in range(0, len(dataset), batch_size):
             batch = flatten_pairs(collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]))
-            batches.append((batch, pair_attention_mask(batch)))
+            batches.append((batch, attention_mask(batch)))
     return batches
 
 

@@ -126,11 +126,11 @@ def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
     return p
 
 
-def validate(args: argparse.Namespace) -> argparse.Namespace:
-    """Checks that need no process group. Raises ValueError with one line."""
+def validate(args: argparse.Namespace, *, needs_data_path: bool = True) -> argparse.Namespace:
+    """Checks that need no process group; fills the defaults that depend on other flags. Raises ValueError."""
     if args.bf16 and args.fp16:
         raise ValueError("--bf16 and --fp16 are mutually exclusive")
-    if not args.mock_data and not args.data_path and not getattr(args, "allow_no_data", False):
+    if needs_data_path and not args.mock_data and not args.data_path:
         raise ValueError("give --data-path PREFIX [...] or --mock-data")
     # A fixed default min-lr would exceed a small --lr (DPO's 1e-6); the seed's ratio fits every stage.
     if args.min_lr is None:

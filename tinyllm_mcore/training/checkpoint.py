@@ -115,8 +115,10 @@ def _sharded_rng(state) -> "ShardedObject":
                          replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
 
 
-def _plain_args(args) -> dict:
-    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, tuple, dict, type(None)))}
+def _plain_args(metadata) -> dict:
+    """The run metadata stored under "args": a dict (RunContext.checkpoint_metadata) or a namespace of flags."""
+    items = metadata.items() if isinstance(metadata, dict) else vars(metadata).items()
+    return {k: v for k, v in items if isinstance(v, (str, int, float, bool, list, tuple, dict, type(None)))}
 
 
 def _state_dict(models, optimizer, scheduler, *, iteration: int, consumed_samples: int, args, rng: bool,
@@ -162,10 +164,11 @@ def optimizer_save_metadata(optimizer, args) -> dict:
     """The sharding metadata megatron's optimizer.sharded_state_dict is given at save (also stored in the checkpoint)."""
     if optimizer is None or not is_distributed_optimizer(optimizer):
         return {}
-    if getattr(args, "dist_ckpt_optim_fully_reshardable", False):
+    flags = _plain_args(args) if args is not None else {}
+    if flags.get("dist_ckpt_optim_fully_reshardable", False):
         return {"distrib_optim_sharding_type": FULLY_RESHARDABLE,
                 "distrib_optim_fully_reshardable_mem_efficient":
-                    bool(getattr(args, "distrib_optim_fully_reshardable_mem_efficient", False))}
+                    bool(flags.get("distrib_optim_fully_reshardable_mem_efficient", False))}
     return {"distrib_optim_sharding_type": DP_RESHARDABLE}
 
 
@@ -466,11 +469,16 @@ def saved_preset(load: str):
     return ModelPreset(**args["preset"]), args
 
 
+def saved_model_head(saved_args: dict) -> str:
+    """"lm" or "reward"; checkpoints from before the head was recorded are reward models if they have --init-from."""
+    return saved_args.get("model_head") or ("reward" if "init_from" in saved_args else "lm")
+
+
 def load_model_for_inference(load: str, *, use_te: bool | None = None, bf16: bool = False):
     """Build this rank's model chunks for the checkpoint's preset at the current parallel layout and load weights.
 
-    Works at any TP/PP (dist checkpoints reshard on load); the parallel state must be initialised. Returns
-    (chunks, preset): chunks in eval mode, unwrapped GPTModels.
+    Works at any TP/PP (dist checkpoints reshard on load); the parallel state must be initialised. The head (LM or
+    reward) is the one the checkpoint was trained with. Returns (chunks, preset): chunks in eval mode, unwrapped.
     """
     from megatron.core import parallel_state as ps
 
@@ -483,7 +491,7 @@ def load_model_for_inference(load: str, *, use_te: bool | None = None, bf16: boo
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
         params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
         use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=False)
-    model = build_model(preset, config, use_te=use_te,
+    model = build_model(preset, config, use_te=use_te, head=saved_model_head(saved),
                         make_vocab_size_divisible_by=saved.get("make_vocab_size_divisible_by", 128))
     if torch.cuda.is_available():
         model.cuda()

@@ -1,7 +1,9 @@
 """The generic training loop: every stage (pretrain, SFT, reward, DPO) is a `Stage` handed to `train()`.
 
-A stage is Megatron-LM's trio — a model provider, a forward step returning (output, loss function), and a datasets
-provider — plus its own flags. The loop owns everything else: runtime init, model chunks (virtual pipeline), mixed
+A stage is Megatron-LM's trio — a model (the one builder, `model.build_model`, with the stage's head), a forward
+step returning (output, loss function), and a datasets provider — plus its own flags. The loop derives a typed
+`RunContext` (training/context.py) from the flags once and hands it to the stage's datasets provider, forward step
+and hooks; it writes nothing back into the parsed flags. The loop owns everything else: runtime init, model chunks (virtual pipeline), mixed
 precision, megatron DDP, optimizer (distributed or not), LR schedule, megatron's pipeline schedules, gradient
 accumulation, evaluation, NaN/inf skipping, logging (loss, lr, grad norm, tokens/s, MFU) and checkpoints.
 
@@ -18,6 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from functools import partial
 from typing import Callable, Iterator
 
 import numpy as np
@@ -28,6 +31,7 @@ from tinyllm_mcore.presets import ModelPreset, get_preset, transformer_config
 from tinyllm_mcore.runtime import distributed as rt
 from tinyllm_mcore.training import checkpoint as ckpt
 from tinyllm_mcore.training.arguments import build_parser, validate
+from tinyllm_mcore.training.context import BatchPlan, ParallelLayout, RunContext
 from tinyllm_mcore.training.exit_conditions import ExitConditions
 from tinyllm_mcore.training.metrics import MetricsWriter, peak_tflops
 
@@ -35,29 +39,33 @@ from tinyllm_mcore.training.metrics import MetricsWriter, peak_tflops
 @dataclass
 class Stage:
     name: str
-    # (args, tokenizer, preset) -> (train, valid, test) datasets yielding dict samples
+    # (ctx) -> (train, valid, test) datasets yielding dict samples
     datasets_provider: Callable
-    # (data_iterator, model) -> (output_tensor, loss_fn)
+    # (ctx, data_iterator, model) -> (output_tensor, loss_fn)
     forward_step: Callable
-    # (args, preset, config, pre_process, post_process, vp_stage) -> module; default: the GPT LM
-    model_provider: Callable | None = None
+    # which head build_model puts on the trunk: "lm" or "reward"
+    model_head: str = "lm"
     # adds stage-specific flags
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None
     default_warmup_fraction: float = 0.05
-    # stage hook after loading (e.g. DPO builds its frozen reference); (args, models) -> None
+    # False: the stage has its own data flags, so --data-path / --mock-data are not required
+    needs_data_path: bool = True
+    # reshuffle the training set each epoch (finetuning sets are small and read many times)
+    shuffle_each_epoch: bool = False
+    # rows a sample puts in a batch (2: a chosen/rejected pair)
+    sequences_per_sample: int = 1
+    # activations of this many models travel in one pipeline message (DPO: the policy's and the reference's)
+    models_per_pipeline_message: int = 1
+    # (ctx, model) -> None: on each freshly built chunk, before checkpoints load (reward: --init-from's trunk)
+    init_weights: Callable | None = None
+    # (ctx) -> None: after the checkpoint is loaded (DPO builds its frozen references)
     after_load: Callable | None = None
     # (args) -> None: cheap input checks (paths, files) run before any process group or model is built
     check_args: Callable | None = None
     # names in the loss function's report dict, in order (every rank must know them, not only the last stage)
     report_names: tuple[str, ...] = ("lm loss",)
-
-
-def default_model_provider(args, preset, config, pre_process, post_process, vp_stage):
-    from tinyllm_mcore.model import build_model
-
-    use_te = {"auto": None, "local": False, "transformer_engine": True}[args.transformer_impl]
-    return build_model(preset, config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
-                       use_te=use_te, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+    # the report logged with its perplexity at validation, if any
+    perplexity_of: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,20 +112,23 @@ def build_config(args, preset: ModelPreset):
     return config
 
 
-def build_model_chunks(stage: Stage, args, preset: ModelPreset, config, wrap: bool = True):
+def build_model_chunks(stage: Stage, ctx: RunContext, config, wrap: bool = True):
     """This rank's model chunks (one per virtual pipeline stage), in mixed precision and megatron DDP."""
-    from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
-    provider = stage.model_provider or default_model_provider
+    from tinyllm_mcore.model import build_model, use_te_for
+
+    args = ctx.args
     vpp = config.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for vp_stage in range(vpp):
         vp = vp_stage if vpp > 1 else None
-        pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp)
-        post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)
-        model = provider(args, preset, config, pre, post, vp)
+        model = build_model(ctx.preset, config, vp_stage=vp, head=stage.model_head, seed=args.seed,
+                            use_te=use_te_for(args.transformer_impl),
+                            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+        if stage.init_weights is not None:
+            stage.init_weights(ctx, model)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         if args.bf16 or args.fp16:
@@ -134,7 +145,7 @@ def build_model_chunks(stage: Stage, args, preset: ModelPreset, config, wrap: bo
     return [DistributedDataParallel(config, ddp_config, m, disable_bucketing=(i > 0)) for i, m in enumerate(chunks)]
 
 
-def build_optimizer(args, chunks, config):
+def build_optimizer(args, chunks, config, batch: BatchPlan, default_warmup_fraction: float):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -154,12 +165,12 @@ def build_optimizer(args, chunks, config):
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, chunks)
-    gbs = args.global_batch_size
+    gbs = batch.global_batch_size
     decay_iters = max(args.lr_decay_iters or args.train_iters, 1)
     if args.lr_warmup_iters is not None:
         warmup_iters = args.lr_warmup_iters
     else:
-        fraction = args.lr_warmup_fraction if args.lr_warmup_fraction is not None else args.default_warmup_fraction
+        fraction = args.lr_warmup_fraction if args.lr_warmup_fraction is not None else default_warmup_fraction
         warmup_iters = int(fraction * decay_iters)
     if args.train_iters == 0:  # a run that only initialises (and saves) weights
         warmup_iters = 0
@@ -269,26 +280,27 @@ def _broadcast_from_last_stage(values: dict[str, float], names: list[str]) -> di
     return dict(zip(names, t.cpu().tolist()))
 
 
-def _run_schedule(stage: Stage, forward_backward, data_iters, chunks, args, forward_only: bool) -> list[dict]:
+def _run_schedule(stage: Stage, ctx: RunContext, forward_backward, data_iters, forward_only: bool) -> list[dict]:
     """One global batch through megatron's pipeline schedule (all micro-batches, every virtual chunk)."""
+    chunks, batch = ctx.chunks, ctx.batch
     return forward_backward(
-        forward_step_func=stage.forward_step,
+        forward_step_func=partial(stage.forward_step, ctx),
         data_iterator=data_iters if len(chunks) > 1 else data_iters[0],
         model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=args.num_microbatches,
-        seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size * args.sequences_per_sample,
-        decoder_seq_length=args.seq_length,
+        num_microbatches=batch.num_microbatches,
+        seq_length=batch.seq_length,
+        micro_batch_size=batch.micro_batch_size * batch.sequences_per_message,  # pipeline message rows
+        decoder_seq_length=batch.seq_length,
         forward_only=forward_only,
     )
 
 
-def train_step(stage: Stage, forward_backward, data_iters, chunks, optimizer, scheduler, args):
-    for m in chunks:
+def train_step(stage: Stage, ctx: RunContext, forward_backward, data_iters, optimizer, scheduler):
+    for m in ctx.chunks:
         m.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = _reduce_reports(_run_schedule(stage, forward_backward, data_iters, chunks, args, forward_only=False))
-    reports = _broadcast_from_last_stage(reports, args.report_names)
+    reports = _reduce_reports(_run_schedule(stage, ctx, forward_backward, data_iters, forward_only=False))
+    reports = _broadcast_from_last_stage(reports, ctx.report_names)
     finite = all(math.isfinite(v) for v in reports.values())
     flag = torch.tensor([0.0 if finite else 1.0], device="cuda" if torch.cuda.is_available() else "cpu")
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -296,24 +308,24 @@ def train_step(stage: Stage, forward_backward, data_iters, chunks, optimizer, sc
         return reports, None, False
     update_ok, grad_norm, _ = optimizer.step()
     if update_ok:
-        scheduler.step(increment=args.global_batch_size)
+        scheduler.step(increment=ctx.batch.global_batch_size)
     return reports, grad_norm, update_ok
 
 
-def evaluate(stage: Stage, forward_backward, valid_iters_factory, chunks, args) -> dict[str, float]:
-    for m in chunks:
+def evaluate(stage: Stage, ctx: RunContext, forward_backward, valid_iters_factory) -> dict[str, float]:
+    for m in ctx.chunks:
         m.eval()
     iters = valid_iters_factory()
     totals: dict[str, list[float]] = {}
     with torch.no_grad():
-        for _ in range(args.eval_iters):
-            losses = _run_schedule(stage, forward_backward, iters, chunks, args, forward_only=True)
+        for _ in range(ctx.args.eval_iters):
+            losses = _run_schedule(stage, ctx, forward_backward, iters, forward_only=True)
             for k, v in _reduce_reports(losses).items():
                 totals.setdefault(k, []).append(v)
-    for m in chunks:
+    for m in ctx.chunks:
         m.train()
     result = {k: float(np.mean(v)) for k, v in totals.items()}
-    return _broadcast_from_last_stage(result, args.report_names)
+    return _broadcast_from_last_stage(result, ctx.report_names)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,71 +334,89 @@ def evaluate(stage: Stage, forward_backward, valid_iters_factory, chunks, args) 
 
 def parse_args(stage: Stage, argv=None) -> argparse.Namespace:
     parser = build_parser(f"tinyllm-mcore {stage.name}", stage.extra_args)
-    args = parser.parse_args(argv)
-    args.default_warmup_fraction = stage.default_warmup_fraction
-    return validate(args)
+    return validate(parser.parse_args(argv), needs_data_path=stage.needs_data_path)
 
 
-def setup(stage: Stage, args, tokenizer=None, preset: ModelPreset | None = None):
-    """Runtime, model chunks, optimizer, scheduler, checkpoint; returns a dict of everything the loop uses."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.utils import get_model_config
+@dataclass
+class TrainingRun:
+    """What setup() builds for the loop: the context (with the model chunks), optimizer, schedule, start point."""
+    ctx: RunContext
+    config: object  # megatron TransformerConfig
+    optimizer: object
+    scheduler: object
+    iteration: int
+    consumed_samples: int
+    save_lock: object | None
 
+
+def run_context(stage: Stage, args, tokenizer=None, preset: ModelPreset | None = None) -> RunContext:
+    """Derive the run's preset, layout and batch arithmetic from the flags, checking what needs no process group."""
     preset = preset or model_preset(args, tokenizer)
-    if stage.check_args is not None:
-        stage.check_args(args)
     launch = rt.launch_from_env()
     dp = rt.check_parallel_layout(
         launch.world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
         preset.num_attention_heads, preset.num_layers, args.num_layers_per_virtual_pipeline_stage,
         args.expert_model_parallel_size, preset.kv_heads, preset.num_experts)
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * dp
-    if args.global_batch_size % (args.micro_batch_size * dp):
+    global_batch = args.global_batch_size or args.micro_batch_size * dp
+    if global_batch % (args.micro_batch_size * dp):
         raise rt.ParallelConfigError(
-            f"global batch {args.global_batch_size} is not divisible by micro-batch {args.micro_batch_size} x "
+            f"global batch {global_batch} is not divisible by micro-batch {args.micro_batch_size} x "
             f"data-parallel {dp}")
     if args.seq_length > preset.max_position_embeddings:
         raise ValueError(f"--seq-length {args.seq_length} exceeds the {preset.name} preset's "
                          f"max position embeddings {preset.max_position_embeddings}")
-    args.data_parallel_size = dp
-    args.preset = dataclasses.asdict(preset)  # stored in checkpoints: converters/eval rebuild the model from it
-    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
-    args.sequences_per_sample = getattr(args, "sequences_per_sample", 1)
-    args.report_names = list(stage.report_names)
-    args.tokenizer_identity = getattr(tokenizer, "identity", None)  # stored in checkpoints, checked on load
+    pipeline_copies = stage.models_per_pipeline_message if args.pipeline_model_parallel_size > 1 else 1
+    batch = BatchPlan(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                      global_batch_size=global_batch, num_microbatches=global_batch // (args.micro_batch_size * dp),
+                      sequences_per_sample=stage.sequences_per_sample,
+                      sequences_per_message=stage.sequences_per_sample * pipeline_copies)
+    layout = ParallelLayout(tensor=args.tensor_model_parallel_size, pipeline=args.pipeline_model_parallel_size,
+                            virtual_pipeline=virtual_pipeline_stages(args, preset),
+                            expert=args.expert_model_parallel_size, data=dp, data_rank=0)
+    return RunContext(stage_name=stage.name, args=args, preset=preset, tokenizer=tokenizer, layout=layout,
+                      batch=batch, report_names=tuple(stage.report_names), model_head=stage.model_head)
+
+
+def setup(stage: Stage, args, tokenizer=None, preset: ModelPreset | None = None) -> TrainingRun:
+    """Runtime, model chunks, optimizer, scheduler, checkpoint: everything the loop uses."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.utils import get_model_config
+
+    if stage.check_args is not None:
+        stage.check_args(args)
+    ctx = run_context(stage, args, tokenizer, preset)
     if args.load:
         ckpt.resolve_load_dir(args.load)  # fail fast, before building anything
 
-    vpp = virtual_pipeline_stages(args, preset)
-    rt.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, vpp,
-                  args.expert_model_parallel_size, seed=args.seed)
+    layout = ctx.layout
+    rt.initialize(layout.tensor, layout.pipeline, layout.virtual_pipeline, layout.expert, seed=args.seed)
+    ctx.layout = dataclasses.replace(layout, data_rank=ps.get_data_parallel_rank())
     save_lock = _claim_save_folder(args.save) if args.save else None
     if args.load:  # the files first (checksums), then what they hold (model shape, tokenizer)
         if not args.no_verify_checkpoint:
             ckpt.verify_checkpoint(ckpt.resolve_load_dir(args.load))
-        ckpt.check_matches_run(args.load, preset, args.tokenizer_identity, args.allow_tokenizer_change)
-    config = build_config(args, preset)
-    chunks = build_model_chunks(stage, args, preset, config)
-    optimizer, scheduler = build_optimizer(args, chunks, config)
+        ckpt.check_matches_run(args.load, ctx.preset, ctx.tokenizer_identity, args.allow_tokenizer_change)
+    config = build_config(args, ctx.preset)
+    ctx.chunks = build_model_chunks(stage, ctx, config)
+    optimizer, scheduler = build_optimizer(args, ctx.chunks, config, ctx.batch, stage.default_warmup_fraction)
 
-    model_config = get_model_config(chunks[0])
+    model_config = get_model_config(ctx.chunks[0])
     model_config.grad_scale_func = optimizer.scale_loss
     model_config.finalize_model_grads_func = finalize_model_grads
 
     iteration, consumed = 0, 0
     if args.load:
-        iteration, consumed = ckpt.load_checkpoint(args.load, chunks, optimizer, scheduler, finetune=args.finetune,
+        iteration, consumed = ckpt.load_checkpoint(args.load, ctx.chunks, optimizer, scheduler,
+                                                   finetune=args.finetune,
                                                    load_optim=not (args.no_load_optim or args.skip_train),
                                                    load_rng=not args.no_load_rng,
                                                    verify=False)  # verified above
         rt.print_rank0(f"loaded {args.load} at iteration {iteration} ({consumed} samples consumed)")
     if stage.after_load is not None:
-        stage.after_load(args, chunks)
-    return dict(preset=preset, config=config, chunks=chunks, optimizer=optimizer, scheduler=scheduler,
-                iteration=iteration, consumed_samples=consumed, dp_rank=ps.get_data_parallel_rank(), dp_size=dp,
-                save_lock=save_lock)
+        stage.after_load(ctx)
+    return TrainingRun(ctx=ctx, config=config, optimizer=optimizer, scheduler=scheduler, iteration=iteration,
+                       consumed_samples=consumed, save_lock=save_lock)
 
 
 def _claim_save_folder(save: str):
@@ -412,66 +442,74 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
     """Run a stage to --train-iters. Returns the history (train/eval records) on every rank."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from tinyllm_mcore.model import flops_per_token
+    from tinyllm_mcore.moe import MoEMetrics
+
     # first: a signal that arrives while the model is built is remembered too (Slurm may warn right at the start)
     exit_conditions = ExitConditions.from_args(args)
-    state = setup(stage, args, tokenizer)
-    chunks, optimizer, scheduler = state["chunks"], state["optimizer"], state["scheduler"]
-    preset = state["preset"]
-    train_ds, valid_ds, _ = stage.datasets_provider(args, tokenizer, preset)
+    run = setup(stage, args, tokenizer)
+    ctx, optimizer, scheduler = run.ctx, run.optimizer, run.scheduler
+    chunks, batch, preset = ctx.chunks, ctx.batch, ctx.preset
+    train_ds, valid_ds, _ = stage.datasets_provider(ctx)
 
     def iterators(dataset, consumed, shuffle):
         seed = args.seed if shuffle else None
-        return [micro_batches(dataset, consumed_samples=consumed, micro_batch_size=args.micro_batch_size,
-                              dp_rank=state["dp_rank"], dp_size=state["dp_size"], shuffle_seed=seed,
+        return [micro_batches(dataset, consumed_samples=consumed, micro_batch_size=batch.micro_batch_size,
+                              dp_rank=ctx.layout.data_rank, dp_size=ctx.layout.data, shuffle_seed=seed,
                               vocab_size=preset.vocab_size)
                 for _ in chunks]  # one per virtual-pipeline chunk: each chunk draws the same micro-batches
 
-    shuffle = getattr(args, "shuffle_each_epoch", False)
-    train_iters = iterators(train_ds, state["consumed_samples"], shuffle)
+    train_iters = iterators(train_ds, run.consumed_samples, stage.shuffle_each_epoch)
     valid_factory = (lambda: iterators(valid_ds, 0, False)) if valid_ds is not None and len(valid_ds) else None
     if valid_factory is None and args.eval_interval and not args.skip_train:
         raise ValueError(f"--eval-interval {args.eval_interval} asks for validation, but --split {args.split} "
                          "leaves no validation data: give the split a validation share or drop --eval-interval")
     forward_backward = get_forward_backward_func()
-    from tinyllm_mcore.moe import MoEMetrics
-
-    moe_metrics = MoEMetrics.attach(chunks, state["config"])  # None for dense models
+    moe_metrics = MoEMetrics.attach(chunks, run.config)  # None for dense models
 
     logging_rank = rt.is_logging_rank()
     writer = MetricsWriter(args.tensorboard_dir, args.metrics_jsonl) if logging_rank else None
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    from tinyllm_mcore.model import flops_per_token
-
-    flops_token = flops_per_token(preset, args.seq_length)
+    flops_token = flops_per_token(preset, batch.seq_length)
     peak = None
-    tokens_per_iter = args.global_batch_size * args.seq_length * args.sequences_per_sample
     world = dist.get_world_size()
 
-    iteration, consumed = state["iteration"], state["consumed_samples"]
+    iteration, consumed = run.iteration, run.consumed_samples
     last_saved = iteration if args.load and not args.finetune else None
     history: list[dict] = []
-    skipped_total, window = 0, {"loss": [], "time": 0.0, "iters": 0, "skipped": 0}
-    rt.print_rank0(f"[{stage.name}] {preset.name}: {preset.num_parameters():,} params, TP={args.tensor_model_parallel_size} "
-                   f"PP={args.pipeline_model_parallel_size} DP={state['dp_size']}, global batch {args.global_batch_size}"
-                   f" = {args.micro_batch_size} x {state['dp_size']} x {args.num_microbatches} micro-batches")
+    skipped_total, window = 0, {"records": [], "time": 0.0, "skipped": 0}
+    rt.print_rank0(f"[{stage.name}] {preset.name}: {preset.num_parameters():,} params, TP={ctx.layout.tensor} "
+                   f"PP={ctx.layout.pipeline} DP={ctx.layout.data}, global batch {batch.global_batch_size}"
+                   f" = {batch.micro_batch_size} x {ctx.layout.data} x {batch.num_microbatches} micro-batches")
+
+    def save(at: int) -> None:
+        path = ckpt.save_checkpoint(args.save, at, chunks, optimizer, scheduler, consumed_samples=consumed,
+                                    args=ctx.checkpoint_metadata())
+        rt.print_rank0(f"saved checkpoint {path}")
+
+    def release() -> None:
+        exit_conditions.close()
+        if run.save_lock is not None:
+            run.save_lock.release()
+        if writer is not None:
+            writer.close()
+
     if args.skip_train:
         if valid_factory is None:
             raise ValueError("--skip-train evaluates the validation split, but it is empty")
-        result = evaluate(stage, forward_backward, valid_factory, chunks, args)
+        result = evaluate(stage, ctx, forward_backward, valid_factory)
         history.append({"split": "valid", "iteration": iteration, **result})
         rt.print_rank0(f"[{stage.name}] evaluation of iteration {iteration}: " +
                        " | ".join(f"{k} {v:.6f}" for k, v in result.items()))
-        exit_conditions.close()
-        if state["save_lock"] is not None:
-            state["save_lock"].release()
+        release()
         return {"history": history, "iteration": iteration, "consumed_samples": consumed, "chunks": chunks,
                 "skipped": 0}
     while iteration < args.train_iters:
         t0 = time.perf_counter()
-        reports, grad_norm, ok = train_step(stage, forward_backward, train_iters, chunks, optimizer, scheduler, args)
+        reports, grad_norm, ok = train_step(stage, ctx, forward_backward, train_iters, optimizer, scheduler)
         dt = time.perf_counter() - t0
         iteration += 1
-        consumed += args.global_batch_size
+        consumed += batch.global_batch_size
         if not ok:
             skipped_total += 1
             window["skipped"] += 1
@@ -480,71 +518,61 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
             if skipped_total >= args.max_skipped_iters:
                 raise FloatingPointError(f"aborting: {skipped_total} iterations had a non-finite loss")
         window["time"] += dt
-        window["iters"] += 1
-        record = {"iteration": iteration, **reports, "lr": scheduler.get_lr(optimizer.param_groups[0]),
+        measured = {**reports, **(moe_metrics.step(batch.num_microbatches) if moe_metrics is not None else {})}
+        record = {"iteration": iteration, **measured, "lr": scheduler.get_lr(optimizer.param_groups[0]),
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
-        if moe_metrics is not None:
-            record.update(moe_metrics.step(args.num_microbatches))
         history.append({"split": "train", **record})
-        window["loss"].append(reports)
+        window["records"].append(measured)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             if peak is None:
                 peak = peak_tflops(dtype, args.peak_tflops)
-            tokens_per_s = tokens_per_iter * window["iters"] / window["time"]
+            iters = len(window["records"])
+            tokens_per_s = batch.tokens_per_iteration * iters / window["time"]
             mfu = tokens_per_s * flops_token / (peak * 1e12 * world)
-            avg = {k: float(np.mean([r[k] for r in window["loss"] if k in r])) for k in args.report_names}
-            avg.update({k: float(np.mean([r[k] for r in history[-window["iters"]:] if k in r]))
-                        for k in ("moe aux loss", "moe load imbalance", "moe load entropy", "moe dropped fraction")
-                        if k in record})
-            log = {**avg, "lr": record["lr"], "grad_norm": record["grad_norm"], "tokens_per_s": tokens_per_s,
-                   "mfu": mfu, "skipped": window["skipped"]}
+            log = {k: float(np.mean([r[k] for r in window["records"] if k in r])) for k in measured}
+            log.update({"lr": record["lr"], "grad_norm": record["grad_norm"], "tokens_per_s": tokens_per_s,
+                        "mfu": mfu, "skipped": window["skipped"]})
             parts = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items())
             rt.print_rank0(f"[{stage.name}] iter {iteration}/{args.train_iters} | {parts} | "
-                           f"{1000 * window['time'] / window['iters']:.0f} ms/iter")
+                           f"{1000 * window['time'] / iters:.0f} ms/iter")
             if writer is not None:
                 writer.write(iteration, log)
-            window = {"loss": [], "time": 0.0, "iters": 0, "skipped": 0}
+            window = {"records": [], "time": 0.0, "skipped": 0}
         if valid_factory and args.eval_interval and (iteration % args.eval_interval == 0 or iteration == args.train_iters):
-            result = evaluate(stage, forward_backward, valid_factory, chunks, args)
+            result = evaluate(stage, ctx, forward_backward, valid_factory)
             history.append({"split": "valid", "iteration": iteration, **result})
+            ppl = stage.perplexity_of
             rt.print_rank0(f"[{stage.name}] validation at iter {iteration}: " +
                            " | ".join(f"{k} {v:.4f}" for k, v in result.items()) +
-                           (f" | ppl {math.exp(min(result['lm loss'], 50)):.2f}" if "lm loss" in result else ""))
+                           (f" | ppl {math.exp(min(result[ppl], 50)):.2f}" if ppl in result else ""))
             if writer is not None:
                 writer.write(iteration, result, prefix="valid")
         stop = "--exit-interval reached" if args.exit_interval is not None and iteration >= args.exit_interval \
             else exit_conditions.check()
         if args.save and ((args.save_interval and iteration % args.save_interval == 0) or stop):
-            path = ckpt.save_checkpoint(args.save, iteration, chunks, optimizer, scheduler,
-                                        consumed_samples=consumed, args=args)
-            rt.print_rank0(f"saved checkpoint {path}")
+            save(iteration)
             last_saved = iteration
         if stop:
             rt.print_rank0(f"[{stage.name}] exiting at iteration {iteration}: {stop}")
             break
-    trained = iteration - state["iteration"]
+    trained = iteration - run.iteration
     if trained and skipped_total == trained:
         raise FloatingPointError(f"every one of the {trained} iterations had a non-finite loss; nothing was trained")
     if args.save and last_saved != iteration:  # always leave the final state (also a --train-iters 0 init)
-        path = ckpt.save_checkpoint(args.save, iteration, chunks, optimizer, scheduler, consumed_samples=consumed,
-                                    args=args)
-        rt.print_rank0(f"saved checkpoint {path}")
-    exit_conditions.close()
-    if state["save_lock"] is not None:
-        state["save_lock"].release()
-    if writer is not None:
-        writer.close()
+        save(iteration)
+    release()
     return {"history": history, "iteration": iteration, "consumed_samples": consumed, "chunks": chunks,
             "optimizer": optimizer, "scheduler": scheduler, "skipped": skipped_total}
 
 
-def main(stage: Stage, argv=None, tokenizer_loader=None) -> int:
-    """CLI entry: parse, train, report bad input as one line with a non-zero exit."""
+def run_stage(stage: Stage, argv=None) -> int:
+    """A stage's CLI: parse, load the tokenizer, train; bad input is one `error:` line and a non-zero exit."""
     from tinyllm_mcore.training.errors import run_cli
+    from tinyllm_mcore.training.steps import load_tokenizer
 
     def run():
         args = parse_args(stage, argv)
-        tokenizer = tokenizer_loader(args) if tokenizer_loader else None
+        tokenizer = load_tokenizer(args)
         try:
             train(stage, args, tokenizer)
         finally:  # also on bad input found after init: leave no process group behind for in-process callers

@@ -1,25 +1,10 @@
 """DPO: TP/PP parity of loss and log-probs, learning a preference that transfers to held-out prompts, a frozen
 reference, and bad input."""
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.harness import post_training_data as data
-
-WORKER = Path(__file__).with_name("dpo_parity_worker.py")
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_dpo_loss_matches_formula():
     from tinyllm_mcore.dpo import dpo_loss
@@ -39,29 +24,41 @@ def test_dpo_loss_matches_formula():
     assert reports["rewards/accuracy"][0].item() == (z > 0).sum().item()
 
 
-def test_dpo_parity_tp2_pp2(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE")}
-    env["TINYLLM_TEST_TOKENIZER"] = data.tokenizer_path()
-    make = subprocess.run([sys.executable, str(WORKER), "--make-checkpoints", str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert make.returncode == 0, make.stderr[-4000:]
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                          f"--master-port={_port()}", str(WORKER), str(tmp_path)], env=env,
-                         capture_output=True, text=True, timeout=400)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-    results = json.loads((tmp_path / "dpo_parity.json").read_text())
-    base = results["tp1"]
+@pytest.mark.distributed
+def test_dpo_and_reward_agree_across_layouts(tmp_path):
+    """DPO at TP1 x DP2, TP2 and PP2 (first step: reports and grad norm), and the reward model at TP1 x DP2, TP2 with
+    sequence parallelism and PP2 (five steps: the whole trajectory) give the same numbers."""
+    from tests.harness.distributed import run_ranks
+
+    cases = "tests.stages.layout_cases"
+    env = {"TINYLLM_TEST_TOKENIZER": data.tokenizer_path()}  # the ranks reuse this process's tokenizer
+    run_ranks(f"{cases}:make_checkpoints", 1, out=str(tmp_path), env=env)
+    layouts = {"tp1": [], "tp2": ["--tensor-model-parallel-size", "2"], "pp2": ["--pipeline-model-parallel-size", "2"]}
+    dpo = run_ranks(f"{cases}:dpo_first_step", 2, out=str(tmp_path), env=env,
+                    cases={name: {"flags": flags} for name, flags in layouts.items()})[0]
+    base = dpo["tp1"]
     assert abs(base["rewards/margin"]) > 1e-3  # policy ≠ reference: the comparison is not of zeros
     for layout in ("tp2", "pp2"):
         for key in ("dpo loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected",
                     "rewards/margin", "rewards/accuracy"):
-            assert results[layout][key] == pytest.approx(base[key], abs=1e-4), (layout, key)
-        assert results[layout]["grad_norm"] == pytest.approx(base["grad_norm"], rel=1e-4), layout
+            assert dpo[layout][key] == pytest.approx(base[key], abs=1e-4), (layout, key)
+        assert dpo[layout]["grad_norm"] == pytest.approx(base["grad_norm"], rel=1e-4), layout
+
+    layouts["tp2_sp"] = layouts.pop("tp2") + ["--sequence-parallel"]
+    rewards = run_ranks(f"{cases}:reward_steps", 2, out=str(tmp_path), iterations=5, env=env,
+                        cases={name: {"flags": flags} for name, flags in layouts.items()})[0]
+    base = rewards["tp1"]
+    assert base[-1]["reward loss"] < base[0]["reward loss"]  # it trains
+    for layout in ("tp2_sp", "pp2"):
+        for step, (got, want) in enumerate(zip(rewards[layout], base)):
+            for key in ("reward loss", "reward accuracy", "rewards/margin", "grad_norm"):
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (layout, step, key)
 
 
 def sequence_logps(load, records):
     """Policy log-probs of chosen and rejected answers, per pair, from a checkpoint: [n, 2]."""
-    from tinyllm_mcore.dpo import flatten_pairs, sequence_logps as logps
+    from tinyllm_mcore.dpo import sequence_logps as logps
+    from tinyllm_mcore.training.steps import flatten_pairs
     from tinyllm_mcore.runtime import distributed as rt
     from tinyllm_mcore.training import checkpoint as ckpt
 
@@ -100,21 +97,21 @@ def test_dpo_improves_heldout_preferences_and_keeps_reference_frozen(tmp_path):
 
     reference_before = {}
 
-    def snapshot(args, chunks):  # the reference's weights right after it was built
-        for k, v in unwrap(args_refs()[0]).state_dict().items():
+    references = []
+
+    def snapshot(ctx):  # the reference's weights right after it was built
+        references.extend(ctx.references)
+        for k, v in unwrap(references[0]).state_dict().items():
             if isinstance(v, torch.Tensor):
                 reference_before[k] = v.clone()
 
-    def args_refs():
-        return list(dpo._REFERENCES.values())
-
     stage = dpo.make_stage(data.preference_provider(data.corpus().preference))
     after_load = stage.after_load
-    stage.after_load = lambda args, chunks: (after_load(args, chunks), snapshot(args, chunks))
+    stage.after_load = lambda ctx: (after_load(ctx), snapshot(ctx))
     result = data.run_stage(stage, data.common_flags(
         tmp_path, "--train-iters", "60", "--micro-batch-size", "8", "--lr", "5e-4", "--min-lr", "5e-5",
         "--load", str(sft_ckpt), "--finetune", "--save", str(tmp_path / "dpo"), "--log-interval", "20"))
-    reference = args_refs()[0]
+    reference = references[0]
     for k, v in unwrap(reference).state_dict().items():
         if k in reference_before:
             assert torch.equal(v, reference_before[k]), f"reference weight {k} changed"
@@ -138,17 +135,18 @@ def test_dpo_improves_heldout_preferences_and_keeps_reference_frozen(tmp_path):
 
 def test_dpo_bad_input(tmp_path):
     from tinyllm_mcore import dpo
-    from tinyllm_mcore.training.loop import main
+    from tinyllm_mcore.training.loop import run_stage
+    from tinyllm_mcore.training.steps import flatten_pairs
 
     # a sample without the pair dimension (e.g. a file whose rows lack `rejected`) is refused, never trained on
     single = data.sft_dataset(data.corpus().sft[:2])
     with pytest.raises(ValueError, match="pair dimension"):
-        dpo.flatten_pairs({k: v.unsqueeze(0) for k, v in single[0].items()})
+        flatten_pairs({k: v.unsqueeze(0) for k, v in single[0].items()})
     # no starting checkpoint: one error line, exit 2
     from tinyllm_mcore.runtime import distributed as rt
 
     stage = dpo.make_stage(data.preference_provider(data.corpus().preference[:4]))
     try:
-        assert main(stage, data.common_flags(tmp_path, "--train-iters", "1", "--micro-batch-size", "1")) == 2
+        assert run_stage(stage, data.common_flags(tmp_path, "--train-iters", "1", "--micro-batch-size", "1")) == 2
     finally:
         rt.destroy()

@@ -34,13 +34,13 @@ def test_sft_loss_only_on_assistant_tokens():
 def test_sft_cli_errors(tmp_path):
     from tinyllm_mcore import sft
     from tinyllm_mcore.runtime import distributed as rt
-    from tinyllm_mcore.training.loop import main
+    from tinyllm_mcore.training.loop import run_stage
 
     flags = data.common_flags(tmp_path, "--train-iters", "1", "--micro-batch-size", "1")
     try:
-        assert main(sft.STAGE, flags) == 2  # no --sft-data: one error line
+        assert sft.main(flags) == 2  # no --sft-data: one error line
         rt.destroy()
-        assert main(sft.make_stage(data.sft_provider(data.corpus().sft[:2])),
+        assert run_stage(sft.make_stage(data.sft_provider(data.corpus().sft[:2])),
                     flags + ["--load", str(tmp_path / "missing"), "--finetune"]) == 2
     finally:
         rt.destroy()  # the loop's main leaves the runtime up after an error
