@@ -53,18 +53,18 @@ def main(argv=None) -> int:
             t = torch.randint(0, 1000, (seq + 1,))
             return {"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(seq), "position_ids": torch.arange(seq)}
 
-    stage = Stage("bench", lambda *a: (RandomTokens(), None, None), lm_forward_step)
+    stage = Stage("bench", lambda ctx: (RandomTokens(), None, None), lm_forward_step)
     train_args = parse_args(stage, ["--model-size", args.model_size, "--seq-length", str(seq), "--micro-batch-size",
                                     str(mbs), "--mock-data", "--train-iters", "1000", "--lr-warmup-iters", "1"])
-    state = setup(stage, train_args)
+    run = setup(stage, train_args)
     data = [micro_batches(RandomTokens(), consumed_samples=0, micro_batch_size=mbs, dp_rank=0, dp_size=1)]
     fb = get_forward_backward_func()
 
     def seconds_per_step():
-        train_step(stage, fb, data, state["chunks"], state["optimizer"], state["scheduler"], train_args)  # warm-up
+        train_step(stage, run.ctx, fb, data, run.optimizer, run.scheduler)  # warm-up
         t = time.perf_counter()
         for _ in range(args.steps):
-            train_step(stage, fb, data, state["chunks"], state["optimizer"], state["scheduler"], train_args)
+            train_step(stage, run.ctx, fb, data, run.optimizer, run.scheduler)
         return (time.perf_counter() - t) / args.steps
 
     ours = seconds_per_step()

@@ -55,16 +55,16 @@ def ours_throughput(preset_name, seq, mbs, steps, warmup, bf16: bool, device) ->
             t = torch.randint(0, 64798, (seq + 1,))
             return {"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(seq), "position_ids": torch.arange(seq)}
 
-    stage = Stage("bench", lambda *a: (RandomTokens(), None, None), lm_forward_step)
+    stage = Stage("bench", lambda ctx: (RandomTokens(), None, None), lm_forward_step)
     argv = ["--model-size", preset_name, "--seq-length", str(seq), "--micro-batch-size", str(mbs), "--mock-data",
             "--train-iters", str(steps + warmup), "--lr-warmup-iters", "1"] + (["--bf16"] if bf16 else [])
     args = parse_args(stage, argv)
-    state = setup(stage, args)
+    run = setup(stage, args)
     it = [micro_batches(RandomTokens(), consumed_samples=0, micro_batch_size=mbs, dp_rank=0, dp_size=1)]
     fb = get_forward_backward_func()
 
     def step():
-        train_step(stage, fb, it, state["chunks"], state["optimizer"], state["scheduler"], args)
+        train_step(stage, run.ctx, fb, it, run.optimizer, run.scheduler)
 
     try:
         return _timed(step, steps, warmup, mbs * seq, device)

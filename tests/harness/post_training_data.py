@@ -86,13 +86,13 @@ def common_flags(tmp, *extra):
 
 
 def sft_provider(records_train, records_valid=()):
-    def provider(args, tok, preset):
+    def provider(ctx):
         return sft_dataset(records_train), (sft_dataset(records_valid) if records_valid else None), None
     return provider
 
 
 def preference_provider(records_train, records_valid=()):
-    def provider(args, tok, preset):
+    def provider(ctx):
         return (preference_dataset(records_train), preference_dataset(records_valid) if records_valid else None,
                 None)
     return provider

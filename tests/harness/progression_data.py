@@ -18,6 +18,6 @@ class ProgressionDataset(torch.utils.data.Dataset):
         return {"tokens": seq[:-1], "labels": seq[1:], "loss_mask": torch.ones(n), "position_ids": torch.arange(n)}
 
 
-def progression_datasets(args, tokenizer, preset):
-    return (ProgressionDataset(256, args.seq_length, preset.vocab_size, seed=0),
-            ProgressionDataset(16, args.seq_length, preset.vocab_size, seed=1), None)
+def progression_datasets(ctx):
+    seq, vocab = ctx.batch.seq_length, ctx.preset.vocab_size
+    return ProgressionDataset(256, seq, vocab, seed=0), ProgressionDataset(16, seq, vocab, seed=1), None

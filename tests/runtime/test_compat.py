@@ -15,7 +15,7 @@ from packaging.version import Version
 
 from tests.harness import distributed as distributed_helpers
 from tests.harness.progression_data import progression_datasets
-from tinyllm_mcore.pretrain import lm_forward_step
+from tinyllm_mcore.training.steps import lm_forward_step
 from tinyllm_mcore.runtime import compat
 from tinyllm_mcore.runtime import distributed as rt
 from tinyllm_mcore.training import checkpoint as ckpt
