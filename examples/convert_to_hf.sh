@@ -2,6 +2,7 @@
 # Export the final (DPO) checkpoint to a Hugging Face model folder: `sbatch examples/convert_to_hf.sh` (or run it on
 # any machine: outside Slurm it runs directly). Any TP/PP layout converts; weights are written as safetensors.
 # LOAD=WORK_DIR/checkpoints/sft exports the SFT model instead; EXTRA_ARGS adds flags. DRY_RUN=1 prints the command.
+# The architecture follows the model (llama for dense, qwen2_moe for MoE); HF_ARCH=... names it explicitly.
 #SBATCH --job-name=tinyllm-convert-hf
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
@@ -13,8 +14,7 @@ source "${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && 
 
 LOAD="${LOAD:-$CKPT_DIR/dpo}"
 DTYPE="${DTYPE:-bf16}"
-HF_ARCH="${HF_ARCH:-llama}"
 
-single -m checkpoint_convert.mcore_to_hf \
-  --load "$LOAD" --save "$HF_DIR" --tokenizer-model "$TOKENIZER" --dtype "$DTYPE" --hf-arch "$HF_ARCH" --quiet \
+single -m tinyllm_mcore.cli.mcore_to_hf \
+  --load "$LOAD" --save "$HF_DIR" --tokenizer-model "$TOKENIZER" --dtype "$DTYPE" ${HF_ARCH:+--hf-arch "$HF_ARCH"} --quiet \
   ${EXTRA[@]+"${EXTRA[@]}"}

@@ -1,25 +1,18 @@
 """HF <-> megatron-core conversion: bit-exact round trips at TP1/TP2/PP2, logit parity against transformers (2 gloo
 processes for TP2/PP2), the exported tokenizer against SentencePiece, the seed's quick-start flow, clear errors."""
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint_convert import hf_to_mcore, mcore_to_hf
-from checkpoint_convert.hf_to_mcore import convert_hf_to_mcore
-from checkpoint_convert.mcore_to_hf import convert_mcore_to_hf
 from tests.harness.text_data import tiny_tokenizer, write_text_jsonl
-from tinyllm_mcore.hf_mapping import dist_checkpoint_shapes
+from tinyllm_mcore.cli import hf_to_mcore, mcore_to_hf
+from tinyllm_mcore.convert import convert_hf_to_mcore, convert_mcore_to_hf
+from tinyllm_mcore.convert.mapping import dist_checkpoint_shapes
 from tinyllm_mcore.presets import get_preset
 
-REPO = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).with_name("parity_worker.py")
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
 quiet = lambda msg: None  # noqa: E731
 
@@ -79,28 +72,27 @@ def converted(qwen2_source):
     return out
 
 
+def _same_model(exported: dict, source: dict) -> None:
+    """The llama export holds the Qwen2 source's tensors bit for bit, plus a zero o_proj bias per layer."""
+    o_bias = {k for k in exported if k.endswith("o_proj.bias")}
+    assert len(o_bias) == 4 and all(torch.count_nonzero(exported[k]) == 0 for k in o_bias)
+    assert exported.keys() - o_bias == source.keys()
+    for k in source:
+        assert exported[k].dtype == torch.float32 and torch.equal(exported[k], source[k]), k
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_round_trip_is_bit_identical(qwen2_source, converted, tok_dir, tmp_path, layout):
     root, _, _ = qwen2_source
     source = load_file(root / "hf" / "model.safetensors")
-    convert_mcore_to_hf(converted[layout], tmp_path / "qwen2", hf_arch="qwen2", log=quiet)
-    back = load_file(tmp_path / "qwen2" / "model.safetensors")
-    assert back.keys() == source.keys()
-    for k in source:
-        assert back[k].dtype == torch.float32 and torch.equal(back[k], source[k]), k
-
     convert_mcore_to_hf(converted[layout], tmp_path / "llama", tokenizer_model=str(tok_dir), log=quiet)
-    llama = load_file(tmp_path / "llama" / "model.safetensors")
-    o_bias = {k for k in llama if k.endswith("o_proj.bias")}
-    assert len(o_bias) == 4 and all(torch.count_nonzero(llama[k]) == 0 for k in o_bias)
-    assert llama.keys() - o_bias == source.keys() and all(torch.equal(llama[k], source[k]) for k in source)
+    _same_model(load_file(tmp_path / "llama" / "model.safetensors"), source)
     config = json.loads((tmp_path / "llama" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["attention_bias"] and not config["mlp_bias"]
     if layout == "tp2":  # our Llama export converts back to the same tensors (the zero o_proj bias is accepted)
         convert_hf_to_mcore(tmp_path / "llama", tmp_path / "mc_again", 2, 2, log=quiet)
-        convert_mcore_to_hf(tmp_path / "mc_again", tmp_path / "again", hf_arch="qwen2", dtype="fp32", log=quiet)
-        again = load_file(tmp_path / "again" / "model.safetensors")
-        assert all(torch.equal(again[k], source[k]) for k in source)
+        convert_mcore_to_hf(tmp_path / "mc_again", tmp_path / "again", dtype="fp32", log=quiet)
+        _same_model(load_file(tmp_path / "again" / "model.safetensors"), source)
 
 
 def test_written_checkpoint_has_trainer_layout(converted):
@@ -115,42 +107,35 @@ def test_written_checkpoint_has_trainer_layout(converted):
     assert args["make_vocab_size_divisible_by"] == 128 and read_common(path)["iteration"] == 0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.mark.distributed
+def test_logit_parity_with_transformers(qwen2_source, converted):
+    from tests.harness.distributed import run_ranks
 
-
-def test_logit_parity_with_transformers(qwen2_source, converted, tmp_path):
     root, model, preset = qwen2_source
     tokens = torch.randint(0, preset.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
-    (tmp_path / "tokens.json").write_text(json.dumps(tokens.tolist()))
     with torch.no_grad():
         ref = model(tokens).logits
     ref_loss = torch.nn.functional.cross_entropy(ref[:, :-1].reshape(-1, ref.size(-1)), tokens[:, 1:].reshape(-1),
                                                  reduction="none").view(2, -1)
     # Each checkpoint loaded at the layout it was converted for, and the TP2 one resharded to PP2 as well.
-    specs = [f"{converted[name]}:{tp}:{pp}" for name, (tp, pp) in LAYOUTS.items()] + [f"{converted['tp2']}:1:2"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           str(WORKER), str(tmp_path / "out.json"), str(tmp_path / "tokens.json"), *specs]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cases = {f"{name}@{tp}:{pp}": dict(ckpt=str(converted[name]), tp=tp, pp=pp)
+             for name, (tp, pp) in [*LAYOUTS.items(), ("tp2", (1, 2))]}
+    per_rank = run_ranks("tests.convert.convert_parity_worker:logits_at_layout", nproc=2, cases=cases,
+                         tokens=tokens.tolist(), timeout=300)
     results, declared = {}, {}
-    for rank in (0, 1):
-        got = json.loads((tmp_path / f"out.json.{rank}").read_text())
-        for layout, shapes in got.pop("sharded_shapes").items():
-            declared.setdefault(layout, {}).update(shapes)
-        results.update(got)
-    assert set(results) == set(specs)
-    # hf_mapping's account of the dist-checkpoint keys/global shapes equals what megatron declares at TP2 and PP2
-    for layout, shapes in declared.items():
-        tp = int(layout.split(":")[0])
-        expected = dist_checkpoint_shapes(preset, tp)
-        assert shapes.keys() == expected.keys(), layout
-        assert all(tuple(v) == expected[k] for k, v in shapes.items() if v is not None), layout
+    for got in per_rank:
+        for spec, result in got.items():
+            declared.setdefault(spec, {}).update(result["sharded_shapes"])
+            if "logits" in result:
+                results[spec] = result
+    assert set(results) == set(cases)
+    # the mapping table's account of the dist-checkpoint keys/global shapes equals what megatron declares
+    for spec, shapes in declared.items():
+        expected = dist_checkpoint_shapes(preset, cases[spec]["tp"])
+        assert shapes.keys() == expected.keys(), spec
+        assert all(tuple(v) == expected[k] for k, v in shapes.items() if v is not None), spec
         assert [k for k, v in shapes.items() if v is None] == ["decoder.layers.mlp.linear_fc1.weight"]
-    for spec in specs:
+    for spec in cases:
         logits = torch.tensor(results[spec]["logits"])
         loss = torch.tensor(results[spec]["loss"])[:, :-1]  # the last position's label is a wrap-around filler
         assert logits.shape == ref.shape
@@ -167,9 +152,9 @@ MIXED = ["你好，世界！Hello world 12345 abc", "介绍一下中国。", "  
 def _check_tokenizer_export(tok, out: Path):
     from transformers import AutoTokenizer
 
-    from tinyllm_mcore.hf_export import write_tokenizer
+    from tinyllm_mcore.tokenizer_files import write_tokenizer_folder
 
-    write_tokenizer(tok, out)
+    write_tokenizer_folder(tok, out)
     (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
     hf = AutoTokenizer.from_pretrained(out)
     assert len(hf) == tok.vocab_size
@@ -247,19 +232,20 @@ def test_llama_without_bias_and_seed_tinyllm_layout(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     p = get_preset("tiny", vocab_size=1000)
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
-                      num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6, attention_bias=False)
+    cfg = LlamaConfig(vocab_size=p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.ffn_hidden_size,
+                      num_hidden_layers=p.num_layers, num_attention_heads=p.num_attention_heads,
+                      max_position_embeddings=256, rms_norm_eps=p.norm_eps, attention_bias=False)
     torch.manual_seed(1)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
     convert_hf_to_mcore(tmp_path / "llama", tmp_path / "mc", 1, 1, log=quiet)
-    convert_mcore_to_hf(tmp_path / "mc", tmp_path / "back", hf_arch="qwen2", log=quiet)
+    convert_mcore_to_hf(tmp_path / "mc", tmp_path / "back", log=quiet)
     src, back = load_file(tmp_path / "llama" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     assert all(torch.equal(back[k], src[k]) for k in src)
     assert all(torch.count_nonzero(back[k]) == 0 for k in back if k.endswith("q_proj.bias"))
 
     seed = tmp_path / "seed"
     seed.mkdir()
-    state = {k: v.half() for k, v in back.items()}
+    state = {k: v.half() for k, v in back.items() if not k.endswith("o_proj.bias")}  # Qwen2 names
     torch.save(state, seed / "pytorch_model.bin")
     (seed / "config.json").write_text(json.dumps({
         "architectures": ["TinyllmForCausalLM"], "model_type": "tinyllm",
@@ -270,7 +256,7 @@ def test_llama_without_bias_and_seed_tinyllm_layout(tmp_path):
     (seed / "modeling_tinyllm.py").write_text("raise SystemExit('remote code must never run')\n")
     assert hf_to_mcore.main(["--load", str(seed), "--save", str(tmp_path / "mc_seed"),
                              "--tensor-model-parallel-size", "2", "--quiet"]) == 0
-    convert_mcore_to_hf(tmp_path / "mc_seed", tmp_path / "seed_back", dtype="fp16", hf_arch="qwen2", log=quiet)
+    convert_mcore_to_hf(tmp_path / "mc_seed", tmp_path / "seed_back", dtype="fp16", log=quiet)
     seed_back = load_file(tmp_path / "seed_back" / "model.safetensors")
     assert all(torch.equal(seed_back[k], state[k]) for k in state)
 
@@ -331,3 +317,8 @@ def test_clear_errors(qwen2_source, converted, tmp_path, capsys):
     assert mcore_to_hf.main(["--load", str(converted["tp1"]), "--save", str(tmp_path / "y"),
                              "--tokenizer-model", f"{small}.model"]) == 2
     assert "tokenizer vocab" in _error_line(capsys)
+    # qwen2 export: refused with the reason and the alternative (its AutoTokenizer would not be ours)
+    assert mcore_to_hf.main(["--load", str(converted["tp1"]), "--save", str(tmp_path / "q"), "--hf-arch", "qwen2"]) == 2
+    line = _error_line(capsys)
+    assert "--hf-arch qwen2 is not supported" in line and "Qwen2Tokenizer" in line and "--hf-arch llama" in line
+    assert not (tmp_path / "q").exists()

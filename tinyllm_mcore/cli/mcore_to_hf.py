@@ -1,0 +1,50 @@
+"""megatron-core dist checkpoint (any TP/PP) -> Hugging Face model directory.
+
+    tinyllm-mcore-to-hf --load CKPT_DIR --save HF_DIR [--dtype bf16] [--tokenizer-model PATH]
+
+What is written and why: tinyllm_mcore/convert/to_hf.py.
+"""
+from __future__ import annotations
+
+import argparse
+
+DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--load", required=True, help="checkpoint root (with latest_checkpointed_iteration.txt) or iter dir")
+    p.add_argument("--save", required=True, help="HF model directory to write")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="dtype of the exported weights")
+    p.add_argument("--tokenizer-model", default=None,
+                   help="tokenizer.model or directory (default: the one recorded in the checkpoint)")
+    # qwen2 stays a choice so that asking for it gets the one-line reason (convert/to_hf.py) instead of argparse's
+    p.add_argument("--hf-arch", choices=("llama", "qwen2", "qwen2_moe"), default=None,
+                   help="dense: llama (the default; qwen2 is refused, see its message); MoE: qwen2_moe (the default "
+                        "and only choice)")
+    p.add_argument("--no-prompt-prefix", action="store_true",
+                   help="tokenizer(text) adds nothing (default: the chat prefix the model was trained with)")
+    p.add_argument("--max-shard-size-mb", type=int, default=2048)
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="export even if tensors hold NaN/inf (refused by default, naming the tensor)")
+    p.add_argument("--no-verify-checkpoint", action="store_true",
+                   help="skip checking the checkpoint's files against its manifest (checksums)")
+    p.add_argument("--quiet", action="store_true", help="do not list every mapped tensor")
+    return p
+
+
+def main(argv=None) -> int:
+    from tinyllm_mcore.convert.output import conversion_log
+    from tinyllm_mcore.convert.to_hf import convert_mcore_to_hf
+    from tinyllm_mcore.training.errors import run_cli
+
+    args = build_parser().parse_args(argv)
+    log = conversion_log(args.quiet)
+    return run_cli(lambda: convert_mcore_to_hf(
+        args.load, args.save, args.dtype, args.tokenizer_model, args.hf_arch, not args.no_prompt_prefix,
+        args.max_shard_size_mb * 1024**2, log=log, allow_non_finite=args.allow_non_finite,
+        verify=not args.no_verify_checkpoint))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""megatron-core dist checkpoint (any TP/PP, local or TE layer names) -> Hugging Face model directory.
+
+The directory loads with plain ``AutoModelForCausalLM.from_pretrained(dir)`` and ``AutoTokenizer.from_pretrained``
+(no trust_remote_code): dense models as ``LlamaForCausalLM`` with attention_bias (o_proj.bias written as zeros:
+numerically the seed's Qwen2 architecture), MoE models as ``Qwen2MoeForCausalLM``. Padded vocab rows are stripped.
+The tokenizer is the one given, else the run's ``--tokenizer-model`` recorded in the checkpoint. One CPU process:
+megatron reshards the checkpoint into the whole model on load, then tensors stream into (sharded when large)
+safetensors.
+
+Dense models are not exported as ``qwen2``: transformers 5's AutoTokenizer forces its byte-level Qwen2Tokenizer on
+``model_type: qwen2`` whatever ``tokenizer_class`` says, so the exported tokenizer would not be ours. The llama export
+is numerically the same model and its tokenizer loads exactly.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from tinyllm_mcore.convert.hf_config import default_hf_arch, generation_config, hf_config
+from tinyllm_mcore.convert.hf_folder import write_hf_folder
+from tinyllm_mcore.convert.mapping import (
+    MC_EMBED, MappingError, check_finite, dist_checkpoint_shapes, local_name, mapping_table, megatron_to_hf,
+)
+from tinyllm_mcore.convert.mcore_model import single_process_megatron, whole_model
+from tinyllm_mcore.convert.output import staged_output_dir
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EXPORT_ARCHS = ("llama", "qwen2_moe")  # and "qwen2", refused with QWEN2_REFUSED
+QWEN2_REFUSED = (
+    "--hf-arch qwen2 is not supported: transformers' AutoTokenizer forces its byte-level Qwen2Tokenizer on qwen2 "
+    "directories (ignoring tokenizer_class), so the export would not tokenize as the model was trained; use the "
+    "default --hf-arch llama (attention biases with a zero o_proj bias: numerically the same Qwen2 model)")
+
+
+def _check_checkpoint_shapes(path, preset, saved_shapes: dict) -> int:
+    """Compare the checkpoint's tensors with the preset's; return the checkpoint's padded vocab rows."""
+    if MC_EMBED not in saved_shapes:
+        raise MappingError(f"{path} holds no {MC_EMBED} (not a GPT model checkpoint?)")
+    padded = saved_shapes[MC_EMBED][0]
+    if padded < preset.vocab_size:
+        raise MappingError(f"checkpoint embedding has {padded} rows, fewer than the vocab size {preset.vocab_size}")
+    expected = {local_name(k): s for k, s in dist_checkpoint_shapes(preset, 1, padded).items()}
+    for key, shape in saved_shapes.items():
+        key = local_name(key)  # either spelling of the layer norms
+        if key.startswith(("embedding.", "decoder.", "output_layer.")):
+            if key not in expected:
+                raise MappingError(f"checkpoint tensor {key} is not part of the {preset.name} model "
+                                   "(unsupported architecture?)")
+            if tuple(shape) != expected[key]:
+                raise MappingError(f"checkpoint tensor {key} has shape {tuple(shape)}, the saved preset implies "
+                                   f"{expected[key]} (shape/config mismatch)")
+    return padded
+
+
+def _load_tokenizer(tokenizer_model: str, tokenizer_type: str, preset):
+    from tinyllm_mcore.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.load(tokenizer_model, tokenizer_type)
+    except RuntimeError as e:  # sentencepiece's parse error names no flag
+        raise ValueError(f"--tokenizer-model {tokenizer_model}: not a SentencePiece model "
+                         f"({str(e).splitlines()[0]})") from None
+    if tokenizer.vocab_size != preset.vocab_size:
+        raise MappingError(f"model vocab {preset.vocab_size} != tokenizer vocab {tokenizer.vocab_size} "
+                           f"({tokenizer_model}): export needs the tokenizer the model was trained with")
+    return tokenizer
+
+
+def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype: str = "fp32",
+                        tokenizer_model: str | None = None, hf_arch: str | None = None, prompt_prefix: bool = True,
+                        max_shard_bytes: int = 2 * 1024**3, log=print, allow_non_finite: bool = False,
+                        verify: bool = True) -> Path:
+    """Export; return the HF directory. Raises ValueError/FileNotFoundError with one-line messages.
+
+    Tensors with NaN/inf values (also a finite value that overflows ``dtype``) are refused unless
+    ``allow_non_finite``. The directory is written under a temporary name beside ``save`` and renamed when
+    complete, so a failure (bad input, disk full) leaves nothing; an earlier export at ``save`` is replaced.
+    ``verify`` checks the checkpoint's files against its manifest first."""
+    from tinyllm_mcore.training.checkpoint import (
+        load_checkpoint, resolve_load_dir, saved_preset, saved_tensor_shapes, verify_checkpoint,
+    )
+
+    t0 = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if hf_arch == "qwen2":
+        raise ValueError(QWEN2_REFUSED)
+    if hf_arch is not None and hf_arch not in EXPORT_ARCHS:
+        raise ValueError(f"unsupported --hf-arch {hf_arch!r}; choose one of {', '.join(EXPORT_ARCHS)}")
+    path = resolve_load_dir(load)
+    if verify:
+        verify_checkpoint(path)
+    preset, saved_args = saved_preset(load)
+    hf_arch = hf_arch or default_hf_arch(preset)
+    if hf_arch != default_hf_arch(preset):
+        raise MappingError(f"--hf-arch {hf_arch} does not fit this {'MoE' if preset.num_experts else 'dense'} "
+                           f"checkpoint; use {default_hf_arch(preset)}")
+    tokenizer_model = tokenizer_model or saved_args.get("tokenizer_model")
+    tokenizer = (_load_tokenizer(tokenizer_model, saved_args.get("tokenizer_type", "auto"), preset)
+                 if tokenizer_model else None)
+    out = Path(save)
+
+    with single_process_megatron():
+        padded = _check_checkpoint_shapes(path, preset, saved_tensor_shapes(path))
+        log(f"[mcore_to_hf] {path} (saved at TP{saved_args.get('tensor_model_parallel_size', '?')} "
+            f"PP{saved_args.get('pipeline_model_parallel_size', '?')}; {preset.name}, vocab {preset.vocab_size} of "
+            f"{padded} rows) -> {out} as {hf_arch}, {dtype}")
+        model = whole_model(preset, padded)
+        load_checkpoint(str(path), [model], finetune=True, verify=False)  # verified above
+        state = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
+        del model
+
+    def tensors():
+        table = mapping_table(preset, padded, o_proj_bias=hf_arch == "llama")
+        for name, tensor, source in megatron_to_hf(table, state.__getitem__, dtype=DTYPES[dtype]):
+            if not allow_non_finite:
+                check_finite(name, tensor, f"from {source} of {path}, as {dtype}")
+            log(f"  {source} -> {name} {tuple(tensor.shape)}")
+            yield name, tensor
+
+    ids = dict(bos_token_id=tokenizer.bos if tokenizer else 1, eos_token_id=tokenizer.eos if tokenizer else 2,
+               pad_token_id=tokenizer.pad if tokenizer else 0)
+    torch_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
+    with staged_output_dir(out, replaceable=lambda d: (d / "config.json").is_file()) as staged:
+        written = write_hf_folder(staged, tensors(), hf_config(preset, hf_arch, torch_dtype=torch_dtype, **ids),
+                                  generation_config(**ids), tokenizer=tokenizer, prompt_prefix=prompt_prefix,
+                                  max_shard_bytes=max_shard_bytes)
+    if tokenizer is None:
+        log("warning: no tokenizer given (--tokenizer-model) or recorded in the checkpoint: wrote no tokenizer files")
+    log(f"[mcore_to_hf] wrote {', '.join(p.name for p in written)} to {out} in {time.perf_counter() - t0:.1f} s")
+    return out
