@@ -24,14 +24,15 @@ def build_export(out: Path, tokenizer_model: str, preset_name: str) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tinyllm_mcore.hf_export import hf_config, write_tokenizer
+    from tinyllm_mcore.convert.hf_config import hf_config
+    from tinyllm_mcore.tokenizer_files import write_tokenizer_folder
     from tinyllm_mcore.presets import get_preset
     from tinyllm_mcore.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(tokenizer_model)
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**hf_config(get_preset(preset_name, vocab_size=tokenizer.vocab_size)))).save_pretrained(out)
-    write_tokenizer(tokenizer, out)
+    write_tokenizer_folder(tokenizer, out)
     return out
 
 

@@ -81,7 +81,7 @@ def test_bad_sampling_params_and_vocab_mismatch(tmp_path):
 @pytest.fixture(scope="module")
 def hf_export(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
-    from checkpoint_convert.mcore_to_hf import convert_mcore_to_hf
+    from tinyllm_mcore.convert import convert_mcore_to_hf
 
     out = convert_mcore_to_hf(data.checkpoints()["sft"], tmp_path_factory.mktemp("hf") / "hf",
                               tokenizer_model=data.tokenizer().model_path, log=lambda msg: None)

@@ -3,7 +3,7 @@
 The seed (wdndev/tiny-llm-zh) defines six sizes. Its architecture is exactly Hugging Face's Qwen2 layout:
 pre-norm RMSNorm (eps 1e-6), rotate-half RoPE (theta 1e4), multi-head attention (kv heads = heads), SwiGLU MLP,
 bias on q/k/v only, untied input/output embeddings. Everything here is consumed by `model.py` (to build the
-megatron-core GPTModel) and by `hf_mapping.py` (to name and shape HF tensors), so shapes are never restated.
+megatron-core GPTModel) and by `convert/mapping.py` (to name and shape HF tensors), so shapes are never restated.
 """
 from __future__ import annotations
 

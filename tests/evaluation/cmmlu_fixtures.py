@@ -43,7 +43,8 @@ def make_tiny_hf_model(out_dir: Path, init_std: float = 0.3, seed: int = 0) -> P
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tests.harness.text_data import tiny_tokenizer
-    from tinyllm_mcore.hf_export import hf_config, write_tokenizer
+    from tinyllm_mcore.convert.hf_config import hf_config
+    from tinyllm_mcore.tokenizer_files import write_tokenizer_folder
     from tinyllm_mcore.presets import get_preset
 
     tokenizer = tiny_tokenizer()
@@ -52,5 +53,5 @@ def make_tiny_hf_model(out_dir: Path, init_std: float = 0.3, seed: int = 0) -> P
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**config)).eval()
     model.save_pretrained(out_dir)
-    write_tokenizer(tokenizer, out_dir)
+    write_tokenizer_folder(tokenizer, out_dir)
     return out_dir

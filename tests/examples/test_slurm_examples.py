@@ -118,7 +118,7 @@ def check_training_launch(argv: list[str], module: str, nodes: int = 2):
 
 
 def test_full_chain_parses_with_real_parsers_and_paths_connect(slurm):
-    from checkpoint_convert.mcore_to_hf import build_parser as convert_parser
+    from tinyllm_mcore.cli.mcore_to_hf import build_parser as convert_parser
     from tinyllm_mcore.data.preprocess import output_prefixes
     from tools.preprocess_data import parse_args as preprocess_parser
     from tools.train_tokenizer import parse_args as tokenizer_parser
@@ -160,7 +160,7 @@ def test_full_chain_parses_with_real_parsers_and_paths_connect(slurm):
     (cmd,) = run_script("convert_to_hf", env)
     _, _, module, argv = split_launch(cmd)
     convert = convert_parser().parse_args(argv)
-    assert module == "checkpoint_convert.mcore_to_hf" and convert.load == dpo.save
+    assert module == "tinyllm_mcore.cli.mcore_to_hf" and convert.load == dpo.save
     assert convert.tokenizer_model == tokenizer_dir
 
 
@@ -239,7 +239,7 @@ def test_quickstart_wrapper_and_outside_slurm(tmp_path):
     proc = subprocess.run(["bash", str(EXAMPLES / "convert_to_hf.sh")], capture_output=True, text=True, cwd=tmp_path,
                           env={**env, "DRY_RUN": "1", "WORK_DIR": str(tmp_path)}, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert shlex.split(proc.stdout)[:3] == ["python", "-m", "checkpoint_convert.mcore_to_hf"]
+    assert shlex.split(proc.stdout)[:3] == ["python", "-m", "tinyllm_mcore.cli.mcore_to_hf"]
 
 
 def test_model_size_extra_args_and_cpu_shape(slurm):
