@@ -95,7 +95,7 @@ def chat_template(prefix: str, special_tokens: Sequence[str] = ()) -> str:
         neutralise += f" | replace('{token}', '{token[0] + NEUTRAL_MARK + token[1:]}')"
 
     def content(expr: str) -> str:
-        return "{{ " + expr + " | trim" + neutralise + " }}"
+        return "{{ content(" + expr + ") }}"
 
     def turn(role: str, text: str) -> str:
         t = CHAT_TURNS[role]
@@ -114,6 +114,7 @@ def chat_template(prefix: str, special_tokens: Sequence[str] = ()) -> str:
                + ", ".join(loop_roles) + ")') }}{% endif %}")
     answer_turn = CHAT_TURNS[ANSWER_ROLE]
     return (
+        "{% macro content(text) %}{{ text | trim" + neutralise + " }}{% endmacro %}"
         "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
         "{% set turns = messages[1:] %}{% else %}{% set system = '" + _literal(DEFAULT_SYSTEM, quoted=True) + "' %}"
         "{% set turns = messages %}{% endif %}"

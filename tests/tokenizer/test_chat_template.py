@@ -65,6 +65,13 @@ def check_folder(folder: Path, tok: Tokenizer) -> int:
     injected = template_ids(hf, CONVERSATIONS[-1], add_generation_prompt=True)
     for marker, turns in (("<|system|>", 1), ("<|user|>", 2), ("<|assistant|>", 2), ("<|observation|>", 0)):
         assert injected.count(tok.token_to_id(marker)) == turns, marker
+    # Both refuse what the format has no place for (a system message after the first turn, unknown roles).
+    for bad in ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+                [{"role": "tool", "content": "a"}]):
+        with pytest.raises(ValueError, match="unknown chat role"):
+            tok.encode_conversation(bad)
+        with pytest.raises(Exception, match="unknown chat role"):
+            template_ids(hf, bad, add_generation_prompt=True)
     return len(CONVERSATIONS)
 
 
