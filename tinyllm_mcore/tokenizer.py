@@ -72,6 +72,7 @@ CHAT_TURNS = {
 }
 # The turn whose opening, left open, asks the model to answer (the generation prompt).
 ANSWER_ROLE = "assistant"
+
 # What the seed appends after ChatGLM3's 64789 SentencePiece pieces, in id order.
 CHATGLM3_APPENDED_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop") + ROLE_TOKENS
 CHATGLM3_BASE_VOCAB = 64789
@@ -146,10 +147,10 @@ class ChatFormat:
     def _turn_ids(self, role: str, content: str) -> tuple[list[int], list[int]]:
         """One message -> (prompt ids, response ids); the response is empty unless the role's turn is an answer."""
         turn = CHAT_TURNS[role]
-        text = content.strip()
+        marker, text = [self.token_to_id(turn.marker)], content.strip()
         if turn.is_answer:
-            return (self.generation_prompt_ids(), self.tokenize_content(text + turn.closing) + [self.eos])
-        return [self.token_to_id(turn.marker)] + self.tokenize_content(turn.opening + text + turn.closing), []
+            return marker + self.tokenize_content(turn.opening), self.tokenize_content(text + turn.closing) + [self.eos]
+        return marker + self.tokenize_content(turn.opening + text + turn.closing), []
 
 
 class Tokenizer(ChatFormat):
