@@ -209,8 +209,11 @@ def _check_ids(dataset, index: int, sample: dict, vocab_size: int | None) -> dic
         return sample
     for key in ("tokens", "labels"):
         ids = torch.as_tensor(sample[key]) if key in sample else None
-        if ids is not None and ids.numel() and (int(ids.max()) >= vocab_size or int(ids.min()) < -1):
-            bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+        if ids is None or not ids.numel():
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if high >= vocab_size or low < -1:  # -1: a label masked out
+            bad = high if high >= vocab_size else low
             part = dataset
             if "dataset_id" in sample and hasattr(dataset, "datasets"):  # a blend: name the prefix the sample is from
                 part = dataset.datasets[int(sample["dataset_id"])]
