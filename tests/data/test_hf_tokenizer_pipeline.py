@@ -10,7 +10,7 @@ import pytest
 
 from tests.harness.hf_tokenizer import tiny_hf_tokenizer_dir
 from tests.harness.text_data import write_text_jsonl
-from tools import preprocess_data
+from tinyllm_mcore.cli import preprocess_data
 
 REPO = Path(__file__).resolve().parents[2]
 

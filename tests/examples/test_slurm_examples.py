@@ -120,20 +120,20 @@ def check_training_launch(argv: list[str], module: str, nodes: int = 2):
 def test_full_chain_parses_with_real_parsers_and_paths_connect(slurm):
     from tinyllm_mcore.cli.mcore_to_hf import build_parser as convert_parser
     from tinyllm_mcore.data.preprocess import output_prefixes
-    from tools.preprocess_data import parse_args as preprocess_parser
-    from tools.train_tokenizer import parse_args as tokenizer_parser
+    from tinyllm_mcore.cli.preprocess_data import parse_args as preprocess_parser
+    from tinyllm_mcore.cli.train_tokenizer import parse_args as tokenizer_parser
 
     env, _ = slurm
     work = Path(env["WORK_DIR"])
     prep = run_script("preprocess_corpus", env)
     tokenizer_cmd, *preprocess_cmds = prep
     _, srun, module, argv = split_launch(tokenizer_cmd)
-    assert module == "tools.train_tokenizer" and "--ntasks=1" in srun
+    assert module == "tinyllm_mcore.cli.train_tokenizer" and "--ntasks=1" in srun
     tokenizer_dir = tokenizer_parser(argv).output_dir
     outputs = {}
     for cmd in preprocess_cmds:
         _, _, module, argv = split_launch(cmd)
-        assert module == "tools.preprocess_data"
+        assert module == "tinyllm_mcore.cli.preprocess_data"
         a = preprocess_parser(argv)
         assert a.tokenizer_model == tokenizer_dir
         outputs[a.mode] = outputs.get(a.mode, []) + output_prefixes(a.output_prefix, a.mode, a.json_keys)

@@ -5,9 +5,10 @@ Usage (the test is marked `@pytest.mark.distributed`; `pytest -m "not distribute
 
     from tests.harness.distributed import run_ranks
 
-    per_rank = run_ranks("tests.model.moe_worker:train", nproc=2, argv=[...])          # [rank 0's return, rank 1's]
-    per_rank = run_ranks("tests.model.moe_worker:train", nproc=2, cases={"tp2": {"argv": [...]}, "ep2": {...}})
-    losses = per_rank[0]["tp2"]                                                         # {case name: return value}
+    per_rank = run_ranks("tests.model.moe_worker:case", nproc=2, argv=[...])       # [rank 0's return, rank 1's]
+    per_rank = run_ranks("tests.model.moe_worker:case", nproc=2, cases={"tp2": {"argv": [...]}, "ep2": {...},
+                         "logits": ("tests.model.moe_worker:inference_logits", {"load": ...})})
+    per_rank[0]["tp2"]                                                             # {case name: return value}
 
 The function runs in every rank with the keyword arguments (JSON values) and returns something JSON-able. The harness
 owns the rest: the gloo process group (started before the function, destroyed at the end), megatron's parallel state
@@ -51,13 +52,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(target: str, nproc: int = 1, *, cases: dict[str, dict] | None = None, launcher: str = "spawn",
-              timeout: float = 600, python: str = sys.executable, env: dict[str, str] | None = None,
-              **kwargs) -> list:
+def run_ranks(target: str | None, nproc: int = 1, *, cases: dict[str, dict | tuple[str, dict]] | None = None,
+              launcher: str = "spawn", timeout: float = 600, python: str = sys.executable,
+              env: dict[str, str] | None = None, **kwargs) -> list:
     """Run `package.module:function` on `nproc` ranks; return each rank's result, indexed by rank.
 
     Without `cases`: each rank's result is `function(**kwargs)`. With `cases` ({name: keyword arguments}): each
-    rank's result is {name: function(**{**kwargs, **case})}, the cases run in order in one launch.
+    rank's result is {name: function(**{**kwargs, **case})}, the cases run in order in one launch; a case given as
+    ("package.module:function", keyword arguments) calls that function instead of `target`.
     `launcher`: "spawn" starts the ranks directly (RANK/WORLD_SIZE/MASTER_* set here; the cheaper default),
     "torchrun" runs them under `python -m torch.distributed.run` as a user's job does.
     `python` picks the interpreter (another environment, for the cross-version checkpoint test); `env` adds variables.

@@ -18,6 +18,12 @@ def sum_of_ranks(scale: int = 1) -> dict:
     return {"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": total.item()}
 
 
+def scaled_rank(scale: int) -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() * scale
+
+
 def fail_on_rank_one() -> None:
     import torch.distributed as dist
 
@@ -38,9 +44,10 @@ def hang(pid_file: str) -> None:
 @pytest.mark.parametrize("launcher", ["spawn", "torchrun"])
 def test_results_per_rank_and_per_case(launcher):
     per_rank = run_ranks(f"{__name__}:sum_of_ranks", nproc=2, launcher=launcher, scale=3,
-                         cases={"three": {}, "ten": {"scale": 10}})
-    assert per_rank == [{"three": {"rank": 0, "world": 2, "sum": 3.0}, "ten": {"rank": 0, "world": 2, "sum": 10.0}},
-                        {"three": {"rank": 1, "world": 2, "sum": 3.0}, "ten": {"rank": 1, "world": 2, "sum": 10.0}}]
+                         cases={"three": {}, "ten": {"scale": 10}, "scaled": (f"{__name__}:scaled_rank", {})})
+    assert per_rank == [
+        {"three": {"rank": 0, "world": 2, "sum": 3.0}, "ten": {"rank": 0, "world": 2, "sum": 10.0}, "scaled": 0},
+        {"three": {"rank": 1, "world": 2, "sum": 3.0}, "ten": {"rank": 1, "world": 2, "sum": 10.0}, "scaled": 3}]
 
 
 @pytest.mark.distributed

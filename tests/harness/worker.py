@@ -1,7 +1,8 @@
 """What each rank runs for `tests.harness.distributed.run_ranks`: `python -m tests.harness.worker SPEC.json`, started
 by run_ranks itself or by torchrun, with the repository root as working directory (so `tests.*` imports).
 
-SPEC: {"target": "package.module:function", "kwargs": {...}, "cases": {name: {...}} | null, "out_dir": dir}.
+SPEC: {"target": "package.module:function" | null, "kwargs": {...}, "out_dir": dir,
+       "cases": {name: {...} (keyword arguments for target) | ["package.module:function", {...}]} | null}.
 Writes OUT_DIR/rank<R>.json: the function's return value ({name: value} with cases). A failure exits non-zero with
 the traceback on stderr; run_ranks then stops the other ranks.
 """
@@ -34,18 +35,18 @@ def main(spec_path: str) -> None:
     import torch.distributed as dist
 
     spec = json.loads(Path(spec_path).read_text())
-    function = resolve(spec["target"])
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     # gloo on CPU: the code under test finds the group started and only builds megatron's groups on it
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size,
                             timeout=timedelta(minutes=30))
     if spec["cases"] is None:
-        result = function(**spec["kwargs"])
+        result = resolve(spec["target"])(**spec["kwargs"])
         reset_parallel_state()
     else:
         result = {}
         for name, case in spec["cases"].items():
-            result[name] = function(**{**spec["kwargs"], **case})  # a case overrides the shared arguments
+            target, kwargs = case if isinstance(case, list) else (spec["target"], case)
+            result[name] = resolve(target)(**{**spec["kwargs"], **kwargs})  # a case overrides the shared arguments
             reset_parallel_state()
             dist.barrier()
     out = Path(spec["out_dir"]) / f"rank{rank}.json"

@@ -1,7 +1,7 @@
 """Issue 12 items 13 and 18 at the CLI: a prefix of the wrong mode (a preference prefix as --sft-data, an SFT prefix
 as --preference-data) or an empty SFT prefix ends the stage with one `error:` line naming the prefix and exit 2 —
-not a run on a misread layout, a numpy reshape error or `cannot mmap an empty file`. In-process, one process (the
-stage CLIs' own main)."""
+not a run on a misread layout, a numpy reshape error or `cannot mmap an empty file`. In-process, one process (each
+stage's `main(argv)`, what `python -m tinyllm_mcore.<stage>` runs)."""
 import json
 
 import pytest
@@ -9,8 +9,6 @@ import pytest
 from tests.harness.text_data import tiny_tokenizer_dir
 from tinyllm_mcore import dpo, pretrain, sft
 from tinyllm_mcore.data.preprocess import preprocess
-from tinyllm_mcore.pretrain import load_tokenizer
-from tinyllm_mcore.training.loop import main
 
 
 def write_jsonl(path, records):
@@ -39,9 +37,8 @@ def prefixes(tmp_path_factory):
 
 def initial_checkpoint(save):
     """Initialised tiny weights (DPO needs a starting checkpoint)."""
-    assert main(pretrain.STAGE, ["--model-size", "tiny", "--tokenizer-model", str(tiny_tokenizer_dir()), "--mock-data",
-                                 "--seq-length", "64", "--train-iters", "0", "--save", str(save)],
-                tokenizer_loader=load_tokenizer) == 0
+    assert pretrain.main(["--model-size", "tiny", "--tokenizer-model", str(tiny_tokenizer_dir()), "--mock-data",
+                          "--seq-length", "64", "--train-iters", "0", "--save", str(save)]) == 0
     return str(save)
 
 
@@ -50,7 +47,7 @@ def run_stage(stage, data_flag, prefix, tmp_path, capsys, *extra):
             "--seq-length", "64", "--micro-batch-size", "2", "--train-iters", "2", "--save", str(tmp_path / "ckpt"),
             *extra]
     capsys.readouterr()
-    rc = main(stage, argv, tokenizer_loader=load_tokenizer)
+    rc = stage.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in err if line.startswith("error: ")]
     assert rc == 2 and len(errors) == 1 and "Traceback" not in "\n".join(err), err
@@ -59,19 +56,19 @@ def run_stage(stage, data_flag, prefix, tmp_path, capsys, *extra):
 
 
 def test_wrong_mode_and_empty_prefixes_are_one_line(prefixes, tmp_path, capsys):
-    line = run_stage(sft.STAGE, "--sft-data", prefixes["preference"], tmp_path, capsys)
+    line = run_stage(sft, "--sft-data", prefixes["preference"], tmp_path, capsys)
     assert "preference" in line and "sft" in line, line
-    line = run_stage(dpo.STAGE, "--preference-data", prefixes["sft"], tmp_path, capsys,
+    line = run_stage(dpo, "--preference-data", prefixes["sft"], tmp_path, capsys,
                      "--load", prefixes["checkpoint"], "--finetune")
     assert "sft" in line and "preference" in line, line
-    line = run_stage(sft.STAGE, "--sft-data", prefixes["empty"], tmp_path, capsys)
+    line = run_stage(sft, "--sft-data", prefixes["empty"], tmp_path, capsys)
     assert "empty dataset" in line, line
 
 
 def mixed_stage_error(stage, argv, capsys) -> str:
     capsys.readouterr()
-    rc = main(stage, ["--tokenizer-model", str(tiny_tokenizer_dir()), "--seq-length", "64", "--micro-batch-size", "2",
-                      "--train-iters", "2", *argv], tokenizer_loader=load_tokenizer)
+    rc = stage.main(["--tokenizer-model", str(tiny_tokenizer_dir()), "--seq-length", "64", "--micro-batch-size", "2",
+                     "--train-iters", "2", *argv])
     err = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in err if line.startswith("error: ")]
     assert rc == 2 and len(errors) == 1 and "Traceback" not in "\n".join(err), err
@@ -84,19 +81,18 @@ def test_checkpoints_of_another_stage_or_size_are_one_line(prefixes, tmp_path, c
 
     lm = prefixes["checkpoint"]
     # a reward model resumed (--load) from an LM checkpoint: it has no reward head
-    message = mixed_stage_error(reward.STAGE, ["--model-size", "tiny", "--preference-data", prefixes["preference"],
+    message = mixed_stage_error(reward, ["--model-size", "tiny", "--preference-data", prefixes["preference"],
                                                "--load", lm], capsys)
     assert "has no reward_head.weight" in message and lm in message
     # a real reward checkpoint, then SFT --load of it: it has no LM head
     reward_ckpt = str(tmp_path / "reward")
-    assert main(reward.STAGE, ["--model-size", "tiny", "--tokenizer-model", str(tiny_tokenizer_dir()), "--seq-length",
-                               "64", "--micro-batch-size", "2", "--train-iters", "1", "--preference-data",
-                               prefixes["preference"], "--init-from", lm, "--save", reward_ckpt],
-                tokenizer_loader=load_tokenizer) == 0
-    message = mixed_stage_error(sft.STAGE, ["--model-size", "tiny", "--sft-data", prefixes["sft"], "--load",
+    assert reward.main(["--model-size", "tiny", "--tokenizer-model", str(tiny_tokenizer_dir()), "--seq-length", "64",
+                        "--micro-batch-size", "2", "--train-iters", "1", "--preference-data", prefixes["preference"],
+                        "--init-from", lm, "--save", reward_ckpt]) == 0
+    message = mixed_stage_error(sft, ["--model-size", "tiny", "--sft-data", prefixes["sft"], "--load",
                                             reward_ckpt, "--finetune"], capsys)
     assert "has no output_layer.weight" in message
     # DPO of another --model-size than its checkpoint
-    message = mixed_stage_error(dpo.STAGE, ["--model-size", "16m", "--preference-data", prefixes["preference"],
+    message = mixed_stage_error(dpo, ["--model-size", "16m", "--preference-data", prefixes["preference"],
                                             "--load", lm, "--finetune"], capsys)
     assert "is a tiny model and this run builds 16m" in message and "--model-size tiny" in message

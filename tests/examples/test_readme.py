@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 
 # flag -> tiny value (sizes only; everything else stays as written)
@@ -102,15 +102,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli_parser(words: list[str]):
-    """The argparse parser of a python/torchrun command (None for other programs)."""
+def cli_module(words: list[str]) -> str | None:
+    """The module a python/torchrun command runs: `-m X`, or for a checkout script (tools/x.py) the CLI module it
+    takes `main` from (the scripts are two lines: import main, run it)."""
     words = program(words)
     if words[0] not in ("python", "torchrun"):
         return None
     if "-m" in words:
-        module = words[words.index("-m") + 1]
-    else:
-        module = words[1].removesuffix(".py").replace("/", ".")
+        return words[words.index("-m") + 1]
+    script = (REPO / words[1]).read_text(encoding="utf-8")
+    found = re.search(r"^from ([\w.]+) import main$", script, flags=re.M)
+    assert found, f"{words[1]} is not a thin script over a package CLI"
+    return found.group(1)
+
+
+def cli_parser(words: list[str]):
+    """The argparse parser of a python/torchrun command (None for other programs)."""
+    module = cli_module(words)
+    if module is None:
+        return None
     mod = importlib.import_module(module)
     if hasattr(mod, "__path__"):  # `python -m package` runs package/__main__.py
         mod = importlib.import_module(module + ".__main__")
@@ -233,8 +243,7 @@ def test_quickstart_command_runs_elsewhere():
 @pytest.mark.slow
 def test_every_readme_command_runs_at_a_tiny_size(tmp_path):
     write_inputs(tmp_path)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the installed package: no PYTHONPATH
     pending = [c for c in COMMANDS if skip_reason(c) is None]
     report, deferred = [], []
     for attempt in range(2):
@@ -266,8 +275,8 @@ def test_readme_command_parses(words):
         return
     parser = cli_parser(words)
     words = program(words)
+    argv = words[words.index("-m") + 2:] if "-m" in words else words[2:]
     if parser is not None:
-        parser.parse_args(words[words.index("-m") + 2:] if "-m" in words else words[2:])
-    elif words[0] in ("python", "torchrun"):  # scripts with a parse_args(argv) function
-        mod = importlib.import_module(words[1].removesuffix(".py").replace("/", "."))
-        mod.parse_args(words[2:])
+        parser.parse_args(argv)
+    elif words[0] in ("python", "torchrun"):  # CLIs with a parse_args(argv) function
+        importlib.import_module(cli_module(words)).parse_args(argv)
