@@ -226,6 +226,34 @@ def test_seed_readme_quick_start_runs_on_export(converted, tok_dir, tmp_path):
     assert generation["top_p"] == 0.8 and generation["eos_token_id"] == 2 and generation["pad_token_id"] == 0
 
 
+def test_moe_export_tokenizer_is_ours(tok_dir, tmp_path):
+    """A MoE model exports as qwen2_moe, whose AutoTokenizer (unlike qwen2's) loads our tokenizer files as written:
+    apply_chat_template gives the training ids."""
+    from transformers import AutoTokenizer
+
+    from tinyllm_mcore.convert.hf_config import hf_config
+    from tinyllm_mcore.convert.mapping import hf_shapes
+    from tinyllm_mcore.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tok_dir)
+    preset = get_preset("tiny", vocab_size=tok.vocab_size, num_experts=4, moe_router_topk=2)
+    (tmp_path / "src").mkdir()
+    gen = torch.Generator().manual_seed(0)
+    save_file({k: torch.randn(s, generator=gen) * 0.05 for k, s in hf_shapes(preset).items()},
+              tmp_path / "src" / "model.safetensors")
+    (tmp_path / "src" / "config.json").write_text(json.dumps(hf_config(preset)))
+    convert_hf_to_mcore(tmp_path / "src", tmp_path / "mc", log=quiet)
+    convert_mcore_to_hf(tmp_path / "mc", tmp_path / "hf", tokenizer_model=str(tok_dir), log=quiet)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "qwen2_moe"
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for messages in ([{"role": "user", "content": "介绍一下中国。"}],
+                     [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "一 plus 1"},
+                      {"role": "assistant", "content": "二 two"}, {"role": "user", "content": "三"}]):
+        ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if not isinstance(ids, list) else ids
+        assert ids == tok.chat_prompt_ids(messages)
+
+
 # ---------------------------------------------------------------------------------------------- other inputs
 def test_llama_without_bias_and_seed_tinyllm_layout(tmp_path):
     """Llama without attention bias (zeros) and the seed's tinyllm fp16 pytorch_model.bin convert and round-trip."""
