@@ -241,6 +241,7 @@ def test_quickstart_command_runs_elsewhere():
 
 
 @pytest.mark.slow
+@pytest.mark.distributed  # the README's torchrun commands run on 2 processes
 def test_every_readme_command_runs_at_a_tiny_size(tmp_path):
     write_inputs(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the installed package: no PYTHONPATH

@@ -17,7 +17,7 @@ import pytest
 
 from tests.examples.slurm_cluster import CPU_JOB, EXAMPLES, REPO, job_log, local_slurm_fixture
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 local_slurm = pytest.fixture(scope="session")(local_slurm_fixture)
 

@@ -12,7 +12,6 @@ The numbers are deterministic for the fixed seed on one machine; the bounds leav
 builds while a regression (a stage that stops learning, a broken pair, a lost style) breaks them.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,9 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_quickstart_sft_learns_facts_dpo_learns_the_preferred_style_reward_model_ranks(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "tinyllm_mcore.quickstart", "--output-dir", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "held-out phrasings: facts pretrained" in proc.stdout
 

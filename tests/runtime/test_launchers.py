@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.examples.slurm_cluster import REPO, local_slurm_fixture
+from tests.examples.slurm_cluster import local_slurm_fixture
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 local_slurm = pytest.fixture(scope="session")(local_slurm_fixture)
 
@@ -38,7 +38,7 @@ def clean_env(**extra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                          "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **{k: str(v) for k, v in extra.items()})
+    env.update(OMP_NUM_THREADS="1", **{k: str(v) for k, v in extra.items()})  # the installed package: no PYTHONPATH
     return env
 
 

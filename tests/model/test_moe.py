@@ -7,21 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.harness import distributed as distributed_helpers
-
-from checkpoint_convert.hf_to_mcore import convert_hf_to_mcore
-from checkpoint_convert.mcore_to_hf import convert_mcore_to_hf
-from tinyllm_mcore.hf_mapping import dist_checkpoint_shapes, hf_shapes, megatron_shapes
+from tests.harness.distributed import run_ranks
+from tinyllm_mcore.convert import convert_hf_to_mcore, convert_mcore_to_hf
+from tinyllm_mcore.convert.mapping import dist_checkpoint_shapes, hf_shapes, megatron_shapes
 from tinyllm_mcore.presets import get_preset
 
-WORKER = Path(__file__).with_name("moe_worker.py")
+TRAIN, LOGITS = "tests.model.moe_worker:train_run", "tests.model.moe_worker:inference_logits"
 COMMON = ["--model-size", "tiny-moe", "--seq-length", "32", "--global-batch-size", "4", "--lr", "2e-3",
           "--min-lr", "2e-4", "--log-interval", "1", "--lr-warmup-iters", "1"]
 quiet = lambda msg: None  # noqa: E731
-
-
-def run_worker(tmp_path, name, runs, nproc):
-    return distributed_helpers.run_worker(WORKER, tmp_path, name, runs, nproc)
 
 
 def tiny_qwen2_moe(path: Path, *, shared: int = 32, norm_topk_prob: bool = False, seed: int = 0):
@@ -110,11 +104,10 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(hf_sources, tmp_p
 
 
 def test_mapping_shapes_cover_the_megatron_model(hf_sources):
-    from tinyllm_mcore.hf_mapping import checkpoint_tensor_shapes
-    from tinyllm_mcore.training.checkpoint import resolve_load_dir
+    from tinyllm_mcore.training.checkpoint import resolve_load_dir, saved_tensor_shapes
 
     for root, _, preset in hf_sources.values():
-        saved = checkpoint_tensor_shapes(resolve_load_dir(root / "mc"))
+        saved = saved_tensor_shapes(resolve_load_dir(root / "mc"))
         assert saved == dist_checkpoint_shapes(preset)
     p = get_preset("92m-moe")
     shapes = megatron_shapes(p, 64896)
@@ -146,7 +139,7 @@ def test_bad_moe_flags_and_layouts():
         check_parallel_layout(2, 1, 1, 4, 2, ep=2, num_experts=0)
 
 
-# ---------------------------------------------------------------------------------------------------- training
+# ------------------------------------------------------------------------- training (multi-process: distributed)
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, hf_sources):
     tmp = tmp_path_factory.mktemp("moe_parity")
@@ -155,26 +148,27 @@ def results(tmp_path_factory, hf_sources):
     skewed = ["--model-size", "tiny-moe", "--moe-router-topk", "1", "--seq-length", "32", "--global-batch-size", "4",
               "--micro-batch-size", "4", "--lr", "1e-2", "--lr-decay-style", "constant", "--lr-warmup-iters", "0",
               "--log-interval", "10", "--train-iters", "30", "--load", str(init), "--finetune"]
-    single = run_worker(tmp, "single", [
-        {"name": "init", "argv": COMMON + ["--train-iters", "0", "--micro-batch-size", "4", "--save", str(init)]},
-        {"name": "tp1", "argv": five + ["--micro-batch-size", "4"]},
-        {"name": "skew_no_aux", "argv": skewed + ["--moe-aux-loss-coeff", "0"], "skew_router": True},
-        {"name": "skew_aux", "argv": skewed + ["--moe-aux-loss-coeff", "1"], "skew_router": True},
-    ], nproc=1)
+    single = run_ranks(TRAIN, nproc=1, cases={
+        "init": {"argv": COMMON + ["--train-iters", "0", "--micro-batch-size", "4", "--save", str(init)]},
+        "tp1": {"argv": five + ["--micro-batch-size", "4"]},
+        "skew_no_aux": {"argv": skewed + ["--moe-aux-loss-coeff", "0"], "skew_router": True},
+        "skew_aux": {"argv": skewed + ["--moe-aux-loss-coeff", "1"], "skew_router": True},
+    })[0]
     hf_ckpt = str(hf_sources["shared"][0] / "mc")
-    double = run_worker(tmp, "double", [
+    double = run_ranks(TRAIN, nproc=2, cases={
         # the aux loss is computed per micro-batch, so EP2 (DP2, micro-batch 2) is compared with EP1 at DP2
-        {"name": "ep1_dp2", "argv": five + ["--micro-batch-size", "2"]},
-        {"name": "ep2", "argv": five + ["--micro-batch-size", "2", "--expert-model-parallel-size", "2"]},
-        {"name": "tp2", "argv": five + ["--micro-batch-size", "4", "--tensor-model-parallel-size", "2"]},
-        {"name": "ep2_capacity", "argv": five + ["--micro-batch-size", "2", "--expert-model-parallel-size", "2",
-                                                 "--moe-expert-capacity-factor", "1.0"]},
-        {"name": "logits_ep2", "logits": {"load": hf_ckpt, "tokens": TOKENS.tolist(), "ep": 2}},
-        {"name": "logits_tp2", "logits": {"load": hf_ckpt, "tokens": TOKENS.tolist(), "tp": 2}},
-    ], nproc=2)
+        "ep1_dp2": {"argv": five + ["--micro-batch-size", "2"]},
+        "ep2": {"argv": five + ["--micro-batch-size", "2", "--expert-model-parallel-size", "2"]},
+        "tp2": {"argv": five + ["--micro-batch-size", "4", "--tensor-model-parallel-size", "2"]},
+        "ep2_capacity": {"argv": five + ["--micro-batch-size", "2", "--expert-model-parallel-size", "2",
+                                         "--moe-expert-capacity-factor", "1.0"]},
+        "logits_ep2": (LOGITS, {"load": hf_ckpt, "tokens": TOKENS.tolist(), "ep": 2}),
+        "logits_tp2": (LOGITS, {"load": hf_ckpt, "tokens": TOKENS.tolist(), "tp": 2}),
+    })[0]
     return {**single, **double}
 
 
+@pytest.mark.distributed
 def test_expert_and_tensor_parallel_losses_match(results):
     ref = results["tp1"]["train"]["lm loss"]
     assert len(ref) == 5 and ref[-1] < ref[0]
@@ -187,6 +181,7 @@ def test_expert_and_tensor_parallel_losses_match(results):
         assert results["ep2"]["train"][key] == pytest.approx(results["ep1_dp2"]["train"][key], abs=1e-5), key
 
 
+@pytest.mark.distributed
 def test_metrics_are_logged_and_capacity_drops_tokens(results):
     train = results["tp1"]["train"]
     assert all(1.0 <= a < 1.2 for a in train["moe aux loss"])  # 1.0 = perfectly balanced
@@ -202,6 +197,7 @@ def test_metrics_are_logged_and_capacity_drops_tokens(results):
     assert all(sum(layer) == 2 * 64 * 2 for layers in free["expert_tokens"] for layer in layers)
 
 
+@pytest.mark.distributed
 def test_hf_logits_at_ep2_and_tp2(results, hf_sources):
     _, model, _ = hf_sources["shared"]
     with torch.no_grad():
@@ -210,6 +206,7 @@ def test_hf_logits_at_ep2_and_tp2(results, hf_sources):
         assert (torch.tensor(results[name]) - ref).abs().max().item() < 1e-4, name
 
 
+@pytest.mark.distributed
 def test_aux_loss_balances_a_skewed_router(results):
     """Every token starts on expert 0 (top-1 of 4: imbalance 4 = all load on one expert). With the aux loss the
     router spreads the load; without it the same training leaves it concentrated."""
