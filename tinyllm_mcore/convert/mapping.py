@@ -59,7 +59,7 @@ two with allow_shape_mismatch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor
@@ -85,7 +85,14 @@ class MappingError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ transforms
-# Each transform turns the HF tensors of one entry into its megatron tensor (to_megatron) and back (to_hf).
+class Transform(Protocol):
+    """Turns the HF tensors of one entry into its megatron tensor (to_megatron) and back (to_hf)."""
+
+    def to_megatron(self, parts: list[Tensor]) -> Tensor | None: ...
+
+    def to_hf(self, tensor: Tensor) -> list[Tensor]: ...
+
+
 class Copy:
     """One HF tensor is the megatron tensor."""
 
@@ -159,7 +166,7 @@ class Entry:
     megatron_shape: Shape | None
     hf: tuple[str, ...]
     hf_shapes: tuple[Shape, ...]
-    transform: object
+    transform: Transform
     # q/k/v biases: a Llama without attention bias has none; they are then zeros
     absent_means_zero: bool = False
 
