@@ -70,6 +70,7 @@ def _other_megatron_version() -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.skipif(not OTHER_PYTHON, reason="TINYLLM_OTHER_PYTHON (an environment with another megatron-core) unset")
 def test_checkpoints_cross_megatron_core_versions(tmp_path):
     """Save under one megatron-core and resume under the other, and back, at DP=2 with the distributed optimizer in
