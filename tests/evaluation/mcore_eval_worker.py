@@ -1,22 +1,12 @@
-"""Saves a random tiny checkpoint (at TP2) and evaluates it in ppl mode at several parallel layouts in one launch.
-
-Usage: torchrun --nproc-per-node 2 mcore_eval_worker.py SPEC.json OUT.json
-SPEC: {"save": dir, "tokenizer": dir, "benchmark_dir": dir, "shots": k, "vocab_size": n, "layouts": [[tp, pp], ...]}
-OUT (rank 0): {"tp1pp1": {"choices": {subject: [...]}, "scores": {subject: [[4 floats], ...]},
-                          "responses": [gen-mode answers of the first subject]}, ...}
+"""Runs in every rank (2) for tests/evaluation/conftest.py, through tests.harness.distributed.run_ranks: save a
+random tiny checkpoint at TP2, then evaluate it in ppl (and gen) mode at several parallel layouts, one case each.
 """
 import argparse
 import dataclasses
-import json
-import os
-import sys
-
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-
-import torch.distributed as dist  # noqa: E402
 
 
 def save_random_checkpoint(save: str, vocab_size: int) -> None:
+    """At TP2, with a wide init: option scores then differ clearly (a 0.02-std random model scores all nearly alike)."""
     from tinyllm_mcore.model import build_model
     from tinyllm_mcore.presets import get_preset, transformer_config
     from tinyllm_mcore.runtime import distributed as rt
@@ -24,7 +14,6 @@ def save_random_checkpoint(save: str, vocab_size: int) -> None:
 
     rt.initialize(tp=2, pp=1, seed=7)
     preset = get_preset("tiny", vocab_size=vocab_size)
-    # A wide init makes option scores differ clearly (a 0.02-std random model scores everything nearly alike).
     config = transformer_config(preset, tensor_model_parallel_size=2, use_cpu_initialization=True, init_method_std=0.3)
     model = build_model(preset, config)
     args = argparse.Namespace(preset=dataclasses.asdict(preset), tensor_model_parallel_size=2,
@@ -32,33 +21,17 @@ def save_random_checkpoint(save: str, vocab_size: int) -> None:
     save_checkpoint(save, 1, [model], None, None, consumed_samples=0, args=args)
 
 
-def main(spec_path, out_path):
-    from megatron.core import parallel_state
-
+def evaluate_layout(save: str, tokenizer: str, benchmark_dir: str, shots: int, tp: int, pp: int) -> dict:
+    """{"choices": {subject: [...]}, "scores": {subject: [[4 floats], ...]}, "responses": gen-mode answers of the
+    first subject} of the checkpoint loaded at TP x PP (ppl mode scores all subjects)."""
     from tinyllm_mcore.evaluation.multiple_choice import evaluate_multiple_choice, load_tasks
     from tinyllm_mcore.evaluation.runner import open_mcore
 
-    spec = json.load(open(spec_path))
-    save_random_checkpoint(spec["save"], spec["vocab_size"])
-    parallel_state.destroy_model_parallel()
-    tasks = load_tasks(spec["benchmark_dir"], "test", spec["shots"])
-    results = {}
-    for tp, pp in spec["layouts"]:
-        lm, encoder = open_mcore(spec["save"], spec["tokenizer"], tensor_parallel_size=tp, pipeline_parallel_size=pp)
-        result = evaluate_multiple_choice(lm, encoder, tasks, batch_size=3)
-        results[f"tp{tp}pp{pp}"] = {
-            "choices": {s: [r["pred"] for r in recs] for s, recs in result["records"].items()},
+    tasks = load_tasks(benchmark_dir, "test", shots)
+    lm, encoder = open_mcore(save, tokenizer, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    result = evaluate_multiple_choice(lm, encoder, tasks, batch_size=3)
+    # gen mode on one subject: KV-cached inference.Generator at PP1, re-forward through the pipeline at PP2
+    gen = evaluate_multiple_choice(lm, encoder, tasks[:1], mode="gen", max_new_tokens=4, batch_size=4)
+    return {"choices": {s: [r["pred"] for r in recs] for s, recs in result["records"].items()},
             "scores": {s: [r["scores"] for r in recs] for s, recs in result["records"].items()},
-        }
-        # gen mode on one subject: KV-cached inference.Generator at PP1, re-forward through the pipeline at PP2
-        gen = evaluate_multiple_choice(lm, encoder, tasks[:1], mode="gen", max_new_tokens=4, batch_size=4)
-        results[f"tp{tp}pp{pp}"]["responses"] = [r["response_ids"] for r in gen["records"][tasks[0].subject]]
-        parallel_state.destroy_model_parallel()
-        dist.barrier()
-    if dist.get_rank() == 0:
-        json.dump(results, open(out_path, "w"))
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+            "responses": [r["response_ids"] for r in gen["records"][tasks[0].subject]]}

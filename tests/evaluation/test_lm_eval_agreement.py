@@ -39,6 +39,7 @@ def compare(hf_dir, bench, subjects, shots, tmp_path, split="test", tokenizer_mo
     return n
 
 
+@pytest.mark.distributed  # the export's checkpoint comes from 2 processes (conftest.mcore_export)
 def test_lm_eval_agrees_on_the_mcore_export(mcore_export, tmp_path):
     n = compare(mcore_export["hf"], mcore_export["bench"], ["agronomy", "anatomy", "logical"], mcore_export["shots"],
                 tmp_path, tokenizer_model=mcore_export["tokenizer"])
@@ -51,7 +52,8 @@ def test_lm_eval_agrees_on_real_cmmlu_with_the_seed_tokenizer(shared_dir, chatgl
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tinyllm_mcore.hf_export import hf_config, write_tokenizer
+    from tinyllm_mcore.convert.hf_config import hf_config
+    from tinyllm_mcore.tokenizer_files import write_tokenizer_folder
     from tinyllm_mcore.presets import get_preset
     from tinyllm_mcore.tokenizer import Tokenizer
 
@@ -64,7 +66,7 @@ def test_lm_eval_agrees_on_real_cmmlu_with_the_seed_tokenizer(shared_dir, chatgl
     torch.manual_seed(0)
     hf_dir = tmp_path / "hf"
     LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(hf_dir)
-    write_tokenizer(tokenizer, hf_dir)
+    write_tokenizer_folder(tokenizer, hf_dir)
     subjects = ["chinese_history", "college_mathematics"]
     for shots in (0, 2):
         assert compare(hf_dir, bench, subjects, shots, tmp_path / f"k{shots}", split="dev",

@@ -3,6 +3,7 @@ identical per-question choices in ppl mode, with matching option scores."""
 import pytest
 
 LAYOUTS = ("tp1pp1", "tp2pp1", "tp1pp2")
+pytestmark = pytest.mark.distributed  # the mcore side runs on 2 processes (conftest.mcore_export)
 
 
 @pytest.fixture(scope="module")
