@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tests.cli.checkout_scripts import run, the_error_line, tool_command
-from tests.evaluation.cmmlu_fixtures import make_tiny_hf_model, random_questions, write_cmmlu_csv, write_cmmlu_dir
+from tests.harness.cmmlu import make_tiny_hf_model, random_questions, write_cmmlu_csv, write_cmmlu_dir
 from tinyllm_mcore.cli import evaluate
 
 

@@ -2,7 +2,7 @@
 and its HF export — shared by the parity and lm-eval agreement tests (both marked distributed)."""
 import pytest
 
-from tests.evaluation.cmmlu_fixtures import write_cmmlu_dir
+from tests.harness.cmmlu import write_cmmlu_dir
 from tests.harness.distributed import run_ranks
 
 WORKER = "tests.evaluation.mcore_eval_worker"

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from tests.evaluation.cmmlu_fixtures import make_tiny_hf_model, random_questions, write_cmmlu_csv
+from tests.harness.cmmlu import make_tiny_hf_model, random_questions, write_cmmlu_csv
 from tinyllm_mcore.evaluation import data, multiple_choice as mc, subjects
 from tinyllm_mcore.evaluation.backends import HFCausalLM
 from tinyllm_mcore.evaluation.encoders import HFEncoder

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.evaluation.cmmlu_fixtures import make_tiny_hf_model
+from tests.harness.cmmlu import make_tiny_hf_model
 from tests.harness.text_data import random_text, tiny_tokenizer
 from tinyllm_mcore.evaluation import perplexity
 from tinyllm_mcore.evaluation.backends import HFCausalLM

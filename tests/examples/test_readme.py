@@ -201,7 +201,7 @@ def complete_blend(words: list[str], cwd: Path) -> None:
 
 def write_inputs(cwd: Path) -> None:
     """The files the README's commands assume: a text corpus (jsonl and jsonl.gz), SFT and DPO jsonl, a CMMLU dir."""
-    from tests.evaluation.cmmlu_fixtures import write_cmmlu_dir
+    from tests.harness.cmmlu import write_cmmlu_dir
     from tests.harness.text_data import random_text, write_text_jsonl
 
     write_text_jsonl(cwd / "corpus.jsonl", 1500, seed=11)

@@ -7,7 +7,6 @@ resumes, is requeued mid-run and resumes again. Every pretraining curve equals o
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.examples.slurm_cluster import CPU_JOB, EXAMPLES, REPO, job_log, local_slurm_fixture
+from tests.harness.slurm_cluster import CPU_JOB, EXAMPLES, REPO, job_log, local_slurm_fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.examples.slurm_cluster import local_slurm_fixture
+from tests.harness.slurm_cluster import local_slurm_fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
