@@ -5,33 +5,32 @@ export of the same weights, greedy, fixed length (no early stop), every model si
                                         [--new-tokens 64] [--repeats 5] [--threads 2]
 
 Builds a randomly initialised checkpoint per size (weights do not matter for speed), exports it with
-checkpoint_convert/mcore_to_hf.py and times both in this one process, alternating ours and theirs repeat by repeat
-so that load from other work on a shared CPU hits both alike; prints the medians and their ratio. A prompt longer
-than the model's context allows with --new-tokens (16m: 512 positions) is shortened to fit, and printed as run.
+tinyllm_mcore.convert (what `tinyllm-mcore-to-hf` runs) and times both in this one process, alternating ours and
+theirs repeat by repeat so that load from other work on a shared CPU hits both alike; prints the medians, their
+ratio and the machine's 1-minute load average around each case. A prompt longer than the model's context allows with
+--new-tokens (16m: 512 positions) is shortened to fit, and printed as run. Run it from a checkout with the package
+installed (`pip install -e .`).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
 
 def make_checkpoint(model_size: str, vocab: int, out: Path) -> Path:
-    from tinyllm_mcore.pretrain import lm_forward_step
+    from tinyllm_mcore.training.steps import lm_forward_step
     from tinyllm_mcore.runtime import distributed as rt
     from tinyllm_mcore.training.loop import Stage, parse_args, train
 
     # --train-iters 0: the loop only initialises and saves; the dataset is never read
-    STAGE = Stage("init", lambda args, tokenizer, preset: ([{}], None, None), lm_forward_step)
+    STAGE = Stage("init", lambda ctx: ([{}], None, None), lm_forward_step)
     args = parse_args(STAGE, ["--model-size", model_size, "--vocab-size", str(vocab), "--mock-data",
                               "--train-iters", "0", "--micro-batch-size", "1", "--seq-length", "128",
                               "--save", str(out)])
@@ -55,7 +54,7 @@ def timed_pair(ours, theirs, repeats: int) -> tuple[float, float]:
 def bench_size(model_size: str, args, work: Path) -> None:
     import transformers
 
-    from checkpoint_convert.mcore_to_hf import convert_mcore_to_hf
+    from tinyllm_mcore.convert import convert_mcore_to_hf
     from tinyllm_mcore import inference
     from tinyllm_mcore.runtime import distributed as rt
 
@@ -65,7 +64,7 @@ def bench_size(model_size: str, args, work: Path) -> None:
     generator, preset = inference.load_generator(str(ckpt))
     params = inference.SamplingParams(max_new_tokens=args.new_tokens, greedy=True)  # no stop ids: fixed length
     print(f"\n{model_size} ({preset.num_parameters():,} params, context {preset.max_position_embeddings})", flush=True)
-    print(f"{'prompt':>6} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6}", flush=True)
+    print(f"{'prompt':>6} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6}  load", flush=True)
     for requested in args.prompt_lens:
         prompt_len = min(requested, preset.max_position_embeddings - args.new_tokens)
         for batch in args.batch_sizes:
@@ -79,11 +78,12 @@ def bench_size(model_size: str, args, work: Path) -> None:
                                 min_new_tokens=args.new_tokens, do_sample=False, repetition_penalty=1.0,
                                 pad_token_id=0)
 
+            load_before = os.getloadavg()[0]
             ours, theirs = timed_pair(lambda: generator.generate(prompts.tolist(), params), hf_generate,
                                       args.repeats)
             tokens = batch * args.new_tokens
             print(f"{prompt_len:>6} {batch:>5} {tokens / ours:>11.1f} {tokens / theirs:>10.1f} "
-                  f"{theirs / ours:>5.2f}x", flush=True)
+                  f"{theirs / ours:>5.2f}x  {load_before:.1f}-{os.getloadavg()[0]:.1f}", flush=True)
     rt.destroy()
 
 

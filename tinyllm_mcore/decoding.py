@@ -14,20 +14,22 @@ class CachedDecoder:
     megatron-core's static inference context caches keys before RoPE and rotates all cached keys again in every layer
     at every step, and its paths that cache rotated keys (flash decode, the dynamic engine) need CUDA flash-attn.
     Here RoPE is applied once per key and keys/values go to preallocated [b, groups, max_length, head_dim] buffers;
-    activations stay [b, s, h]; only each sequence's last position reaches the output layer. The local spec's
-    parallel linears and the output layer run as plain matmuls on contiguous [in, out] copies of their (TP-sharded)
-    weights, made per generation call (so never stale; they double the dense weights' memory while generating), plus
-    megatron's TP all-reduce / all-gather where their forward would communicate. On a CPU, one or a few rows times
-    that layout run 1.3-4x faster than F.linear over megatron's [out, in] weights (measured at 16m and 92m, batch 1
-    and 8), and the calls skip megatron's autograd wrappers. Other modules (Transformer Engine's fused norm+linear,
-    MoE layers) are called as modules.
+    activations stay [b, s, h]. The local spec's parallel linears run as `F.linear` on their own (TP-sharded)
+    [out, in] weights, plus megatron's TP all-reduce / all-gather where their forward would communicate (skipping
+    megatron's autograd wrappers); other modules (Transformer Engine's fused norm+linear, MoE layers) are called as
+    modules. Only each sequence's last prompt position goes past the last layer's attention in the prompt forward
+    (the other positions only need their keys and values cached), and only that position reaches the output layer.
+
+    The output layer alone runs over a contiguous [h, vocab] copy of its weight, `head_in_out` (see `HeadCopy`): on a
+    CPU, a few rows times megatron's [vocab, h] weight through `F.linear` take 2-10x longer than through that layout
+    (MKL packs the whole transposed weight per call), while the layers' much smaller weights run as fast either way.
 
     Sequences keep their own positions: a batch of prompts is right-padded (causal attention keeps padding out of
     every real token's view) and each sequence then decodes at its own next position, with a key mask only when
     positions differ. The rotate-half RoPE, q/k/v split and SwiGLU are megatron's (rope_utils, attention, mlp).
     """
 
-    def __init__(self, model: GPTModel, batch_size: int, max_length: int):
+    def __init__(self, model: GPTModel, batch_size: int, max_length: int, head_in_out: torch.Tensor | None = None):
         assert not model.config.sequence_parallel, "cached decoding runs without sequence parallelism"
         self.model = model
         self.layers = list(model.decoder.layers)
@@ -46,12 +48,7 @@ class CachedDecoder:
         freqs = model.rotary_pos_emb(max(model.max_sequence_length, max_length))[:max_length, 0, 0, :]
         self.cos, self.sin = freqs.cos().to(weight.dtype), freqs.sin().to(weight.dtype)
         self.rows = torch.arange(batch_size, device=weight.device)
-        linears = [model.output_layer]
-        for layer in self.layers:
-            linears += [layer.self_attention.linear_qkv, layer.self_attention.linear_proj]
-            if type(layer.mlp) is MLP:
-                linears += [layer.mlp.linear_fc1, layer.mlp.linear_fc2]
-        self.in_out = {linear: linear.weight.t().contiguous() for linear in linears if _plain(linear)}
+        self.head_in_out = head_in_out
 
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Right-padded prompts [b, s] (row i's prompt: its first lengths[i] tokens) -> logits [b, vocab] at each
@@ -63,8 +60,8 @@ class CachedDecoder:
             cache[:, :, :s] = new.transpose(1, 2)
             return cache[:, :, :s]
 
-        hidden = self._layers(tokens, cos, sin, store, mask=None, causal=True)
-        return self._logits(hidden[self.rows, lengths - 1])
+        hidden = self._layers(tokens, cos, sin, store, mask=None, causal=True, keep=lengths - 1)
+        return self._logits(hidden[:, 0])
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One new token per sequence [b] at its own position [b] -> logits [b, vocab]."""
@@ -81,7 +78,9 @@ class CachedDecoder:
         hidden = self._layers(tokens[:, None], cos, sin, store, mask=mask, causal=False)
         return self._logits(hidden[:, -1])
 
-    def _layers(self, tokens, cos, sin, store, mask, causal):
+    def _layers(self, tokens, cos, sin, store, mask, causal, keep=None):
+        """Embedding and all layers; with `keep` [b] (the prompt forward), the last layer continues past its attention
+        with only position keep[i] of row i, and the result is [b, 1, h]."""
         b, s = tokens.shape
         d, q_per_group = self.head_dim, self.heads // self.groups
         hidden = self.model.embedding.word_embeddings(tokens)  # [b, s, h]; no embedding dropout in eval
@@ -91,6 +90,13 @@ class CachedDecoder:
             query, key, value = qkv.split([q_per_group * d, d, d], dim=-1)
             query = _rotate(query.reshape(b, s, self.heads, d), cos, sin)
             keys, values = store(key_cache, _rotate(key, cos, sin)), store(value_cache, value)
+            if keep is not None and layer is self.layers[-1]:
+                # nothing reads the other positions' outputs of the last layer: one query per sequence, which sees
+                # its own prompt (a key mask only where prompts are shorter than the batch's longest)
+                hidden, query = hidden[self.rows, keep][:, None], query[self.rows, keep][:, None]
+                s, causal = 1, False
+                if int(keep.min()) + 1 != keys.size(2):
+                    mask = (torch.arange(keys.size(2), device=keep.device) <= keep[:, None])[:, None, None, :]
             context = torch.nn.functional.scaled_dot_product_attention(
                 query.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
                 enable_gqa=q_per_group > 1)
@@ -99,21 +105,27 @@ class CachedDecoder:
         return hidden
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self._linear(self.model.output_layer, self.model.decoder.final_layernorm(hidden))
-        if self.tp > 1 and self.model.output_layer in self.in_out:  # else the module gathered already
-            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
-        return logits
+        output_layer, hidden = self.model.output_layer, self.model.decoder.final_layernorm(hidden)
+        if not _plain(output_layer):  # it gathers its output itself
+            return self._linear(output_layer, hidden)
+        if self.head_in_out is not None:
+            logits = hidden @ self.head_in_out
+            logits = logits if output_layer.bias is None else logits + output_layer.bias
+        else:
+            logits = self._linear(output_layer, hidden)
+        return tensor_parallel.gather_from_tensor_model_parallel_region(logits) if self.tp > 1 else logits
 
     def _linear(self, linear, x: torch.Tensor) -> torch.Tensor:
         """A megatron linear's output with its bias added; column-parallel outputs stay sharded, as the module's."""
-        weight = self.in_out.get(linear)
-        if weight is None:
+        if not _plain(linear):
             out, bias = linear(x)
             return out if bias is None else out + bias
-        out = x @ weight
         if type(linear) is tensor_parallel.RowParallelLinear and linear.tp_group.size() > 1:
-            out = tensor_parallel.reduce_from_tensor_model_parallel_region(out, group=linear.tp_group)
-        return out if linear.bias is None else out + linear.bias
+            # the bias joins after the all-reduce, once (as megatron's row-parallel forward adds it)
+            out = tensor_parallel.reduce_from_tensor_model_parallel_region(
+                torch.nn.functional.linear(x, linear.weight), group=linear.tp_group)
+            return out if linear.bias is None else out + linear.bias
+        return torch.nn.functional.linear(x, linear.weight, linear.bias)
 
     def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
         """megatron's MLP (SwiGLU: fc1 = [gate; up] per TP shard) on plain ops; other MLPs (MoE) as modules."""
@@ -127,6 +139,29 @@ class CachedDecoder:
         else:
             intermediate = mlp.activation_func(intermediate)
         return self._linear(mlp.linear_fc2, intermediate)
+
+
+class HeadCopy:
+    """The output layer's weight as a contiguous [h, vocab] copy for `CachedDecoder`, made once and reused by every
+    generation call while the weight is unchanged (one extra copy of the output layer's TP shard, the only one).
+
+    Invalidation: the copy is remade when the output layer's weight is another tensor or was modified in place
+    through the parameter (an optimizer step, `load_state_dict`, `copy_` under no_grad: each bumps the tensor's
+    version counter). A write through `weight.data` bumps nothing: after one, make a new Generator."""
+
+    def __init__(self):
+        self._key, self._copy = None, None
+
+    def of(self, model: GPTModel) -> torch.Tensor | None:
+        linear = model.output_layer
+        if not _plain(linear):
+            return None
+        weight = linear.weight
+        key = (id(weight), weight.data_ptr(), weight._version, weight.dtype, weight.shape)
+        if key != self._key:
+            self._copy = None  # let the old copy go before making the new one
+            self._copy, self._key = weight.detach().t().contiguous(), key
+        return self._copy
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,11 @@
 
 The forward is `decoding.CachedDecoder`: the model's own modules and weights with a cache of rotated keys (megatron's
 StaticInferenceContext re-rotates every cached key in every layer at every step; its rotated-key paths need CUDA),
-the whole batch of prompts processed in one forward, and logits for each sequence's last position only. Logits are
-gathered across tensor-parallel ranks, so every TP rank samples the same token from the same logits with an
-identically seeded generator: generation runs at any TP with all ranks executing this same loop. Pipeline
-parallelism is not supported for generation (load at PP1; dist checkpoints reshard on load).
+the whole batch of prompts processed in one forward, and logits for each sequence's last position only. A Generator
+keeps one [h, vocab] copy of the output layer's weight across calls (`decoding.HeadCopy`, remade if the weight
+changes). Logits are gathered across tensor-parallel ranks, so every TP rank samples the same token from the same
+logits with an identically seeded generator: generation runs at any TP with all ranks executing this same loop.
+Pipeline parallelism is not supported for generation (load at PP1; dist checkpoints reshard on load).
 
 Prompts of different lengths share one batch: they are right-padded for the prompt forward and each sequence then
 decodes at its own positions, so every sequence sees exactly the positions and tokens it would see alone.
@@ -91,12 +92,15 @@ class Generator:
     def __init__(self, model, vocab_size: int, max_sequence_length: int):
         from megatron.core import parallel_state as ps
 
+        from tinyllm_mcore.decoding import HeadCopy
+
         if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
             raise ValueError("generation runs at pipeline-parallel size 1 (any TP): load the checkpoint with PP1")
         self.model = model
         self.vocab_size = vocab_size
         self.max_sequence_length = max_sequence_length
         self.device = next(model.parameters()).device
+        self.head_copy = HeadCopy()  # the output layer's [h, vocab] copy, kept across calls until the weight changes
 
     @torch.no_grad()  # not inference_mode: megatron caches its RoPE table, which a later training forward may reuse
     def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[list[int | None]]:
@@ -127,7 +131,7 @@ class Generator:
         produced = torch.zeros(batch, dtype=torch.long, device=self.device)
 
         self.model.eval()
-        decoder = CachedDecoder(self.model, batch, total)
+        decoder = CachedDecoder(self.model, batch, total, head_in_out=self.head_copy.of(self.model))
         logits = decoder.prefill(tokens[:, :longest], last + 1)
         while True:
             sampled = sample(logits[:, : self.vocab_size], tokens[:, : int(last.max()) + 1], params, generator)
@@ -186,7 +190,7 @@ def check_vocab(preset, tokenizer) -> None:
 
 def load_generator(load: str, tokenizer=None, *, tensor_parallel_size: int = 1, bf16: bool = False,
                    max_sequence_length: int | None = None) -> tuple[Generator, object]:
-    """Initialise the runtime (if needed) at TP=`tensor_parallel_size`, load the checkpoint, return (Generator, preset)."""
+    """Initialise the runtime (if needed) at TP=`tensor_parallel_size`, load the checkpoint; (Generator, preset)."""
     from megatron.core import parallel_state as ps
 
     from tinyllm_mcore.runtime import distributed as rt

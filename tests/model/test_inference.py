@@ -119,6 +119,7 @@ def test_greedy_generation_equals_hf_export(sft_generator, hf_export):
             assert len(mine) >= 3
 
 
+@pytest.mark.distributed
 def test_tp2_generate_cli_equals_hf_export(hf_export, tmp_path):
     """tools/generate.py under torchrun at TP2 (gathered logits, every rank sampling) answers as the HF export."""
     import json
@@ -130,7 +131,7 @@ def test_tp2_generate_cli_equals_hf_export(hf_export, tmp_path):
     tok = data.tokenizer()
     records = data.corpus().sft[:2] + [r for r in data.corpus().eval if r["split"] == "heldout_phrasing"][:2]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-           str(Path(__file__).resolve().parents[1] / "tools" / "generate.py"),
+           str(Path(__file__).resolve().parents[2] / "tools" / "generate.py"),
            "--load", str(data.checkpoints()["sft"]), "--tokenizer-model", tok.model_path,
            "--tensor-model-parallel-size", "2", "--greedy", "--max-new-tokens", "20", "--chat", "--system", "",
            "--json"] + sum((["--prompt", r["question"]] for r in records), [])
@@ -162,3 +163,22 @@ def test_moe_layers_generate_as_recomputation(sft_generator):
     outputs = generator.generate(prompts, inference.SamplingParams(max_new_tokens=10, greedy=True))
     for prompt, out in zip(prompts, outputs):
         assert out == naive_greedy(model, prompt, 10, preset.vocab_size)
+
+
+def test_output_layer_copy_follows_weight_updates(sft_generator):
+    """The Generator's cached [h, vocab] copy of the output layer is remade after an in-place weight update."""
+    generator, preset = sft_generator
+    weight = generator.model.output_layer.weight
+    prompt, params = [5, 6, 7, 8], inference.SamplingParams(max_new_tokens=6, greedy=True)
+    before = generator.generate([prompt], params)[0]
+    original = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.copy_(torch.roll(original, 1, dims=0))  # token t's logit row now scores token t + 1
+        changed = generator.generate([prompt], params)[0]
+        assert changed != before
+        assert changed == naive_greedy(generator.model, prompt, 6, preset.vocab_size)
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+    assert generator.generate([prompt], params)[0] == before
