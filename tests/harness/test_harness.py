@@ -1,6 +1,8 @@
 """The worker harness itself: results per rank and per case, a rank's failure raised with its output, and a hung run
 killed whole at the timeout (no process left behind)."""
+import threading
 import time
+import uuid
 
 import psutil
 import pytest
@@ -32,12 +34,20 @@ def fail_on_rank_one() -> None:
     dist.barrier()  # rank 0 waits for a partner that is gone: the harness must stop it
 
 
-def hang(pid_file: str) -> None:
-    import os
-
-    with open(f"{pid_file}.{os.getpid()}", "w"):
-        pass
+def hang() -> None:
     time.sleep(600)
+
+
+def processes_tagged(tag: str) -> list[psutil.Process]:
+    """Processes whose environment carries `tag` (only this test's: other runs on the machine have other tags)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("HARNESS_TEST_TAG") == tag:
+                found.append(p)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+    return found
 
 
 @pytest.mark.distributed
@@ -59,13 +69,25 @@ def test_a_failing_rank_is_raised_with_its_traceback_and_the_others_stopped():
 
 
 @pytest.mark.distributed
-def test_timeout_kills_every_process(tmp_path):
+def test_timeout_kills_every_process():
     """Under torchrun: its workers run in sessions of their own, so killing torchrun alone would leave them."""
-    with pytest.raises(RanksFailed, match="timed out after 20 s"):
-        run_ranks(f"{__name__}:hang", nproc=1, launcher="torchrun", timeout=20, pid_file=str(tmp_path / "pid"))
-    pids = [int(p.suffix[1:]) for p in tmp_path.glob("pid.*")]
-    assert len(pids) == 1  # the rank was running when the time was up
-    assert not [pid for pid in pids if psutil.pid_exists(pid)]
+    tag, seen, done = uuid.uuid4().hex, set(), threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.update(p.pid for p in processes_tagged(tag))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with pytest.raises(RanksFailed, match="timed out after 10 s"):
+            run_ranks(f"{__name__}:hang", nproc=1, launcher="torchrun", timeout=10, env={"HARNESS_TEST_TAG": tag})
+    finally:
+        done.set()
+        watcher.join()
+    assert len(seen) >= 2  # torchrun's agent and its worker were running when the time was up
+    assert not processes_tagged(tag)
 
 
 def test_an_unmarked_test_may_not_start_ranks():
