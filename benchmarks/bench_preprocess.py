@@ -78,6 +78,8 @@ def megatron_lm(checkout: Path, extra_path: str | None, input_path: Path, prefix
                 workers: int, docs: int, partitions: int = 1) -> dict:
     log_interval = max(1, min(10000, docs // (4 * partitions)))  # a few progress lines per part
     env = dict(os.environ)
+    # the peer's environment: Megatron-LM is a checkout, not an installed package (this project's own run above
+    # imports the installed tinyllm_mcore)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(checkout), extra_path, env.get("PYTHONPATH")) if p)
     wall, peak, text = run_measured([sys.executable, str(checkout / "tools" / "preprocess_data.py"), "--input",
                                      str(input_path), "--output-prefix", str(prefix), "--tokenizer-type",
