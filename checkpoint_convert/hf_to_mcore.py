@@ -1,4 +1,5 @@
 """Hugging Face model directory -> megatron-core checkpoint (a checkout's script for `tinyllm-hf-to-mcore`)."""
 from tinyllm_mcore.cli.hf_to_mcore import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -41,7 +41,7 @@ def test_pretrain_end_to_end_tp2_on_preprocessed_data(tmp_path):
     import socket
 
     from tests.harness.text_data import tiny_tokenizer_dir, write_text_jsonl
-    from tools import preprocess_data
+    from tinyllm_mcore.cli import preprocess_data
 
     write_text_jsonl(tmp_path / "corpus.jsonl", 400, seed=3)
     tok = tiny_tokenizer_dir() / "tokenizer.model"
