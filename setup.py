@@ -41,6 +41,8 @@ setup(
         "transformers>=4.45",
         "datasets>=2.19",
         "safetensors>=0.4",
+        # the chat template is checked by rendering it as transformers does (tokenizer_files.py)
+        "jinja2>=3.1",
         "numpy",
         "tqdm",
         "tensorboard",
