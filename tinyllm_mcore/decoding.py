@@ -8,6 +8,13 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.mlp import MLP
 
 
+# Up to this many rows (sequences), the output layer runs as [vocab, h] @ [h, rows] on its own weight; more rows run
+# over an [h, vocab] copy (`HeadCopy`). Measured on this project's CPU (MKL, 1 thread, 92m's 64896 x 512 weight, ms):
+# rows 1 / 2 / 8 / 16: F.linear 12.4 / 29.9 / 25.9 / 32.7, copy 6.9 / 13.5 / 19.5 / 26.6, weight @ columns 7.1 (one
+# row doubled) / 7.1 / 16.2 / 38.3. See docs/benchmarks.md (generation).
+FEW_ROWS = 8
+
+
 class CachedDecoder:
     """A KV-cached inference forward over a built PP1 model's own modules and weights, caching *rotated* keys.
 
@@ -20,9 +27,10 @@ class CachedDecoder:
     modules. Only each sequence's last prompt position goes past the last layer's attention in the prompt forward
     (the other positions only need their keys and values cached), and only that position reaches the output layer.
 
-    The output layer alone runs over a contiguous [h, vocab] copy of its weight, `head_in_out` (see `HeadCopy`): on a
-    CPU, a few rows times megatron's [vocab, h] weight through `F.linear` take 2-10x longer than through that layout
-    (MKL packs the whole transposed weight per call), while the layers' much smaller weights run as fast either way.
+    The output layer is the one large weight, and a few rows times megatron's [vocab, h] weight through `F.linear`
+    take 1.3-4x longer on a CPU than the same product laid out otherwise (MKL packs the whole transposed weight per
+    call): up to FEW_ROWS sequences it runs as weight @ hidden^T, for larger batches over `head_in_out`, a contiguous
+    [h, vocab] copy the caller keeps (`HeadCopy`). The layers' smaller weights run as fast through `F.linear`.
 
     Sequences keep their own positions: a batch of prompts is right-padded (causal attention keeps padding out of
     every real token's view) and each sequence then decodes at its own next position, with a key mask only when
@@ -108,11 +116,17 @@ class CachedDecoder:
         output_layer, hidden = self.model.output_layer, self.model.decoder.final_layernorm(hidden)
         if not _plain(output_layer):  # it gathers its output itself
             return self._linear(output_layer, hidden)
+        rows = hidden.size(0)
         if self.head_in_out is not None:
             logits = hidden @ self.head_in_out
-            logits = logits if output_layer.bias is None else logits + output_layer.bias
+        elif rows <= FEW_ROWS:
+            # [vocab, h] @ [h, rows] on the weight itself; a single row goes in twice, as MKL's one-column product
+            # takes F.linear's slow path
+            columns = hidden.t() if rows > 1 else hidden.repeat(2, 1).t()
+            logits = (output_layer.weight @ columns).t()[:rows].contiguous()
         else:
-            logits = self._linear(output_layer, hidden)
+            logits = torch.nn.functional.linear(hidden, output_layer.weight)
+        logits = logits if output_layer.bias is None else logits + output_layer.bias
         return tensor_parallel.gather_from_tensor_model_parallel_region(logits) if self.tp > 1 else logits
 
     def _linear(self, linear, x: torch.Tensor) -> torch.Tensor:
@@ -142,8 +156,9 @@ class CachedDecoder:
 
 
 class HeadCopy:
-    """The output layer's weight as a contiguous [h, vocab] copy for `CachedDecoder`, made once and reused by every
-    generation call while the weight is unchanged (one extra copy of the output layer's TP shard, the only one).
+    """The output layer's weight as a contiguous [h, vocab] copy for `CachedDecoder` batches of more than FEW_ROWS
+    sequences, made at the first such call and reused while the weight is unchanged (one extra copy of the output
+    layer's TP shard, the only one; none is made while batches stay at FEW_ROWS or fewer).
 
     Invalidation: the copy is remade when the output layer's weight is another tensor or was modified in place
     through the parameter (an optimizer step, `load_state_dict`, `copy_` under no_grad: each bumps the tensor's

@@ -1,11 +1,12 @@
 """Text generation on a megatron-core GPTModel with a KV cache: used by tools/generate.py, tools/chat.py and eval.
 
-The forward is `decoding.CachedDecoder`: the model's own modules and weights with a cache of rotated keys (megatron's
-StaticInferenceContext re-rotates every cached key in every layer at every step; its rotated-key paths need CUDA),
-the whole batch of prompts processed in one forward, and logits for each sequence's last position only. A Generator
-keeps one [h, vocab] copy of the output layer's weight across calls (`decoding.HeadCopy`, remade if the weight
-changes). Logits are gathered across tensor-parallel ranks, so every TP rank samples the same token from the same
-logits with an identically seeded generator: generation runs at any TP with all ranks executing this same loop.
+The forward is `decoding.CachedDecoder`: the model's own modules and weights with a cache of rotated keys
+(megatron's StaticInferenceContext re-rotates every cached key in every layer at every step; its rotated-key paths
+need CUDA), the whole batch of prompts processed in one forward, and logits for each sequence's last position only.
+For batches of more than `decoding.FEW_ROWS` sequences a Generator keeps one [h, vocab] copy of the output layer's
+weight across calls (`decoding.HeadCopy`, remade if the weight changes). Logits are gathered across tensor-parallel
+ranks, so every TP rank samples the same token from the same logits with an identically seeded generator: generation
+runs at any TP with all ranks executing this same loop.
 Pipeline parallelism is not supported for generation (load at PP1; dist checkpoints reshard on load).
 
 Prompts of different lengths share one batch: they are right-padded for the prompt forward and each sequence then
@@ -100,12 +101,12 @@ class Generator:
         self.vocab_size = vocab_size
         self.max_sequence_length = max_sequence_length
         self.device = next(model.parameters()).device
-        self.head_copy = HeadCopy()  # the output layer's [h, vocab] copy, kept across calls until the weight changes
+        self.head_copy = HeadCopy()  # batches over FEW_ROWS: an [h, vocab] output layer copy, kept while unchanged
 
     @torch.no_grad()  # not inference_mode: megatron caches its RoPE table, which a later training forward may reuse
     def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[list[int | None]]:
         """Yield, per decoding step, each sequence's new token (None where it has finished)."""
-        from tinyllm_mcore.decoding import CachedDecoder
+        from tinyllm_mcore.decoding import FEW_ROWS, CachedDecoder
 
         params.validate()
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -131,7 +132,8 @@ class Generator:
         produced = torch.zeros(batch, dtype=torch.long, device=self.device)
 
         self.model.eval()
-        decoder = CachedDecoder(self.model, batch, total, head_in_out=self.head_copy.of(self.model))
+        head_in_out = self.head_copy.of(self.model) if batch > FEW_ROWS else None
+        decoder = CachedDecoder(self.model, batch, total, head_in_out=head_in_out)
         logits = decoder.prefill(tokens[:, :longest], last + 1)
         while True:
             sampled = sample(logits[:, : self.vocab_size], tokens[:, : int(last.max()) + 1], params, generator)

@@ -165,20 +165,29 @@ def test_moe_layers_generate_as_recomputation(sft_generator):
         assert out == naive_greedy(model, prompt, 10, preset.vocab_size)
 
 
-def test_output_layer_copy_follows_weight_updates(sft_generator):
-    """The Generator's cached [h, vocab] copy of the output layer is remade after an in-place weight update."""
+def test_output_layer_paths_follow_weight_updates(sft_generator):
+    """Both output-layer paths (the weight itself up to FEW_ROWS sequences, the Generator's cached [h, vocab] copy
+    above) give recomputation's tokens, also after an in-place update of the weight (the copy is remade)."""
+    from tinyllm_mcore.decoding import FEW_ROWS
+
     generator, preset = sft_generator
     weight = generator.model.output_layer.weight
-    prompt, params = [5, 6, 7, 8], inference.SamplingParams(max_new_tokens=6, greedy=True)
-    before = generator.generate([prompt], params)[0]
+    params = inference.SamplingParams(max_new_tokens=6, greedy=True)
+    batches = {"single": [[5, 6, 7, 8]], "copy": [[5 + i, 6, 7, 8 + i % 3][: 2 + i % 3] for i in range(FEW_ROWS + 1)]}
+
+    def check(batch):
+        outputs = generator.generate(batch, params)
+        assert outputs == [naive_greedy(generator.model, prompt, 6, preset.vocab_size) for prompt in batch]
+        return outputs
+
+    before = {name: check(batch) for name, batch in batches.items()}
     original = weight.detach().clone()
     try:
         with torch.no_grad():
             weight.copy_(torch.roll(original, 1, dims=0))  # token t's logit row now scores token t + 1
-        changed = generator.generate([prompt], params)[0]
-        assert changed != before
-        assert changed == naive_greedy(generator.model, prompt, 6, preset.vocab_size)
+        for name, batch in batches.items():
+            assert check(batch) != before[name], name
     finally:
         with torch.no_grad():
             weight.copy_(original)
-    assert generator.generate([prompt], params)[0] == before
+    assert {name: check(batch) for name, batch in batches.items()} == before
