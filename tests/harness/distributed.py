@@ -139,18 +139,3 @@ def _kill_all(processes: list[subprocess.Popen]) -> None:
 def _tail(log: Path, chars: int = LOG_TAIL) -> str:
     return log.read_text(errors="replace")[-chars:]
 
-
-def run_worker(worker, tmp_path, name: str, runs: list, nproc: int, timeout: int = 600,
-               python: str = sys.executable) -> dict:
-    """Transitional, until the last script-style workers (RUNS.json OUT.json) move to `run_ranks`: run `worker` as a
-    module from the repository root (under torchrun when nproc > 1) and return the JSON it wrote."""
-    runs_file, out_file = tmp_path / f"{name}_runs.json", tmp_path / f"{name}_out.json"
-    runs_file.write_text(json.dumps(runs))
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                                      f"--master-port={free_port()}"]
-    module = ".".join(Path(worker).resolve().relative_to(REPO).with_suffix("").parts)
-    cmd = [python, *launcher, "-m", module, str(runs_file), str(out_file)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(out_file.read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
-from tests.harness import distributed as distributed_helpers
+from tests.harness.distributed import run_ranks
 from tests.harness.progression_data import progression_datasets
 from tinyllm_mcore.training.steps import lm_forward_step
 from tinyllm_mcore.runtime import compat
@@ -22,7 +22,6 @@ from tinyllm_mcore.training import checkpoint as ckpt
 from tinyllm_mcore.training.loop import Stage, parse_args, train
 
 REPO = Path(__file__).resolve().parents[2]
-LOOP_WORKER = REPO / "tests" / "training" / "loop_worker.py"
 STAGE = Stage("pretrain", progression_datasets, lm_forward_step)
 OTHER_PYTHON = os.environ.get("TINYLLM_OTHER_PYTHON")
 
@@ -84,21 +83,22 @@ def test_checkpoints_cross_megatron_core_versions(tmp_path):
     half, full = common + ["--train-iters", "3"], common + ["--train-iters", "6"]
     dp_here, full_here, dp_there = tmp_path / "dp_here", tmp_path / "full_here", tmp_path / "dp_there"
 
-    def launch(name, runs, python):
-        out = distributed_helpers.run_worker(LOOP_WORKER, tmp_path, name, runs, nproc=2, python=python)
+    def launch(runs, python):
+        out = run_ranks("tests.training.loop_worker:train_run", nproc=2, python=python,
+                        cases={run["name"]: {"argv": run["argv"]} for run in runs})[0]
         return {run: result["train"] for run, result in out.items()}
 
-    saved_here = launch("saved_here", [
+    saved_here = launch([
         {"name": "dp", "argv": half + ["--save", str(dp_here)]},
         {"name": "full", "argv": half + ["--save", str(full_here), "--dist-ckpt-optim-fully-reshardable"]},
     ], python=sys.executable)
-    there_runs = launch("there", [
+    there_runs = launch([
         {"name": "dp", "argv": half + ["--save", str(dp_there)]},
         {"name": "resume_own", "argv": full + ["--load", str(dp_there)]},
         {"name": "resume_dp", "argv": full + ["--load", str(dp_here)]},
         {"name": "resume_full", "argv": full + ["--load", str(full_here)]},
     ], python=OTHER_PYTHON)
-    back = launch("back", [
+    back = launch([
         {"name": "resume_own", "argv": full + ["--load", str(dp_here)]},
         {"name": "resume_dp", "argv": full + ["--load", str(dp_there)]},
     ], python=sys.executable)

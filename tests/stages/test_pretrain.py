@@ -35,6 +35,7 @@ def test_bad_input_is_one_line(args, env, message):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+@pytest.mark.distributed
 def test_pretrain_end_to_end_tp2_on_preprocessed_data(tmp_path):
     """tokenizer → preprocess_data → torchrun pretrain at TP2 with eval, TensorBoard, metrics and a checkpoint."""
     import json

@@ -9,15 +9,12 @@ TP/PP); where megatron's format cannot follow, the load is refused with one line
 
 Three launches (1 process, 2 processes, 1 process) so checkpoints move between world sizes.
 """
-from pathlib import Path
-
 import pytest
 
-from tests.harness import distributed as distributed_helpers
+from tests.harness.distributed import run_ranks
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-WORKER = Path(__file__).with_name("loop_worker.py")
 COMMON = ["--model-size", "tiny", "--seq-length", "32", "--global-batch-size", "4", "--lr", "1e-2", "--min-lr",
           "1e-3", "--log-interval", "1", "--lr-warmup-iters", "1", "--hidden-dropout", "0.1", "--attention-dropout",
           "0.1", "--eval-iters", "2"]
@@ -98,10 +95,16 @@ def matrix(tmp_path_factory):
             str(ckpt("dp2-distopt-fp32") / "iter_0000003")]},
     ]
     out = {}
-    out.update(distributed_helpers.run_worker(WORKER, tmp, "first1", runs[1][0], nproc=1))
-    out.update(distributed_helpers.run_worker(WORKER, tmp, "two", runs[2][0] + runs[2][1], nproc=2, timeout=1200))
-    out.update(distributed_helpers.run_worker(WORKER, tmp, "last1", runs[1][1], nproc=1))
+    out.update(launch(runs[1][0], nproc=1))
+    out.update(launch(runs[2][0] + runs[2][1], nproc=2, timeout=1200))
+    out.update(launch(runs[1][1], nproc=1))
     return out
+
+
+def launch(runs, nproc, timeout=600):
+    """The runs ({"name", "argv", "expect_error"?}) in one launch of `nproc` ranks: {name: rank 0's result}."""
+    return run_ranks("tests.training.loop_worker:train_run", nproc, timeout=timeout,
+                     cases={run["name"]: {k: v for k, v in run.items() if k != "name"} for run in runs})[0]
 
 
 @pytest.mark.parametrize("layout,optimizer,precision", CELLS, ids=[cell_name(*c) for c in CELLS])

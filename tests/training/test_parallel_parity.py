@@ -1,17 +1,17 @@
 """Same weights ⇒ same loss under every parallel layout, exact resume, and resharded checkpoints (CPU, gloo)."""
-from pathlib import Path
-
 import pytest
 
-from tests.harness import distributed as distributed_helpers
+from tests.harness.distributed import run_ranks
 
-WORKER = Path(__file__).with_name("loop_worker.py")
+pytestmark = pytest.mark.distributed  # every test reads the multi-process results
 COMMON = ["--model-size", "tiny", "--seq-length", "32", "--global-batch-size", "4", "--lr", "2e-3",
           "--min-lr", "2e-4", "--log-interval", "1", "--lr-warmup-iters", "1"]
 
 
-def run_worker(tmp_path, name, runs, nproc):
-    return distributed_helpers.run_worker(WORKER, tmp_path, name, runs, nproc)
+def launch(runs, nproc):
+    """The runs ({"name", "argv"}) in one launch of `nproc` ranks: {name: rank 0's losses}."""
+    return run_ranks("tests.training.loop_worker:train_run", nproc,
+                     cases={run["name"]: {k: v for k, v in run.items() if k != "name"} for run in runs})[0]
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def results(tmp_path_factory):
     init, full, resumed = tmp / "init", tmp / "full", tmp / "half"
     five = COMMON + ["--train-iters", "5", "--load", str(init), "--finetune"]
     # One process: the initial weights, the TP1 reference, and the 10-vs-5+5 resume runs.
-    single = run_worker(tmp, "single", [
+    single = launch([
         {"name": "init", "argv": COMMON + ["--train-iters", "0", "--micro-batch-size", "4", "--save", str(init)]},
         {"name": "tp1", "argv": five + ["--micro-batch-size", "4"]},
         {"name": "tp1_accum", "argv": five + ["--micro-batch-size", "1"]},
@@ -36,7 +36,7 @@ def results(tmp_path_factory):
     # Two processes: TP2, PP2, DP2 (half micro-batch), VPP, distributed optimizer + sequence parallel, resume,
     # and a TP2 checkpoint re-evaluated at PP2.
     tp2_ckpt = tmp / "tp2_ckpt"
-    double = run_worker(tmp, "double", [
+    double = launch([
         {"name": "tp2", "argv": five + ["--micro-batch-size", "4", "--tensor-model-parallel-size", "2"]},
         {"name": "pp2", "argv": five + ["--micro-batch-size", "2", "--pipeline-model-parallel-size", "2"]},
         {"name": "dp2", "argv": five + ["--micro-batch-size", "2"]},
