@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 
+from tinyllm_mcore.convert.output import add_conversion_flags, conversion_log
+from tinyllm_mcore.training.errors import run_cli
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
@@ -16,22 +19,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    p.add_argument("--allow-non-finite", action="store_true",
-                   help="convert even if tensors hold NaN/inf (refused by default, naming the tensor)")
-    p.add_argument("--quiet", action="store_true", help="do not list every mapped tensor")
+    add_conversion_flags(p, "convert")
     return p
 
 
 def main(argv=None) -> int:
-    from tinyllm_mcore.convert.output import conversion_log
     from tinyllm_mcore.convert.to_mcore import convert_hf_to_mcore
-    from tinyllm_mcore.training.errors import run_cli
 
     args = build_parser().parse_args(argv)
-    log = conversion_log(args.quiet)
     return run_cli(lambda: convert_hf_to_mcore(
         args.load, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-        args.make_vocab_size_divisible_by, log=log, allow_non_finite=args.allow_non_finite))
+        args.make_vocab_size_divisible_by, log=conversion_log(args.quiet), allow_non_finite=args.allow_non_finite))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 
+from tinyllm_mcore.convert.output import add_conversion_flags, conversion_log
+from tinyllm_mcore.training.errors import run_cli
+
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 
 
@@ -25,24 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prompt-prefix", action="store_true",
                    help="tokenizer(text) adds nothing (default: the chat prefix the model was trained with)")
     p.add_argument("--max-shard-size-mb", type=int, default=2048)
-    p.add_argument("--allow-non-finite", action="store_true",
-                   help="export even if tensors hold NaN/inf (refused by default, naming the tensor)")
     p.add_argument("--no-verify-checkpoint", action="store_true",
                    help="skip checking the checkpoint's files against its manifest (checksums)")
-    p.add_argument("--quiet", action="store_true", help="do not list every mapped tensor")
+    add_conversion_flags(p, "export")
     return p
 
 
 def main(argv=None) -> int:
-    from tinyllm_mcore.convert.output import conversion_log
     from tinyllm_mcore.convert.to_hf import convert_mcore_to_hf
-    from tinyllm_mcore.training.errors import run_cli
 
     args = build_parser().parse_args(argv)
-    log = conversion_log(args.quiet)
     return run_cli(lambda: convert_mcore_to_hf(
         args.load, args.save, args.dtype, args.tokenizer_model, args.hf_arch, not args.no_prompt_prefix,
-        args.max_shard_size_mb * 1024**2, log=log, allow_non_finite=args.allow_non_finite,
+        args.max_shard_size_mb * 1024**2, log=conversion_log(args.quiet), allow_non_finite=args.allow_non_finite,
         verify=not args.no_verify_checkpoint))
 
 

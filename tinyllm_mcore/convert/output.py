@@ -11,6 +11,13 @@ from pathlib import Path
 from tinyllm_mcore.convert.mapping import MappingError
 
 
+def add_conversion_flags(parser, verb: str) -> None:
+    """The flags both converters share: refusing non-finite tensors, and how much they print."""
+    parser.add_argument("--allow-non-finite", action="store_true",
+                        help=f"{verb} even if tensors hold NaN/inf (refused by default, naming the tensor)")
+    parser.add_argument("--quiet", action="store_true", help="do not list every mapped tensor")
+
+
 def conversion_log(quiet: bool):
     """The converters' printer: every mapped tensor (lines indented by two spaces) unless quiet, always the rest."""
     def log(msg: str) -> None:
