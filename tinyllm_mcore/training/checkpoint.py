@@ -297,12 +297,9 @@ def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler,
     state.update(compat.checkpoint_stamp())
     dist_checkpointing.save(state, str(path), content_metadata=optimizer_metadata)
     dist.barrier()
-    if rank0:  # publish only a complete checkpoint, in a layout every supported megatron-core reads
-        compat.write_common_state_file(path)
-        safety.write_manifest(path)  # last: a folder without it is an incomplete save
-        tmp = Path(save_dir) / f".{TRACKER}.tmp"
-        tmp.write_text(str(iteration))
-        os.replace(tmp, Path(save_dir) / TRACKER)
+    if rank0:  # publish only a complete checkpoint
+        _complete(path)
+        publish_checkpoint(save_dir, iteration)
     dist.barrier()
     return path
 
@@ -363,14 +360,12 @@ def verify_checkpoint(path: Path) -> None:
         raise CheckpointError(error)
 
 
-def _check_model_keys(path: Path, model_states: list[dict]) -> None:
-    """Every tensor the model expects is in the checkpoint with the same global shape (a checkpoint of another size
-    or stage is one line, not a multi-rank dump from inside the loader)."""
-    from megatron.core import dist_checkpointing
+def _check_model_keys(path: Path, model_states: list[dict], saved: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor the model expects is in the checkpoint (`saved`: key -> global shape) with the same global shape
+    (a checkpoint of another size or stage is one line, not a multi-rank dump from inside the loader)."""
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
-    saved = dist_checkpointing.load_tensors_metadata(str(path))
     expected = {}
     for state in model_states:
         for value in nested_values(state):
@@ -385,8 +380,8 @@ def _check_model_keys(path: Path, model_states: list[dict]) -> None:
         raise CheckpointError(f"{path} has no {missing[0]}{more}: it holds another kind of model (an LM, reward "
                               "or MoE checkpoint of another stage?)")
     for key, shape in expected.items():
-        if shape is not None and tuple(saved[key].global_shape) != shape:
-            raise CheckpointError(f"{path}: {key} has shape {tuple(saved[key].global_shape)} in the checkpoint but "
+        if shape is not None and saved[key] != shape:
+            raise CheckpointError(f"{path}: {key} has shape {saved[key]} in the checkpoint but "
                                   f"{shape} in this model (another --model-size or vocabulary?)")
 
 
@@ -419,7 +414,9 @@ def _load(path: Path, models, optimizer, scheduler, *, finetune: bool, load_opti
     saved = common.get("args", {})
     same_layout = (saved.get("tensor_model_parallel_size") == ps.get_tensor_model_parallel_world_size()
                    and saved.get("pipeline_model_parallel_size") == ps.get_pipeline_model_parallel_world_size())
-    with_optim = optimizer is not None and load_optim and not finetune and "optimizer" in _saved_keys(path)
+    saved_shapes = saved_tensor_shapes(path)
+    has_optimizer = any(k.split(".")[0] == "optimizer" for k in saved_shapes)
+    with_optim = optimizer is not None and load_optim and not finetune and has_optimizer
     optimizer_metadata = optimizer_load_metadata(path, optimizer, saved) if with_optim else None
     if with_optim:
         _init_distributed_optimizer_state(optimizer)
@@ -427,7 +424,7 @@ def _load(path: Path, models, optimizer, scheduler, *, finetune: bool, load_opti
                         iteration=0, consumed_samples=0, args=None,
                         rng=load_rng and not finetune and same_layout, is_loading=True,
                         optimizer_metadata=optimizer_metadata)
-    _check_model_keys(path, [state[_model_key(i, len(models))] for i in range(len(models))])
+    _check_model_keys(path, [state[_model_key(i, len(models))] for i in range(len(models))], saved_shapes)
     loaded = dist_checkpointing.load(state, str(path))
     for i, m in enumerate(models):
         unwrap(m).load_state_dict(loaded[_model_key(i, len(models))], strict=True)
@@ -447,15 +444,6 @@ def _load(path: Path, models, optimizer, scheduler, *, finetune: bool, load_opti
     if finetune:
         return 0, 0
     return int(loaded["iteration"]), int(loaded["consumed_samples"])
-
-
-def _saved_keys(path: Path) -> set[str]:
-    from megatron.core import dist_checkpointing
-
-    try:
-        return {k.split(".")[0] for k in dist_checkpointing.load_tensors_metadata(str(path))}
-    except Exception:
-        return set()
 
 
 def saved_preset(load: str):
@@ -523,9 +511,15 @@ def write_model_checkpoint(path: str | os.PathLike, model, *, args: dict, tensor
                            for p in range(pp) for t in range(tp)],
              **compat.checkpoint_stamp()}
     dist_checkpointing.save(state, str(path))
-    compat.write_common_state_file(path)
-    safety.write_manifest(path)  # last: a folder without it is an incomplete save
+    _complete(path)
     return path
+
+
+def _complete(path: Path) -> None:
+    """After every rank wrote: the common state in a layout every supported megatron-core reads, then the manifest
+    (last: a folder without it is an incomplete save)."""
+    compat.write_common_state_file(path)
+    safety.write_manifest(path)
 
 
 def publish_checkpoint(save_dir: str | os.PathLike, iteration: int) -> None:

@@ -144,6 +144,6 @@ _REGISTRATION = None
 
 def forked_workers_die_with_parent() -> None:
     global _REGISTRATION
-    if _REGISTRATION is None:
+    if _REGISTRATION is None:  # once per process: every registration runs in every forked worker
         _REGISTRATION = _ForkedWorkersDieWithParent()
-    multiprocessing.util.register_after_fork(_REGISTRATION, _die_with_parent)
+        multiprocessing.util.register_after_fork(_REGISTRATION, _die_with_parent)

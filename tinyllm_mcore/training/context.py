@@ -62,10 +62,10 @@ class RunContext:
         raise LookupError("no reference model was built for this model chunk")
 
     def checkpoint_metadata(self) -> dict:
-        """What a checkpoint records of the run: plain flags plus the derived values converters and resumes read."""
-        plain = {k: v for k, v in vars(self.args).items()
-                 if isinstance(v, (str, int, float, bool, list, tuple, dict, type(None)))}
-        return {**plain,
+        """What a checkpoint records of the run: the flags (checkpoint.py keeps the plain values) plus the derived
+        values: the preset and head (converters, evaluation and chat rebuild the model from them), the tokenizer's
+        identity (checked on load) and the batch arithmetic (for whoever reads a checkpoint's run)."""
+        return {**vars(self.args),
                 "preset": dataclasses.asdict(self.preset),
                 "model_head": self.model_head,
                 "tokenizer_identity": self.tokenizer_identity,
