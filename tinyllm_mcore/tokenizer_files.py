@@ -65,7 +65,7 @@ def write_tokenizer_folder(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, 
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staged = _new_folder_beside(out)
+    staged = new_folder_beside(out)
     try:
         if tokenizer.kind == "huggingface":
             _copy_hf_tokenizer_files(tokenizer, staged)
@@ -236,8 +236,8 @@ def _write_sentencepiece_files(tokenizer: Tokenizer, out: Path, model_max_length
         "model_max_length": model_max_length,
         "chat_template": template,
     }
-    _write_json(out / "tokenizer_config.json", config)
-    _write_json(out / "special_tokens_map.json", {k: config[k] for k in (
+    write_json(out / "tokenizer_config.json", config)
+    write_json(out / "special_tokens_map.json", {k: config[k] for k in (
         "bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens")})
 
 
@@ -282,11 +282,12 @@ def _literal(text: str, quoted: bool = False) -> str:
     return text
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> Path:
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return path
 
 
-def _new_folder_beside(out: Path) -> Path:
+def new_folder_beside(out: Path) -> Path:
     """An empty folder next to ``out`` (same file system, so it can be renamed into place), created with the usual
     permissions (mkdtemp's 0700 would become the final folder's mode)."""
     while True:

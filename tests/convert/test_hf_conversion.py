@@ -1,6 +1,7 @@
 """HF <-> megatron-core conversion: bit-exact round trips at TP1/TP2/PP2, logit parity against transformers (2 gloo
 processes for TP2/PP2), the exported tokenizer against SentencePiece, the seed's quick-start flow, clear errors."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,9 @@ def test_round_trip_is_bit_identical(qwen2_source, converted, tok_dir, tmp_path,
     source = load_file(root / "hf" / "model.safetensors")
     convert_mcore_to_hf(converted[layout], tmp_path / "llama", tokenizer_model=str(tok_dir), log=quiet)
     _same_model(load_file(tmp_path / "llama" / "model.safetensors"), source)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "llama").stat().st_mode & 0o777 == 0o777 & ~umask  # a folder others may read, as mkdir makes
     config = json.loads((tmp_path / "llama" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["attention_bias"] and not config["mlp_bias"]
     if layout == "tp2":  # our Llama export converts back to the same tensors (the zero o_proj bias is accepted)

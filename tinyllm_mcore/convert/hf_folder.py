@@ -5,17 +5,13 @@ writes into a staged directory (output.staged_output_dir), so the folder appears
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterable
 
 from torch import Tensor
 
-
-def write_json(path: Path, obj) -> Path:
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    return path
+from tinyllm_mcore.tokenizer_files import write_json, write_tokenizer_folder
 
 
 def write_safetensors(tensors: Iterable[tuple[str, Tensor]], out_dir: str | os.PathLike,
@@ -66,8 +62,6 @@ def write_hf_folder(out_dir: Path, tensors: Iterable[tuple[str, Tensor]], config
                     tokenizer=None, prompt_prefix: bool = True, max_shard_bytes: int = 2 * 1024**3) -> list[Path]:
     """Weights (streamed), config.json, generation_config.json and, given a tokenizer, its files (through the one
     tokenizer-folder writer, tokenizer_files) into ``out_dir``; returns the files written."""
-    from tinyllm_mcore.tokenizer_files import write_tokenizer_folder
-
     write_safetensors(tensors, out_dir, max_shard_bytes=max_shard_bytes)
     write_json(out_dir / "config.json", config)
     write_json(out_dir / "generation_config.json", generation)

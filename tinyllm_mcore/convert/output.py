@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from tinyllm_mcore.convert.mapping import MappingError
+from tinyllm_mcore.tokenizer_files import new_folder_beside
 
 
 def add_conversion_flags(parser, verb: str) -> None:
@@ -56,7 +57,7 @@ def staged_output_dir(target, replaceable=lambda existing: True):
         raise ValueError(f"output {target} is a non-empty directory that is not an earlier output; "
                          "choose a new or empty directory")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staged = new_folder_beside(target)  # not mkdtemp: its 0700 mode would become the output's
     try:
         yield staged
         if target.exists():
