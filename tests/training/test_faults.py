@@ -276,3 +276,28 @@ def test_a_run_that_skipped_every_iteration_fails():
             train(stage, args)
     finally:
         rt.destroy()
+
+
+def test_a_failed_run_releases_what_it_held(tmp_path):
+    """An error after the --save folder was claimed (here: in the datasets provider) still releases the folder's
+    lock and restores the signal handler, so the same process can run again with the same --save."""
+    from tests.harness.progression_data import progression_datasets
+    from tinyllm_mcore.runtime import distributed as rt
+    from tinyllm_mcore.training.loop import Stage, parse_args, train
+    from tinyllm_mcore.training.steps import lm_forward_step
+
+    def broken_datasets(ctx):
+        raise ValueError("no data today")
+
+    argv = BASE + ["--mock-data", "--train-iters", "1", "--save", str(tmp_path / "ckpt"), "--exit-signal-handler"]
+    handler = signal.getsignal(signal.SIGTERM)
+    broken = Stage("pretrain", broken_datasets, lm_forward_step)
+    try:
+        with pytest.raises(ValueError, match="no data today"):
+            train(broken, parse_args(broken, argv))
+        assert signal.getsignal(signal.SIGTERM) == handler
+        rt.destroy()
+        working = Stage("pretrain", progression_datasets, lm_forward_step)
+        assert train(working, parse_args(working, argv))["iteration"] == 1
+    finally:
+        rt.destroy()

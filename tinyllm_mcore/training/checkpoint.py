@@ -269,12 +269,21 @@ def _forked_write_results_queue() -> None:
     `if __name__ == "__main__"` guard recursively re-runs itself. The manager only relays write results (no CUDA,
     no torch ops), so a forked one is equivalent and immediate.
     """
+    import gc
     import multiprocessing
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None and "fork" in multiprocessing.get_all_start_methods():
-        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+        # The forked server must never garbage-collect the parent's objects: cyclic garbage the parent left (e.g. a
+        # failed run's model and process-group handles) would be finalized in the copy, which crashed it (SIGSEGV,
+        # then every later save failed on the dead queue). Collect first; freeze what is left for the child.
+        gc.collect()
+        gc.freeze()
+        try:
+            filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+        finally:
+            gc.unfreeze()
 
 
 def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler, *, consumed_samples: int,

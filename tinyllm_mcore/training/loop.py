@@ -15,6 +15,7 @@ DP ranks (pretrain/SFT count tokens, DPO/reward count pairs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import time
@@ -349,12 +350,11 @@ class TrainingRun:
     scheduler: object
     iteration: int
     consumed_samples: int
-    save_lock: object | None
 
 
-def run_context(stage: Stage, args, tokenizer=None, preset: ModelPreset | None = None) -> RunContext:
+def run_context(stage: Stage, args, tokenizer=None) -> RunContext:
     """Derive the run's preset, layout and batch arithmetic from the flags, checking what needs no process group."""
-    preset = preset or model_preset(args, tokenizer)
+    preset = model_preset(args, tokenizer)
     launch = rt.launch_from_env()
     dp = rt.check_parallel_layout(
         launch.world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
@@ -380,22 +380,26 @@ def run_context(stage: Stage, args, tokenizer=None, preset: ModelPreset | None =
                       batch=batch, report_names=tuple(stage.report_names), model_head=stage.model_head)
 
 
-def setup(stage: Stage, args, tokenizer=None, preset: ModelPreset | None = None) -> TrainingRun:
-    """Runtime, model chunks, optimizer, scheduler, checkpoint: everything the loop uses."""
+def setup(stage: Stage, args, tokenizer=None, cleanup: contextlib.ExitStack | None = None) -> TrainingRun:
+    """Runtime, model chunks, optimizer, scheduler, checkpoint: everything the loop uses. The --save folder's lock
+    is released by `cleanup` (train's), else when the process ends."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.utils import get_model_config
 
     if stage.check_args is not None:
         stage.check_args(args)
-    ctx = run_context(stage, args, tokenizer, preset)
+    ctx = run_context(stage, args, tokenizer)
     if args.load:
         ckpt.resolve_load_dir(args.load)  # fail fast, before building anything
 
     layout = ctx.layout
     rt.initialize(layout.tensor, layout.pipeline, layout.virtual_pipeline, layout.expert, seed=args.seed)
     ctx.layout = dataclasses.replace(layout, data_rank=ps.get_data_parallel_rank())
-    save_lock = _claim_save_folder(args.save) if args.save else None
+    if args.save:
+        save_lock = _claim_save_folder(args.save)
+        if save_lock is not None and cleanup is not None:
+            cleanup.callback(save_lock.release)
     if args.load:  # the files first (checksums), then what they hold (model shape, tokenizer)
         if not args.no_verify_checkpoint:
             ckpt.verify_checkpoint(ckpt.resolve_load_dir(args.load))
@@ -419,7 +423,7 @@ def setup(stage: Stage, args, tokenizer=None, preset: ModelPreset | None = None)
     if stage.after_load is not None:
         stage.after_load(ctx)
     return TrainingRun(ctx=ctx, config=config, optimizer=optimizer, scheduler=scheduler, iteration=iteration,
-                       consumed_samples=consumed, save_lock=save_lock)
+                       consumed_samples=consumed)
 
 
 def _claim_save_folder(save: str):
@@ -442,15 +446,24 @@ def _claim_save_folder(save: str):
 
 
 def train(stage: Stage, args, tokenizer=None) -> dict:
-    """Run a stage to --train-iters. Returns the history (train/eval records) on every rank."""
+    """Run a stage to --train-iters. Returns the history (train/eval records) on every rank.
+
+    However it ends (an error included), the signal handler is restored, the --save lock released and the metrics
+    writer closed, so an in-process caller can run again."""
+    with contextlib.ExitStack() as cleanup:
+        # first: a signal that arrives while the model is built is remembered too (Slurm may warn right at the start)
+        exit_conditions = ExitConditions.from_args(args)
+        cleanup.callback(exit_conditions.close)
+        return _train(stage, args, tokenizer, exit_conditions, cleanup)
+
+
+def _train(stage: Stage, args, tokenizer, exit_conditions: ExitConditions, cleanup: contextlib.ExitStack) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from tinyllm_mcore.model import flops_per_token
     from tinyllm_mcore.moe import MoEMetrics
 
-    # first: a signal that arrives while the model is built is remembered too (Slurm may warn right at the start)
-    exit_conditions = ExitConditions.from_args(args)
-    run = setup(stage, args, tokenizer)
+    run = setup(stage, args, tokenizer, cleanup)
     ctx, optimizer, scheduler = run.ctx, run.optimizer, run.scheduler
     chunks, batch, preset = ctx.chunks, ctx.batch, ctx.preset
     train_ds, valid_ds, _ = stage.datasets_provider(ctx)
@@ -472,6 +485,8 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
 
     logging_rank = rt.is_logging_rank()
     writer = MetricsWriter(args.tensorboard_dir, args.metrics_jsonl) if logging_rank else None
+    if writer is not None:
+        cleanup.callback(writer.close)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     flops_token = flops_per_token(preset, batch.seq_length)
     peak = None
@@ -490,13 +505,6 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
                                     args=ctx.checkpoint_metadata())
         rt.print_rank0(f"saved checkpoint {path}")
 
-    def release() -> None:
-        exit_conditions.close()
-        if run.save_lock is not None:
-            run.save_lock.release()
-        if writer is not None:
-            writer.close()
-
     if args.skip_train:
         if valid_factory is None:
             raise ValueError("--skip-train evaluates the validation split, but it is empty")
@@ -504,7 +512,6 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
         history.append({"split": "valid", "iteration": iteration, **result})
         rt.print_rank0(f"[{stage.name}] evaluation of iteration {iteration}: " +
                        " | ".join(f"{k} {v:.6f}" for k, v in result.items()))
-        release()
         return {"history": history, "iteration": iteration, "consumed_samples": consumed, "chunks": chunks,
                 "skipped": 0}
     while iteration < args.train_iters:
@@ -563,7 +570,6 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
         raise FloatingPointError(f"every one of the {trained} iterations had a non-finite loss; nothing was trained")
     if args.save and last_saved != iteration:  # always leave the final state (also a --train-iters 0 init)
         save(iteration)
-    release()
     return {"history": history, "iteration": iteration, "consumed_samples": consumed, "chunks": chunks,
             "optimizer": optimizer, "scheduler": scheduler, "skipped": skipped_total}
 
