@@ -11,7 +11,7 @@ from megatron.core.transformer.mlp import MLP
 # Up to this many rows (sequences), the output layer runs as [vocab, h] @ [h, rows] on its own weight; more rows run
 # over an [h, vocab] copy (`HeadCopy`). Measured on this project's CPU (MKL, 1 thread, 92m's 64896 x 512 weight, ms):
 # rows 1 / 2 / 8 / 16: F.linear 12.4 / 29.9 / 25.9 / 32.7, copy 6.9 / 13.5 / 19.5 / 26.6, weight @ columns 7.1 (one
-# row doubled) / 7.1 / 16.2 / 38.3. See docs/benchmarks.md (generation).
+# row doubled) / 7.1 / 16.2 / 38.3 (benchmarks/bench_output_layer.py; docs/benchmarks.md, generation).
 FEW_ROWS = 8
 
 
@@ -29,15 +29,16 @@ class CachedDecoder:
 
     The output layer is the one large weight, and a few rows times megatron's [vocab, h] weight through `F.linear`
     take 1.3-4x longer on a CPU than the same product laid out otherwise (MKL packs the whole transposed weight per
-    call): up to FEW_ROWS sequences it runs as weight @ hidden^T, for larger batches over `head_in_out`, a contiguous
-    [h, vocab] copy the caller keeps (`HeadCopy`). The layers' smaller weights run as fast through `F.linear`.
+    call): it runs as weight @ hidden^T, except for batches of more than FEW_ROWS sequences given a `HeadCopy` (the
+    caller's contiguous [h, vocab] copy, kept across calls). The layers' smaller weights run as fast through
+    `F.linear`.
 
     Sequences keep their own positions: a batch of prompts is right-padded (causal attention keeps padding out of
     every real token's view) and each sequence then decodes at its own next position, with a key mask only when
     positions differ. The rotate-half RoPE, q/k/v split and SwiGLU are megatron's (rope_utils, attention, mlp).
     """
 
-    def __init__(self, model: GPTModel, batch_size: int, max_length: int, head_in_out: torch.Tensor | None = None):
+    def __init__(self, model: GPTModel, batch_size: int, max_length: int, head_copy: "HeadCopy | None" = None):
         assert not model.config.sequence_parallel, "cached decoding runs without sequence parallelism"
         self.model = model
         self.layers = list(model.decoder.layers)
@@ -56,7 +57,7 @@ class CachedDecoder:
         freqs = model.rotary_pos_emb(max(model.max_sequence_length, max_length))[:max_length, 0, 0, :]
         self.cos, self.sin = freqs.cos().to(weight.dtype), freqs.sin().to(weight.dtype)
         self.rows = torch.arange(batch_size, device=weight.device)
-        self.head_in_out = head_in_out
+        self.head_in_out = head_copy.of(model) if head_copy is not None and batch_size > FEW_ROWS else None
 
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Right-padded prompts [b, s] (row i's prompt: its first lengths[i] tokens) -> logits [b, vocab] at each
@@ -119,13 +120,11 @@ class CachedDecoder:
         rows = hidden.size(0)
         if self.head_in_out is not None:
             logits = hidden @ self.head_in_out
-        elif rows <= FEW_ROWS:
+        else:
             # [vocab, h] @ [h, rows] on the weight itself; a single row goes in twice, as MKL's one-column product
             # takes F.linear's slow path
             columns = hidden.t() if rows > 1 else hidden.repeat(2, 1).t()
             logits = (output_layer.weight @ columns).t()[:rows].contiguous()
-        else:
-            logits = torch.nn.functional.linear(hidden, output_layer.weight)
         logits = logits if output_layer.bias is None else logits + output_layer.bias
         return tensor_parallel.gather_from_tensor_model_parallel_region(logits) if self.tp > 1 else logits
 

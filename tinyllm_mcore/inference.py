@@ -106,7 +106,7 @@ class Generator:
     @torch.no_grad()  # not inference_mode: megatron caches its RoPE table, which a later training forward may reuse
     def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[list[int | None]]:
         """Yield, per decoding step, each sequence's new token (None where it has finished)."""
-        from tinyllm_mcore.decoding import FEW_ROWS, CachedDecoder
+        from tinyllm_mcore.decoding import CachedDecoder
 
         params.validate()
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -124,7 +124,6 @@ class Generator:
         # [b, t] ids, then sees only a sequence's own tokens (a duplicate changes nothing).
         tokens = torch.tensor([list(p) + [p[0]] * (total - len(p)) for p in prompts], dtype=torch.long,
                               device=self.device)
-        rows = torch.arange(batch, device=self.device)
         last = torch.tensor(lengths, device=self.device) - 1  # each sequence's last token position
         stop = torch.tensor(sorted(set(int(s) for s in params.stop_ids)) or [-1], device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -132,15 +131,14 @@ class Generator:
         produced = torch.zeros(batch, dtype=torch.long, device=self.device)
 
         self.model.eval()
-        head_in_out = self.head_copy.of(self.model) if batch > FEW_ROWS else None
-        decoder = CachedDecoder(self.model, batch, total, head_in_out=head_in_out)
+        decoder = CachedDecoder(self.model, batch, total, head_copy=self.head_copy)
         logits = decoder.prefill(tokens[:, :longest], last + 1)
         while True:
             sampled = sample(logits[:, : self.vocab_size], tokens[:, : int(last.max()) + 1], params, generator)
             generating = ~done
-            new = torch.where(done, tokens[rows, last], sampled)  # a finished sequence keeps its last token
+            new = torch.where(done, tokens[decoder.rows, last], sampled)  # a finished sequence keeps its last token
             last = last + generating.long()
-            tokens[rows, last] = new
+            tokens[decoder.rows, last] = new
             produced += generating.long()
             yield [token if active else None for token, active in zip(new.tolist(), generating.tolist())]
             done |= generating & (torch.isin(new, stop) | (produced >= budget))
