@@ -22,13 +22,14 @@ import random
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.harness.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
@@ -94,12 +95,6 @@ def flag_value(words: list[str], flag: str, default=None):
 def set_flag(words: list[str], flag: str, value: str) -> None:
     if flag in words:
         words[words.index(flag) + 1] = value
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli_module(words: list[str]) -> str | None:

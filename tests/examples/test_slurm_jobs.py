@@ -7,13 +7,13 @@ resumes, is requeued mid-run and resumes again. Every pretraining curve equals o
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.harness.distributed import free_port
 from tests.harness.slurm_cluster import CPU_JOB, EXAMPLES, REPO, job_log, local_slurm_fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -46,12 +46,6 @@ def train_losses(metrics: Path) -> dict[int, float]:
 
 def latest_iteration(save: Path) -> int:
     return int((save / "latest_checkpointed_iteration.txt").read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

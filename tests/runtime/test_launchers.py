@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.harness.distributed import free_port
 from tests.harness.slurm_cluster import local_slurm_fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -22,12 +22,6 @@ local_slurm = pytest.fixture(scope="session")(local_slurm_fixture)
 TRAIN = ["-m", "tinyllm_mcore.pretrain", "--model-size", "tiny", "--mock-data", "--seq-length", "64",
          "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "3", "--log-interval", "1",
          "--lr", "1e-3"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def losses(metrics: Path) -> list[float]:

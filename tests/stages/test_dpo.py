@@ -133,7 +133,7 @@ def test_dpo_improves_heldout_preferences_and_keeps_reference_frozen(tmp_path):
     assert margin_after.mean() > margin_before.mean() + 1.0
 
 
-def test_dpo_bad_input(tmp_path):
+def test_dpo_bad_input(tmp_path, capsys):
     from tinyllm_mcore import dpo
     from tinyllm_mcore.training.loop import run_stage
     from tinyllm_mcore.training.steps import flatten_pairs
@@ -148,5 +148,7 @@ def test_dpo_bad_input(tmp_path):
     stage = dpo.make_stage(data.preference_provider(data.corpus().preference[:4]))
     try:
         assert run_stage(stage, data.common_flags(tmp_path, "--train-iters", "1", "--micro-batch-size", "1")) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            "error: DPO needs a starting checkpoint: --load SFT_CKPT --finetune (and/or --ref-load)"]
     finally:
         rt.destroy()

@@ -31,7 +31,7 @@ def test_sft_loss_only_on_assistant_tokens():
     assert tok.detokenize(trained_ids[:-1]) == answer and trained_ids[-1] == tok.eos
 
 
-def test_sft_cli_errors(tmp_path):
+def test_sft_cli_errors(tmp_path, capsys):
     from tinyllm_mcore import sft
     from tinyllm_mcore.runtime import distributed as rt
     from tinyllm_mcore.training.loop import run_stage
@@ -39,8 +39,11 @@ def test_sft_cli_errors(tmp_path):
     flags = data.common_flags(tmp_path, "--train-iters", "1", "--micro-batch-size", "1")
     try:
         assert sft.main(flags) == 2  # no --sft-data: one error line
+        assert capsys.readouterr().err.strip().splitlines() == ["error: give --sft-data FILE.jsonl or indexed PREFIX"]
         rt.destroy()
         assert run_stage(sft.make_stage(data.sft_provider(data.corpus().sft[:2])),
-                    flags + ["--load", str(tmp_path / "missing"), "--finetune"]) == 2
+                         flags + ["--load", str(tmp_path / "missing"), "--finetune"]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and error[0].startswith("error: ") and "missing" in error[0], error
     finally:
         rt.destroy()  # the loop's main leaves the runtime up after an error
