@@ -13,10 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from tinyllm_mcore.pretrain import STAGE
+from tinyllm_mcore.stages.pretrain import STAGE
 from tinyllm_mcore.runtime import distributed as rt
-from tinyllm_mcore.training import checkpoint as ckpt
-from tinyllm_mcore.training import checkpoint_safety as safety
+from tinyllm_mcore.checkpoint import io as ckpt
+from tinyllm_mcore.checkpoint import safety as safety
 from tinyllm_mcore.training.loop import parse_args, train
 
 

@@ -38,7 +38,7 @@ def make_random_hf(preset_name: str, out: Path) -> int:
     from tinyllm_mcore.convert.hf_config import hf_config
     from tinyllm_mcore.convert.hf_folder import write_json
     from tinyllm_mcore.convert.mapping import hf_shapes
-    from tinyllm_mcore.presets import get_preset
+    from tinyllm_mcore.model.presets import get_preset
 
     preset = get_preset(preset_name)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     print(f"{args.preset}: HF checkpoint {size_mib:.0f} MiB (fp32) in {work}")
 
     imports = [sys.executable, "-c", "import torch, safetensors, tinyllm_mcore.convert, "
-               "tinyllm_mcore.model, megatron.core.dist_checkpointing"]
+               "tinyllm_mcore.model.gpt, megatron.core.dist_checkpointing"]
     base_s, base_rss = run(imports)
     to_mc = [sys.executable, str(REPO / "checkpoint_convert" / "hf_to_mcore.py"), "--load", str(work / "hf"),
              "--save", str(work / "mc"), "--tensor-model-parallel-size", "2", "--quiet"]

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from tinyllm_mcore.training.steps import lm_forward_step
+    from tinyllm_mcore.training.batches import lm_forward_step
     from tinyllm_mcore.runtime import distributed as rt
     from tinyllm_mcore.training.loop import Stage, micro_batches, parse_args, setup, train_step
 

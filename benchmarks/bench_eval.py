@@ -25,9 +25,9 @@ def build_export(out: Path, tokenizer_model: str, preset_name: str) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tinyllm_mcore.convert.hf_config import hf_config
-    from tinyllm_mcore.tokenizer_files import write_tokenizer_folder
-    from tinyllm_mcore.presets import get_preset
-    from tinyllm_mcore.tokenizer import Tokenizer
+    from tinyllm_mcore.tokenizer.hf_folder import write_tokenizer_folder
+    from tinyllm_mcore.model.presets import get_preset
+    from tinyllm_mcore.tokenizer.core import Tokenizer
 
     tokenizer = Tokenizer.load(tokenizer_model)
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ import torch
 
 
 def make_checkpoint(model_size: str, vocab: int, out: Path) -> Path:
-    from tinyllm_mcore.training.steps import lm_forward_step
+    from tinyllm_mcore.training.batches import lm_forward_step
     from tinyllm_mcore.runtime import distributed as rt
     from tinyllm_mcore.training.loop import Stage, parse_args, train
 
@@ -55,7 +55,7 @@ def bench_size(model_size: str, args, work: Path) -> None:
     import transformers
 
     from tinyllm_mcore.convert import convert_mcore_to_hf
-    from tinyllm_mcore import inference
+    from tinyllm_mcore.inference import generate as inference
     from tinyllm_mcore.runtime import distributed as rt
 
     ckpt = make_checkpoint(model_size, args.vocab_size, work / model_size / "mcore")

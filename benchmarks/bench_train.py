@@ -42,7 +42,7 @@ def hf_throughput(preset, seq, mbs, steps, warmup, bf16: bool, device) -> float:
 
 
 def ours_throughput(preset_name, seq, mbs, steps, warmup, bf16: bool, device) -> float:
-    from tinyllm_mcore.training.steps import lm_forward_step
+    from tinyllm_mcore.training.batches import lm_forward_step
     from tinyllm_mcore.training.loop import Stage, parse_args, setup, train_step, micro_batches
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -97,8 +97,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    from tinyllm_mcore.model import flops_per_token
-    from tinyllm_mcore.presets import get_preset
+    from tinyllm_mcore.model.gpt import flops_per_token
+    from tinyllm_mcore.model.presets import get_preset
     from tinyllm_mcore.runtime import distributed as rt
     from tinyllm_mcore.training.metrics import peak_tflops
 

@@ -39,7 +39,7 @@ read -r -a PREFERENCE_PREFIXES <<< "$PREFERENCE_DATA"
 # The reference is always the SFT model, also when the policy resumes from its own save.
 load_args "$SAVE" --load "$LOAD" --finetune
 
-distributed tinyllm_mcore.dpo \
+distributed tinyllm_mcore.stages.dpo \
   --model-size "$MODEL_SIZE" \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
   --bf16 \

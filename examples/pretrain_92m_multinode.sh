@@ -45,7 +45,7 @@ read -r -a DATA_BLEND <<< "$DATA_PATH"
 load_args "$SAVE"   # resume when SAVE already has a checkpoint; a fresh run starts from random weights
 mkdir -p "$RUN_DIR" 2>/dev/null || true
 
-distributed tinyllm_mcore.pretrain \
+distributed tinyllm_mcore.stages.pretrain \
   --model-size "$MODEL_SIZE" \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
   --use-distributed-optimizer --bf16 \

@@ -40,7 +40,7 @@ check_layout "$TP" "$PP" "$MICRO_BATCH" "$GLOBAL_BATCH"
 read -r -a SFT_PREFIXES <<< "$SFT_DATA"
 load_args "$SAVE" --load "$LOAD" --finetune
 
-distributed tinyllm_mcore.sft \
+distributed tinyllm_mcore.stages.sft \
   --model-size "$MODEL_SIZE" \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
   --use-distributed-optimizer --bf16 \

@@ -9,10 +9,11 @@ PACKAGE = REPO / "tinyllm_mcore"
 
 # tests/<area> -> what it tests: files or folders that must exist (None: the shared helpers and the worker harness)
 AREAS = {
-    "model": ["tinyllm_mcore/model.py", "tinyllm_mcore/decoding.py", "tinyllm_mcore/inference.py",
-              "tinyllm_mcore/presets.py"],
-    "tokenizer": ["tinyllm_mcore/tokenizer.py", "tinyllm_mcore/tokenizer_files.py"],
-    "stages": ["tinyllm_mcore/pretrain.py", "tinyllm_mcore/sft.py", "tinyllm_mcore/dpo.py", "tinyllm_mcore/reward.py"],
+    "model": ["tinyllm_mcore/model"],
+    "inference": ["tinyllm_mcore/inference"],
+    "tokenizer": ["tinyllm_mcore/tokenizer"],
+    "checkpoint": ["tinyllm_mcore/checkpoint"],
+    "stages": ["tinyllm_mcore/stages"],
     "training": ["tinyllm_mcore/training"],
     "data": ["tinyllm_mcore/data"],
     "evaluation": ["tinyllm_mcore/evaluation"],
@@ -76,3 +77,14 @@ def test_test_folders_mirror_the_package():
             assert (REPO / target).exists(), f"tests/{area} tests {target}, which does not exist"
     loose = sorted(p.name for p in TESTS.glob("*.py") if p.name not in TOP_LEVEL_FILES)
     assert not loose, f"test files outside an area folder: {loose}"
+
+
+def test_every_package_area_has_tests():
+    """Each sub-package of tinyllm_mcore is an area with its own test folder, and no module sits loose at the top."""
+    packages = {d.name for d in PACKAGE.iterdir() if d.is_dir() and (d / "__init__.py").is_file()}
+    covered = {Path(t).name for targets in AREAS.values() for t in targets or () if t.startswith("tinyllm_mcore/")}
+    assert packages == covered, f"packages without a test area: {sorted(packages - covered)}"
+    for area in covered:
+        assert any((TESTS / area).glob("test_*.py")), f"tests/{area} has no tests"
+    loose = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+    assert not loose, f"modules outside a package area: {loose}"

@@ -78,7 +78,7 @@ def test_cli_errors(tmp_path, capsys):
                           "--prompt", "x"]) == 2
     assert "error:" in capsys.readouterr().err
     other = tmp_path / "other_tok"
-    from tinyllm_mcore.tokenizer_training import train_tokenizer
+    from tinyllm_mcore.tokenizer.training import train_tokenizer
 
     corpus = data.corpus().write(tmp_path / "c")
     train_tokenizer(str(corpus["tokenizer"]), other, vocab_size=900, character_coverage=1.0, num_threads=1,

@@ -14,7 +14,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from tests.harness.text_data import tiny_tokenizer, tiny_tokenizer_dir, write_text_jsonl
-from tinyllm_mcore.tokenizer import Tokenizer
+from tinyllm_mcore.tokenizer.core import Tokenizer
 from tinyllm_mcore.cli import preprocess_data as cli
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ import pytest
 
 from tests.cli.checkout_scripts import run, the_error_line, tool_command
 from tests.harness.text_data import random_text
-from tinyllm_mcore.tokenizer import ROLE_TOKENS, Tokenizer
+from tinyllm_mcore.tokenizer.core import ROLE_TOKENS, Tokenizer
 from tinyllm_mcore.cli import train_tokenizer as cli
 
 

@@ -34,7 +34,7 @@ def logits_at_layout(ckpt: str, tp: int, pp: int, tokens: list) -> dict:
     from megatron.core import parallel_state as ps
 
     from tinyllm_mcore.runtime import distributed as rt
-    from tinyllm_mcore.training.checkpoint import load_model_for_inference
+    from tinyllm_mcore.checkpoint.io import load_model_for_inference
 
     rt.initialize(tp, pp)
     chunks, preset = load_model_for_inference(ckpt)

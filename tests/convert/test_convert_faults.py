@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from tinyllm_mcore.cli import hf_to_mcore, mcore_to_hf
 from tinyllm_mcore.convert.hf_config import hf_config
 from tinyllm_mcore.convert.mapping import hf_shapes
-from tinyllm_mcore.presets import get_preset
+from tinyllm_mcore.model.presets import get_preset
 
 PRESET = get_preset("tiny", vocab_size=256)
 REPO = Path(__file__).resolve().parents[2]

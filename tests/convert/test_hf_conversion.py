@@ -12,7 +12,7 @@ from tests.harness.text_data import tiny_tokenizer, write_text_jsonl
 from tinyllm_mcore.cli import hf_to_mcore, mcore_to_hf
 from tinyllm_mcore.convert import convert_hf_to_mcore, convert_mcore_to_hf
 from tinyllm_mcore.convert.mapping import dist_checkpoint_shapes
-from tinyllm_mcore.presets import get_preset
+from tinyllm_mcore.model.presets import get_preset
 
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
 quiet = lambda msg: None  # noqa: E731
@@ -43,7 +43,7 @@ def tok_dir(tmp_path_factory):
     """A tiny trained SentencePiece tokenizer with 1024 ids: the parity model's vocab equals its TP-padded vocab, so
     megatron's loss (a softmax over the padded rows) is comparable with transformers'. Padding is stripped and
     round-tripped in test_llama_without_bias_and_seed_tinyllm_layout (vocab 1000)."""
-    from tinyllm_mcore.tokenizer_training import train_tokenizer
+    from tinyllm_mcore.tokenizer.training import train_tokenizer
 
     root = tmp_path_factory.mktemp("tok")
     write_text_jsonl(root / "corpus.jsonl", 3000, seed=1)
@@ -53,7 +53,7 @@ def tok_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen2_source(tmp_path_factory, tok_dir):
-    from tinyllm_mcore.tokenizer import Tokenizer
+    from tinyllm_mcore.tokenizer.core import Tokenizer
 
     tok = Tokenizer.load(tok_dir)
     assert tok.vocab_size == 1024
@@ -100,7 +100,7 @@ def test_round_trip_is_bit_identical(qwen2_source, converted, tok_dir, tmp_path,
 
 
 def test_written_checkpoint_has_trainer_layout(converted):
-    from tinyllm_mcore.training.checkpoint import read_common, resolve_load_dir, saved_preset
+    from tinyllm_mcore.checkpoint.io import read_common, resolve_load_dir, saved_preset
 
     path = resolve_load_dir(converted["pp2"])
     assert path.name == "iter_0000000"
@@ -156,7 +156,7 @@ MIXED = ["你好，世界！Hello world 12345 abc", "介绍一下中国。", "  
 def _check_tokenizer_export(tok, out: Path):
     from transformers import AutoTokenizer
 
-    from tinyllm_mcore.tokenizer_files import write_tokenizer_folder
+    from tinyllm_mcore.tokenizer.hf_folder import write_tokenizer_folder
 
     write_tokenizer_folder(tok, out)
     (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
@@ -194,7 +194,7 @@ def test_tokenizer_export_matches_sentencepiece_tiny(tmp_path):
 
 
 def test_tokenizer_export_matches_sentencepiece_seed(chatglm3_tokenizer_model, tmp_path):
-    from tinyllm_mcore.tokenizer import Tokenizer
+    from tinyllm_mcore.tokenizer.core import Tokenizer
 
     tok = Tokenizer.load(chatglm3_tokenizer_model)
     hf = _check_tokenizer_export(tok, tmp_path)
@@ -206,7 +206,7 @@ def test_seed_readme_quick_start_runs_on_export(converted, tok_dir, tmp_path):
     pytest.importorskip("accelerate")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tinyllm_mcore.tokenizer import Tokenizer
+    from tinyllm_mcore.tokenizer.core import Tokenizer
 
     tok = Tokenizer.load(tok_dir)
     model_id = tmp_path / "export"
@@ -237,7 +237,7 @@ def test_moe_export_tokenizer_is_ours(tok_dir, tmp_path):
 
     from tinyllm_mcore.convert.hf_config import hf_config
     from tinyllm_mcore.convert.mapping import hf_shapes
-    from tinyllm_mcore.tokenizer import Tokenizer
+    from tinyllm_mcore.tokenizer.core import Tokenizer
 
     tok = Tokenizer.load(tok_dir)
     preset = get_preset("tiny", vocab_size=tok.vocab_size, num_experts=4, moe_router_topk=2)

@@ -5,7 +5,7 @@ import torch
 
 from tinyllm_mcore.convert import mapping as m
 from tinyllm_mcore.convert.hf_config import hf_config, preset_from_hf_config
-from tinyllm_mcore.presets import get_preset
+from tinyllm_mcore.model.presets import get_preset
 
 MOE = dict(num_experts=4, moe_router_topk=2)
 

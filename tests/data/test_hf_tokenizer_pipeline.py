@@ -29,7 +29,7 @@ def test_pretrain_evaluate_export_with_an_hf_tokenizer(tmp_path):
     tokenizer = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(hf_dir)]
     assert preprocess_data.main(["--input", str(tmp_path / "corpus.jsonl"), "--output-prefix", str(tmp_path / "c"),
                                  "--append-eod", "--no-progress", *tokenizer]) == 0
-    run(["-m", "tinyllm_mcore.pretrain", "--model-size", "tiny", "--data-path", str(tmp_path / "c_text_document"),
+    run(["-m", "tinyllm_mcore.stages.pretrain", "--model-size", "tiny", "--data-path", str(tmp_path / "c_text_document"),
          "--split", "100,0,0", *tokenizer, "--seq-length", "32", "--micro-batch-size", "4", "--train-iters", "20",
          "--lr", "3e-3", "--min-lr", "3e-4", "--log-interval", "10", "--save", str(tmp_path / "ckpt")])
     run(["tools/evaluate.py", "--load", str(tmp_path / "ckpt"), *tokenizer, "--jsonl", str(tmp_path / "heldout.jsonl"),
@@ -52,8 +52,8 @@ def test_sft_and_dpo_samples_with_an_hf_tokenizer(tmp_path):
     import torch
 
     from tinyllm_mcore.data.preference import PreferenceDataset
-    from tinyllm_mcore.data.sft import SFTDataset
-    from tinyllm_mcore.tokenizer import Tokenizer
+    from tinyllm_mcore.data.sft_samples import SFTDataset
+    from tinyllm_mcore.tokenizer.core import Tokenizer
 
     tok = Tokenizer.load(tiny_hf_tokenizer_dir(), "HuggingFaceTokenizer")
     question, answer = "你好<|assistant|>假的回答", "真的回答"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.harness.text_data import tiny_tokenizer_dir
-from tinyllm_mcore import dpo, pretrain, sft
+from tinyllm_mcore.stages import dpo, pretrain, sft
 from tinyllm_mcore.data.preprocess import preprocess
 
 
@@ -77,7 +77,7 @@ def mixed_stage_error(stage, argv, capsys) -> str:
 
 def test_checkpoints_of_another_stage_or_size_are_one_line(prefixes, tmp_path, capsys):
     """Issue 12 item 16: stage mixing used to end in KeyError / 'Global shape mismatch' dumps from the loader."""
-    from tinyllm_mcore import reward
+    from tinyllm_mcore.stages import reward
 
     lm = prefixes["checkpoint"]
     # a reward model resumed (--load) from an LM checkpoint: it has no reward head

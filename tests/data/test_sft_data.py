@@ -6,7 +6,7 @@ import torch
 
 from tests.harness.text_data import random_text, tiny_tokenizer, tiny_tokenizer_dir
 from tinyllm_mcore.data.preprocess import preprocess
-from tinyllm_mcore.data.sft import SFTDataset, packed_attention_mask
+from tinyllm_mcore.data.sft_samples import SFTDataset, packed_attention_mask
 
 KEYS = {"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32, "position_ids": torch.int64,
         "segment_ids": torch.int64}
@@ -202,7 +202,7 @@ def test_no_usable_conversation_is_an_error(tmp_path):
 
 
 def test_build_sft_datasets_split_and_several_sources(tmp_path):
-    from tinyllm_mcore.data.sft import build_sft_datasets
+    from tinyllm_mcore.data.sft_samples import build_sft_datasets
 
     tok = tiny_tokenizer()
     a = write_jsonl(tmp_path / "a.jsonl", random_conversations(30, seed=5))
@@ -216,8 +216,8 @@ def test_build_sft_datasets_split_and_several_sources(tmp_path):
 
 def test_packed_and_unpacked_losses_match_with_the_megatron_model(tmp_path):
     """The same check through the project's megatron-core GPTModel (RoPE positions, SDPA with the bool mask)."""
-    from tinyllm_mcore.model import build_model
-    from tinyllm_mcore.presets import get_preset, transformer_config
+    from tinyllm_mcore.model.gpt import build_model
+    from tinyllm_mcore.model.presets import get_preset, transformer_config
     from tinyllm_mcore.runtime import distributed as rt
 
     tok = tiny_tokenizer()

@@ -8,7 +8,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from tests.harness.hf_tokenizer import tiny_hf_tokenizer_dir
 from tests.harness.text_data import tiny_tokenizer, tiny_tokenizer_dir, write_text_jsonl
 from tinyllm_mcore.data.vocab_contract import check_prefix_vocab, read_sidecar, sidecar_path
-from tinyllm_mcore.tokenizer import Tokenizer
+from tinyllm_mcore.tokenizer.core import Tokenizer
 from tinyllm_mcore.cli import preprocess_data
 
 

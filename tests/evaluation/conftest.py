@@ -14,7 +14,7 @@ SHOTS = 2
 def mcore_export(tmp_path_factory):
     """{"bench": CMMLU dir, "hf": export dir, "tokenizer": dir, "mcore": {layout: {"choices", "scores"}}}"""
     from tests.harness.text_data import tiny_tokenizer_dir
-    from tinyllm_mcore.tokenizer import Tokenizer
+    from tinyllm_mcore.tokenizer.core import Tokenizer
 
     tmp = tmp_path_factory.mktemp("eval_export")
     bench = write_cmmlu_dir(tmp / "cmmlu", {"agronomy": 12, "anatomy": 10, "logical": 8}, dev=3, seed=5)

@@ -7,10 +7,10 @@ import dataclasses
 
 def save_random_checkpoint(save: str, vocab_size: int) -> None:
     """At TP2, with a wide init: option scores then differ clearly (a 0.02-std random model scores all nearly alike)."""
-    from tinyllm_mcore.model import build_model
-    from tinyllm_mcore.presets import get_preset, transformer_config
+    from tinyllm_mcore.model.gpt import build_model
+    from tinyllm_mcore.model.presets import get_preset, transformer_config
     from tinyllm_mcore.runtime import distributed as rt
-    from tinyllm_mcore.training.checkpoint import save_checkpoint
+    from tinyllm_mcore.checkpoint.io import save_checkpoint
 
     rt.initialize(tp=2, pp=1, seed=7)
     preset = get_preset("tiny", vocab_size=vocab_size)

@@ -15,7 +15,7 @@ from tinyllm_mcore.evaluation.lm_eval_compat import run_lm_eval  # noqa: E402
 def compare(hf_dir, bench, subjects, shots, tmp_path, split="test", tokenizer_model=None):
     from tinyllm_mcore.evaluation.encoders import HFEncoder, SentencePieceEncoder
     from tinyllm_mcore.evaluation.runner import open_hf
-    from tinyllm_mcore.tokenizer import Tokenizer
+    from tinyllm_mcore.tokenizer.core import Tokenizer
 
     tasks = mc.load_tasks(bench, split, shots, subjects)
     # AutoTokenizer on the export (what lm-eval uses) == the project's tokenizer, on every prompt we score
@@ -53,9 +53,9 @@ def test_lm_eval_agrees_on_real_cmmlu_with_the_seed_tokenizer(shared_dir, chatgl
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tinyllm_mcore.convert.hf_config import hf_config
-    from tinyllm_mcore.tokenizer_files import write_tokenizer_folder
-    from tinyllm_mcore.presets import get_preset
-    from tinyllm_mcore.tokenizer import Tokenizer
+    from tinyllm_mcore.tokenizer.hf_folder import write_tokenizer_folder
+    from tinyllm_mcore.model.presets import get_preset
+    from tinyllm_mcore.tokenizer.core import Tokenizer
 
     bench = shared_dir / "cmmlu"
     if not (bench / "dev").is_dir():

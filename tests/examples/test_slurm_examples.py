@@ -98,7 +98,7 @@ def parse_stage(module: str, argv: list[str]):
 
 
 def check_training_launch(argv: list[str], module: str, nodes: int = 2):
-    from tinyllm_mcore.presets import get_preset
+    from tinyllm_mcore.model.presets import get_preset
     from tinyllm_mcore.runtime.distributed import check_parallel_layout
 
     env, srun, got_module, stage_argv = split_launch(argv)
@@ -139,7 +139,7 @@ def test_full_chain_parses_with_real_parsers_and_paths_connect(slurm):
         outputs[a.mode] = outputs.get(a.mode, []) + output_prefixes(a.output_prefix, a.mode, a.json_keys)
     assert len(outputs["pretrain"]) == 3 and len(outputs["sft"]) == len(outputs["preference"]) == 1
 
-    pretrain, world, _ = check_training_launch(run_script("pretrain_92m_multinode", env)[0], "tinyllm_mcore.pretrain")
+    pretrain, world, _ = check_training_launch(run_script("pretrain_92m_multinode", env)[0], "tinyllm_mcore.stages.pretrain")
     assert world == 16 and pretrain.model_size == "92m" and pretrain.load is None  # fresh run
     from tinyllm_mcore.data.pretrain import parse_blend
 
@@ -148,10 +148,10 @@ def test_full_chain_parses_with_real_parsers_and_paths_connect(slurm):
     assert pretrain.tokenizer_model == tokenizer_dir
     assert pretrain.tensorboard_dir and pretrain.metrics_jsonl and pretrain.save_interval
 
-    sft, _, _ = check_training_launch(run_script("sft_92m", env)[0], "tinyllm_mcore.sft", nodes=1)
+    sft, _, _ = check_training_launch(run_script("sft_92m", env)[0], "tinyllm_mcore.stages.sft", nodes=1)
     assert sft.load == pretrain.save and sft.finetune
     assert sft.sft_data == outputs["sft"] and sft.tokenizer_model == tokenizer_dir
-    dpo, _, _ = check_training_launch(run_script("dpo_92m", env)[0], "tinyllm_mcore.dpo", nodes=1)
+    dpo, _, _ = check_training_launch(run_script("dpo_92m", env)[0], "tinyllm_mcore.stages.dpo", nodes=1)
     assert dpo.load == sft.save and dpo.finetune and dpo.ref_load == sft.save
     assert dpo.preference_data == outputs["preference"]
     assert len({pretrain.save, sft.save, dpo.save}) == 3
@@ -169,7 +169,7 @@ def test_layout_overrides(slurm, tp, pp, nodes, gpus):
     env, _ = slurm
     (cmd,) = run_script("pretrain_92m_multinode", env, TP=tp, PP=pp, NNODES=nodes, GPUS_PER_NODE=gpus,
                         GLOBAL_BATCH=512, MICRO_BATCH=8)
-    args, world, _ = check_training_launch(cmd, "tinyllm_mcore.pretrain", nodes=nodes)
+    args, world, _ = check_training_launch(cmd, "tinyllm_mcore.stages.pretrain", nodes=nodes)
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, world) == (tp, pp, nodes * gpus)
     assert args.global_batch_size == 512 and args.micro_batch_size == 8
 
@@ -200,9 +200,9 @@ def test_container_and_resume(slurm):
     for stage in ("pretrain", "sft", "dpo"):
         (work / "checkpoints" / stage).mkdir(parents=True)
         (work / "checkpoints" / stage / "latest_checkpointed_iteration.txt").write_text("100")
-    pretrain, _, _ = check_training_launch(run_script("pretrain_92m_multinode", env)[0], "tinyllm_mcore.pretrain")
-    sft, _, _ = check_training_launch(run_script("sft_92m", env)[0], "tinyllm_mcore.sft", nodes=1)
-    dpo, _, _ = check_training_launch(run_script("dpo_92m", env)[0], "tinyllm_mcore.dpo", nodes=1)
+    pretrain, _, _ = check_training_launch(run_script("pretrain_92m_multinode", env)[0], "tinyllm_mcore.stages.pretrain")
+    sft, _, _ = check_training_launch(run_script("sft_92m", env)[0], "tinyllm_mcore.stages.sft", nodes=1)
+    dpo, _, _ = check_training_launch(run_script("dpo_92m", env)[0], "tinyllm_mcore.stages.dpo", nodes=1)
     assert pretrain.load == pretrain.save and sft.load == sft.save and dpo.load == dpo.save
     assert not sft.finetune and not dpo.finetune and dpo.ref_load == sft.save
 
@@ -245,8 +245,8 @@ def test_quickstart_wrapper_and_outside_slurm(tmp_path):
 def test_model_size_extra_args_and_cpu_shape(slurm):
     env, _ = slurm
     # a CPU job: sbatch --ntasks-per-node=1 sets SLURM_NTASKS_PER_NODE, which is the processes per node by default
-    for name, module, nodes in (("pretrain_92m_multinode", "tinyllm_mcore.pretrain", 2),
-                                ("sft_92m", "tinyllm_mcore.sft", 1), ("dpo_92m", "tinyllm_mcore.dpo", 1)):
+    for name, module, nodes in (("pretrain_92m_multinode", "tinyllm_mcore.stages.pretrain", 2),
+                                ("sft_92m", "tinyllm_mcore.stages.sft", 1), ("dpo_92m", "tinyllm_mcore.stages.dpo", 1)):
         (cmd,) = run_script(name, env, MODEL_SIZE="tiny", SLURM_NTASKS_PER_NODE=1, MICRO_BATCH=1, GLOBAL_BATCH=4,
                             EXTRA_ARGS="--lr 0.002 --seed 7")
         args, world, srun = check_training_launch(cmd, module, nodes=nodes)
@@ -265,4 +265,4 @@ def test_outside_slurm_the_training_scripts_run_torchrun(tmp_path):
     argv = shlex.split(proc.stdout)
     assert argv[:3] == ["python", "-m", "torch.distributed.run"]
     assert "--nproc-per-node=2" in argv and "--rdzv-endpoint=localhost:29500" in argv
-    parse_stage("tinyllm_mcore.sft", argv[argv.index("tinyllm_mcore.sft") + 1:])
+    parse_stage("tinyllm_mcore.stages.sft", argv[argv.index("tinyllm_mcore.stages.sft") + 1:])

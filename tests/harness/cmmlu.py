@@ -44,8 +44,8 @@ def make_tiny_hf_model(out_dir: Path, init_std: float = 0.3, seed: int = 0) -> P
 
     from tests.harness.text_data import tiny_tokenizer
     from tinyllm_mcore.convert.hf_config import hf_config
-    from tinyllm_mcore.tokenizer_files import write_tokenizer_folder
-    from tinyllm_mcore.presets import get_preset
+    from tinyllm_mcore.tokenizer.hf_folder import write_tokenizer_folder
+    from tinyllm_mcore.model.presets import get_preset
 
     tokenizer = tiny_tokenizer()
     config = hf_config(get_preset("tiny", vocab_size=tokenizer.vocab_size))

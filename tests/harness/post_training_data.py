@@ -25,8 +25,8 @@ def tokenizer():
     """Trained once per test session; worker processes load the same model via TINYLLM_TEST_TOKENIZER."""
     import os
 
-    from tinyllm_mcore.tokenizer import Tokenizer
-    from tinyllm_mcore.tokenizer_training import train_tokenizer
+    from tinyllm_mcore.tokenizer.core import Tokenizer
+    from tinyllm_mcore.tokenizer.training import train_tokenizer
 
     if os.environ.get("TINYLLM_TEST_TOKENIZER"):
         return Tokenizer.load(os.environ["TINYLLM_TEST_TOKENIZER"])
@@ -119,7 +119,7 @@ SFT_ITERS = 150
 @functools.lru_cache(maxsize=None)
 def checkpoints() -> dict[str, Path]:
     """An initial ("pretrained") checkpoint and the SFT model trained from it on the corpus' SFT pairs."""
-    from tinyllm_mcore import sft
+    from tinyllm_mcore.stages import sft
 
     root = Path(tempfile.mkdtemp(prefix="tinyllm_posttrain_ckpt_"))
     stage = sft.make_stage(sft_provider(corpus().sft))
@@ -133,7 +133,7 @@ def checkpoints() -> dict[str, Path]:
 
 def answer_questions(load, questions, max_new_tokens=24) -> list[str]:
     """Greedy chat answers (no system block, as trained) from a checkpoint, in one batch."""
-    from tinyllm_mcore import inference
+    from tinyllm_mcore.inference import generate as inference
     from tinyllm_mcore.runtime import distributed as rt
 
     tok = tokenizer()

@@ -45,7 +45,7 @@ def write_text_jsonl(path: Path, n_docs: int, seed: int = 0, key: str = "text") 
 @functools.lru_cache(maxsize=None)
 def tiny_tokenizer_dir() -> Path:
     """Train once per test process (about a second) into a temp dir."""
-    from tinyllm_mcore.tokenizer_training import train_tokenizer
+    from tinyllm_mcore.tokenizer.training import train_tokenizer
 
     out = Path(tempfile.mkdtemp(prefix="tinyllm_tok_"))
     write_text_jsonl(out / "corpus.jsonl", 3000, seed=1)
@@ -55,6 +55,6 @@ def tiny_tokenizer_dir() -> Path:
 
 
 def tiny_tokenizer():
-    from tinyllm_mcore.tokenizer import Tokenizer
+    from tinyllm_mcore.tokenizer.core import Tokenizer
 
     return Tokenizer.load(tiny_tokenizer_dir())

@@ -4,7 +4,7 @@ or the logits of a checkpoint loaded at an expert/tensor-parallel layout.
 import torch
 
 from tests.harness.progression_data import progression_datasets
-from tinyllm_mcore.training.steps import lm_forward_step
+from tinyllm_mcore.training.batches import lm_forward_step
 from tinyllm_mcore.training.loop import Stage, parse_args, train
 
 
@@ -36,7 +36,7 @@ def inference_logits(load, tokens, tp=1, ep=1):
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from tinyllm_mcore.runtime import distributed as rt
-    from tinyllm_mcore.training.checkpoint import load_model_for_inference
+    from tinyllm_mcore.checkpoint.io import load_model_for_inference
 
     rt.initialize(tp, 1, ep=ep)
     (model,), preset = load_model_for_inference(load)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from tinyllm_mcore import lm_loss
-from tinyllm_mcore.lm_loss import linear_cross_entropy
+from tinyllm_mcore.model import losses as lm_loss
+from tinyllm_mcore.model.losses import linear_cross_entropy
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

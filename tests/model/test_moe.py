@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from tests.harness.distributed import run_ranks
 from tinyllm_mcore.convert import convert_hf_to_mcore, convert_mcore_to_hf
 from tinyllm_mcore.convert.mapping import dist_checkpoint_shapes, hf_shapes, megatron_shapes
-from tinyllm_mcore.presets import get_preset
+from tinyllm_mcore.model.presets import get_preset
 
 TRAIN, LOGITS = "tests.model.moe_worker:train_run", "tests.model.moe_worker:inference_logits"
 COMMON = ["--model-size", "tiny-moe", "--seq-length", "32", "--global-batch-size", "4", "--lr", "2e-3",
@@ -42,7 +42,7 @@ def tiny_qwen2_moe(path: Path, *, shared: int = 32, norm_topk_prob: bool = False
 def mcore_logits(ckpt, tokens):
     """Logits of a converted checkpoint at TP1 in this process (full vocab: 1024 = padded)."""
     from tinyllm_mcore.runtime import distributed as rt
-    from tinyllm_mcore.training.checkpoint import load_model_for_inference
+    from tinyllm_mcore.checkpoint.io import load_model_for_inference
 
     rt.initialize(1, 1)
     try:
@@ -104,7 +104,7 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(hf_sources, tmp_p
 
 
 def test_mapping_shapes_cover_the_megatron_model(hf_sources):
-    from tinyllm_mcore.training.checkpoint import resolve_load_dir, saved_tensor_shapes
+    from tinyllm_mcore.checkpoint.io import resolve_load_dir, saved_tensor_shapes
 
     for root, _, preset in hf_sources.values():
         saved = saved_tensor_shapes(resolve_load_dir(root / "mc"))

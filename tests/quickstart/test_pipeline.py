@@ -139,7 +139,7 @@ def test_corpus_is_streamed_mixed_with_the_facts_tokenized_and_reported(tmp_path
     """`--corpus` end to end up to the indexed dataset: gzip and parquet through the project's corpus reader, mixed
     with the synthetic fact documents, covered by the tokenizer, tokenized by preprocess_data (the real CLIs)."""
     from tinyllm_mcore.quickstart.pipeline import preprocess, train_tokenizer, write_corpus
-    from tinyllm_mcore.tokenizer import Tokenizer
+    from tinyllm_mcore.tokenizer.core import Tokenizer
 
     corpus = write_real_corpus(tmp_path / "corpus")
     prepare_run_dir(tmp_path / "run", overwrite=False)

@@ -15,10 +15,10 @@ from packaging.version import Version
 
 from tests.harness.distributed import run_ranks
 from tests.harness.progression_data import progression_datasets
-from tinyllm_mcore.training.steps import lm_forward_step
+from tinyllm_mcore.training.batches import lm_forward_step
 from tinyllm_mcore.runtime import compat
 from tinyllm_mcore.runtime import distributed as rt
-from tinyllm_mcore.training import checkpoint as ckpt
+from tinyllm_mcore.checkpoint import io as ckpt
 from tinyllm_mcore.training.loop import Stage, parse_args, train
 
 REPO = Path(__file__).resolve().parents[2]

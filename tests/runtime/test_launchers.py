@@ -1,4 +1,4 @@
-"""Multi-node launchers for real, each running `python -m tinyllm_mcore.pretrain` on mock data: `torchrun --nnodes 2`
+"""Multi-node launchers for real, each running `python -m tinyllm_mcore.stages.pretrain` on mock data: `torchrun --nnodes 2`
 with two agents on this host (c10d rendezvous, as on two machines), and `srun` under the local Slurm cluster of
 examples/local_slurm.sh with one task per rank (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; MASTER_ADDR/MASTER_PORT
 exported), as 1 node x 1 task, 1 x 2 and 2 x 1. Every data-parallel world of 2 trains the same losses."""
@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 local_slurm = pytest.fixture(scope="session")(local_slurm_fixture)
 
-TRAIN = ["-m", "tinyllm_mcore.pretrain", "--model-size", "tiny", "--mock-data", "--seq-length", "64",
+TRAIN = ["-m", "tinyllm_mcore.stages.pretrain", "--model-size", "tiny", "--mock-data", "--seq-length", "64",
          "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "3", "--log-interval", "1",
          "--lr", "1e-3"]
 

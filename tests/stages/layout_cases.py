@@ -11,7 +11,7 @@ RUN_FLAGS = ("--micro-batch-size", "1", "--global-batch-size", "8")
 
 
 def make_checkpoints(out: str) -> None:
-    from tinyllm_mcore import sft
+    from tinyllm_mcore.stages import sft
     from tinyllm_mcore.training.loop import parse_args, train
 
     init = sft.make_stage(data.sft_provider(data.corpus().sft[:4]))
@@ -23,7 +23,7 @@ def make_checkpoints(out: str) -> None:
 
 def dpo_first_step(out: str, flags: list[str]) -> dict:
     """The first iteration's reports (before any update) and grad norm."""
-    from tinyllm_mcore import dpo
+    from tinyllm_mcore.stages import dpo
     from tinyllm_mcore.training.loop import parse_args, train
 
     stage = dpo.make_stage(data.preference_provider(data.corpus().preference[:8]))
@@ -35,7 +35,7 @@ def dpo_first_step(out: str, flags: list[str]) -> dict:
 
 def reward_steps(out: str, flags: list[str], iterations: int) -> list[dict]:
     """Every iteration's reports and grad norm of a reward model initialised from the policy's trunk."""
-    from tinyllm_mcore import reward
+    from tinyllm_mcore.stages import reward
     from tinyllm_mcore.training.loop import parse_args, train
 
     stage = reward.make_stage(data.preference_provider(data.corpus().preference[:16]))

@@ -7,7 +7,7 @@ import torch
 from tests.harness import post_training_data as data
 
 def test_dpo_loss_matches_formula():
-    from tinyllm_mcore.dpo import dpo_loss
+    from tinyllm_mcore.stages.dpo import dpo_loss
 
     torch.manual_seed(0)
     policy, reference = torch.rand(4, 5), torch.rand(4, 5)  # per-token −log p, rows chosen/rejected/chosen/rejected
@@ -57,10 +57,10 @@ def test_dpo_and_reward_agree_across_layouts(tmp_path):
 
 def sequence_logps(load, records):
     """Policy log-probs of chosen and rejected answers, per pair, from a checkpoint: [n, 2]."""
-    from tinyllm_mcore.dpo import sequence_logps as logps
-    from tinyllm_mcore.training.steps import flatten_pairs
+    from tinyllm_mcore.stages.dpo import sequence_logps as logps
+    from tinyllm_mcore.training.batches import flatten_pairs
     from tinyllm_mcore.runtime import distributed as rt
-    from tinyllm_mcore.training import checkpoint as ckpt
+    from tinyllm_mcore.checkpoint import io as ckpt
 
     dataset = data.preference_dataset(records)
     batch = flatten_pairs({k: torch.stack([dataset[i][k] for i in range(len(dataset))]) for k in dataset[0]})
@@ -88,8 +88,8 @@ def heldout_pairs():
 
 
 def test_dpo_improves_heldout_preferences_and_keeps_reference_frozen(tmp_path):
-    from tinyllm_mcore import dpo
-    from tinyllm_mcore.training.checkpoint import unwrap
+    from tinyllm_mcore.stages import dpo
+    from tinyllm_mcore.checkpoint.io import unwrap
 
     sft_ckpt = data.checkpoints()["sft_early"]
     pairs = heldout_pairs()
@@ -134,9 +134,9 @@ def test_dpo_improves_heldout_preferences_and_keeps_reference_frozen(tmp_path):
 
 
 def test_dpo_bad_input(tmp_path, capsys):
-    from tinyllm_mcore import dpo
+    from tinyllm_mcore.stages import dpo
     from tinyllm_mcore.training.loop import run_stage
-    from tinyllm_mcore.training.steps import flatten_pairs
+    from tinyllm_mcore.training.batches import flatten_pairs
 
     # a sample without the pair dimension (e.g. a file whose rows lack `rejected`) is refused, never trained on
     single = data.sft_dataset(data.corpus().sft[:2])

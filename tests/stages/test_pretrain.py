@@ -1,4 +1,4 @@
-"""`python -m tinyllm_mcore.pretrain`: bad input gives one clear line and exit code 2, before any heavy work."""
+"""`python -m tinyllm_mcore.stages.pretrain`: bad input gives one clear line and exit code 2, before any heavy work."""
 import os
 import subprocess
 import sys
@@ -10,7 +10,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_cli(args, env_extra=None, timeout=120):
     env = {**os.environ, **(env_extra or {})}
-    proc = subprocess.run([sys.executable, "-m", "tinyllm_mcore.pretrain", *args], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "tinyllm_mcore.stages.pretrain", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stderr.strip().splitlines()
 
@@ -52,7 +52,7 @@ def test_pretrain_end_to_end_tp2_on_preprocessed_data(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}",
-           "-m", "tinyllm_mcore.pretrain", "--model-size", "tiny", "--tensor-model-parallel-size", "2",
+           "-m", "tinyllm_mcore.stages.pretrain", "--model-size", "tiny", "--tensor-model-parallel-size", "2",
            "--data-path", str(tmp_path / "corpus_text_document"), "--split", "90,10,0",
            "--tokenizer-model", str(tok), "--seq-length", "64", "--micro-batch-size", "4", "--train-iters", "30",
            "--lr", "3e-3", "--min-lr", "3e-4", "--log-interval", "5", "--eval-interval", "15", "--eval-iters", "2",

@@ -6,7 +6,7 @@ import torch
 
 from tests.harness import post_training_data as data
 
-from tinyllm_mcore import reward
+from tinyllm_mcore.stages import reward
 
 
 def test_last_token_and_loss():

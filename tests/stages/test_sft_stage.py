@@ -32,7 +32,7 @@ def test_sft_loss_only_on_assistant_tokens():
 
 
 def test_sft_cli_errors(tmp_path, capsys):
-    from tinyllm_mcore import sft
+    from tinyllm_mcore.stages import sft
     from tinyllm_mcore.runtime import distributed as rt
     from tinyllm_mcore.training.loop import run_stage
 

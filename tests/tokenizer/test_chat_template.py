@@ -3,7 +3,7 @@ model was trained on (``Tokenizer.encode_conversation``) and prompted with (``To
 
 The folders: ``python tools/train_tokenizer.py``'s, the quickstart's tokenizer step's, ``write_tokenizer_folder`` of
 the seed's ChatGLM3 tokenizer, and a Hugging Face export (``python checkpoint_convert/mcore_to_hf.py``, llama arch)
-of a tiny checkpoint. All are written by ``tinyllm_mcore.tokenizer_files.write_tokenizer_folder``."""
+of a tiny checkpoint. All are written by ``tinyllm_mcore.tokenizer.hf_folder.write_tokenizer_folder``."""
 import json
 import subprocess
 import sys
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.harness.text_data import write_text_jsonl
-from tinyllm_mcore.tokenizer import CHAT_TURNS, ChatTurn, Tokenizer
-from tinyllm_mcore.tokenizer_files import write_tokenizer_folder
+from tinyllm_mcore.tokenizer.core import CHAT_TURNS, ChatTurn, Tokenizer
+from tinyllm_mcore.tokenizer.hf_folder import write_tokenizer_folder
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from tests.harness.text_data import tiny_tokenizer
-from tinyllm_mcore.tokenizer import DEFAULT_SYSTEM, ROLE_TOKENS, Tokenizer
+from tinyllm_mcore.tokenizer.core import DEFAULT_SYSTEM, ROLE_TOKENS, Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ launch (one ~4 s megatron import) covers many layouts.
 """
 from tests.harness.progression_data import progression_datasets
 from tinyllm_mcore.training.loop import Stage, parse_args, train
-from tinyllm_mcore.training.steps import lm_forward_step
+from tinyllm_mcore.training.batches import lm_forward_step
 
 STAGE = Stage("pretrain", progression_datasets, lm_forward_step)
 
@@ -12,7 +12,7 @@ STAGE = Stage("pretrain", progression_datasets, lm_forward_step)
 def train_run(argv: list[str], expect_error: bool = False) -> dict:
     """{"train": [lm loss per logged iteration], "valid": [...]}; a run expected to be refused returns
     {"error": its one-line message}."""
-    from tinyllm_mcore.training.checkpoint import CheckpointError
+    from tinyllm_mcore.checkpoint.io import CheckpointError
 
     try:
         out = train(STAGE, parse_args(STAGE, argv + ["--mock-data"]))

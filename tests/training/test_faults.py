@@ -25,7 +25,7 @@ BASE = ["--model-size", "tiny", "--seq-length", "32", "--micro-batch-size", "2",
 
 def pretrain(args, timeout=300, **popen):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "tinyllm_mcore.pretrain", *BASE, *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "tinyllm_mcore.stages.pretrain", *BASE, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, **popen)
 
 
@@ -123,7 +123,7 @@ def test_bad_flags_are_one_line(argv, fragment):
 
 def test_second_run_on_the_same_save_is_refused(tmp_path):
     save = tmp_path / "shared"
-    first = subprocess.Popen([sys.executable, "-m", "tinyllm_mcore.pretrain", *BASE, "--mock-data", "--train-iters",
+    first = subprocess.Popen([sys.executable, "-m", "tinyllm_mcore.stages.pretrain", *BASE, "--mock-data", "--train-iters",
                               "100000", "--save", str(save), "--exit-signal-handler", "--log-interval", "1000"],
                              cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
@@ -153,7 +153,7 @@ WRITER_SLEEPS = textwrap.dedent("""
         return original(*args, **kwargs)
 
     filesystem_async.FileSystemWriterAsync.write_preloaded_data = staticmethod(slow_write)
-    from tinyllm_mcore.pretrain import main
+    from tinyllm_mcore.stages.pretrain import main
     raise SystemExit(main(sys.argv[2:]))
 """)
 
@@ -230,7 +230,7 @@ def test_validation_without_a_validation_split_is_one_line(tmp_path):
 
 def test_checkpoint_and_tokenizer_must_match(tmp_path):
     from tests.harness.text_data import write_text_jsonl
-    from tinyllm_mcore.tokenizer_training import train_tokenizer
+    from tinyllm_mcore.tokenizer.training import train_tokenizer
 
     other = tmp_path / "other_tok"
     write_text_jsonl(tmp_path / "other.jsonl", 3000, seed=7)
@@ -256,7 +256,7 @@ def test_a_run_that_skipped_every_iteration_fails():
     import math
 
     from tests.harness.progression_data import progression_datasets
-    from tinyllm_mcore.training.steps import lm_forward_step
+    from tinyllm_mcore.training.batches import lm_forward_step
     from tinyllm_mcore.runtime import distributed as rt
     from tinyllm_mcore.training.loop import Stage, parse_args, train
 
@@ -284,7 +284,7 @@ def test_a_failed_run_releases_what_it_held(tmp_path):
     from tests.harness.progression_data import progression_datasets
     from tinyllm_mcore.runtime import distributed as rt
     from tinyllm_mcore.training.loop import Stage, parse_args, train
-    from tinyllm_mcore.training.steps import lm_forward_step
+    from tinyllm_mcore.training.batches import lm_forward_step
 
     def broken_datasets(ctx):
         raise ValueError("no data today")

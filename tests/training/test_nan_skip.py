@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from tests.harness.progression_data import progression_datasets
-from tinyllm_mcore.training.steps import lm_forward_step
+from tinyllm_mcore.training.batches import lm_forward_step
 from tinyllm_mcore.runtime import distributed as rt
-from tinyllm_mcore.training.checkpoint import unwrap
+from tinyllm_mcore.checkpoint.io import unwrap
 from tinyllm_mcore.training.loop import Stage, parse_args, train
 
 

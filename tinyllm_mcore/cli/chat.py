@@ -18,7 +18,7 @@ import argparse
 import sys
 import time
 
-from tinyllm_mcore import inference
+from tinyllm_mcore.inference import generate as inference
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +124,7 @@ def run(args, out=sys.stdout) -> ChatSession:
 
 
 def main(argv=None) -> int:
-    from tinyllm_mcore.training.errors import run_cli
+    from tinyllm_mcore.cli.errors import run_cli
 
     args = build_parser().parse_args(argv)
     return run_cli(lambda: run(args))

@@ -129,7 +129,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from tinyllm_mcore.training.errors import run_cli
+    from tinyllm_mcore.cli.errors import run_cli
 
     args = build_parser().parse_args(argv)
     return run_cli(lambda: run(args))

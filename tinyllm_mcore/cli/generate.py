@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tinyllm_mcore import inference
+from tinyllm_mcore.inference import generate as inference
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +49,7 @@ def run(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from tinyllm_mcore.training.errors import run_cli
+    from tinyllm_mcore.cli.errors import run_cli
 
     args = build_parser().parse_args(argv)
     return run_cli(lambda: run(args))

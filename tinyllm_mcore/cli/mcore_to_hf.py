@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from tinyllm_mcore.convert.output import add_conversion_flags, conversion_log
-from tinyllm_mcore.training.errors import run_cli
+from tinyllm_mcore.cli.errors import run_cli
 
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 

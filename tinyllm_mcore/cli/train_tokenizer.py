@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections import Counter
 
-from tinyllm_mcore.tokenizer_training import train_tokenizer
+from tinyllm_mcore.tokenizer.training import train_tokenizer
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinyllm_mcore.convert.mapping import MappingError
-from tinyllm_mcore.presets import PRESETS, ModelPreset
+from tinyllm_mcore.model.presets import PRESETS, ModelPreset
 
 READABLE_MODEL_TYPES = ("qwen2", "llama", "tinyllm", "qwen2_moe")
 CONFIG_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}

@@ -11,7 +11,7 @@ from typing import Iterable
 
 from torch import Tensor
 
-from tinyllm_mcore.tokenizer_files import write_json, write_tokenizer_folder
+from tinyllm_mcore.tokenizer.hf_folder import write_json, write_tokenizer_folder
 
 
 def write_safetensors(tensors: Iterable[tuple[str, Tensor]], out_dir: str | os.PathLike,

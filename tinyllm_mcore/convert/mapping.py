@@ -64,7 +64,7 @@ from typing import Callable, Iterator, Protocol
 import torch
 from torch import Tensor
 
-from tinyllm_mcore.presets import ModelPreset, padded_vocab_size
+from tinyllm_mcore.model.presets import ModelPreset, padded_vocab_size
 
 Shape = tuple[int, ...]
 

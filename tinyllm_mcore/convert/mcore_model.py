@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
-from tinyllm_mcore.presets import ModelPreset
+from tinyllm_mcore.model.presets import ModelPreset
 
 
 @contextlib.contextmanager
@@ -34,8 +34,8 @@ def single_process_megatron():
 
 def whole_model(preset: ModelPreset, padded_vocab: int):
     """The whole LM (TP1, one pipeline stage, local spec) with uninitialised fp32 weights and ``padded_vocab`` rows."""
-    from tinyllm_mcore.model import build_model
-    from tinyllm_mcore.presets import transformer_config
+    from tinyllm_mcore.model.gpt import build_model
+    from tinyllm_mcore.model.presets import transformer_config
 
     config = transformer_config(preset, use_cpu_initialization=True, perform_initialization=False)
     # padded_vocab_size(v, 1, padded) == padded: the rows the target (or source) TP layout uses

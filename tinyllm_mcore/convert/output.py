@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from tinyllm_mcore.convert.mapping import MappingError
-from tinyllm_mcore.tokenizer_files import new_folder_beside
+from tinyllm_mcore.tokenizer.hf_folder import new_folder_beside
 
 
 def add_conversion_flags(parser, verb: str) -> None:

@@ -56,7 +56,7 @@ def _check_checkpoint_shapes(path, preset, saved_shapes: dict) -> int:
 
 
 def _load_tokenizer(tokenizer_model: str, tokenizer_type: str, preset):
-    from tinyllm_mcore.tokenizer import Tokenizer
+    from tinyllm_mcore.tokenizer.core import Tokenizer
 
     try:
         tokenizer = Tokenizer.load(tokenizer_model, tokenizer_type)
@@ -79,7 +79,7 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
     ``allow_non_finite``. The directory is written under a temporary name beside ``save`` and renamed when
     complete, so a failure (bad input, disk full) leaves nothing; an earlier export at ``save`` is replaced.
     ``verify`` checks the checkpoint's files against its manifest first."""
-    from tinyllm_mcore.training.checkpoint import (
+    from tinyllm_mcore.checkpoint.io import (
         load_checkpoint, resolve_load_dir, saved_preset, saved_tensor_shapes, verify_checkpoint,
     )
 

@@ -23,7 +23,7 @@ from tinyllm_mcore.convert.hf_weights import HFWeights
 from tinyllm_mcore.convert.mapping import HFOnly, MappingError, check_finite, hf_to_megatron, mapping_table
 from tinyllm_mcore.convert.mcore_model import single_process_megatron, whole_model
 from tinyllm_mcore.convert.output import staged_output_dir
-from tinyllm_mcore.presets import padded_vocab_size
+from tinyllm_mcore.model.presets import padded_vocab_size
 
 # Buffers some HF checkpoints carry that are recomputed from the config.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -55,7 +55,7 @@ def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, tensor
     ``save`` root (or, inside an existing root, the ``iter_0000000`` directory) is written under a temporary name
     and renamed at the end, so a failure leaves nothing behind."""
     from tinyllm_mcore.runtime.distributed import check_parallel_layout
-    from tinyllm_mcore.training.checkpoint import iteration_dir, publish_checkpoint, write_model_checkpoint
+    from tinyllm_mcore.checkpoint.io import iteration_dir, publish_checkpoint, write_model_checkpoint
 
     t0 = time.perf_counter()
     hf_dir = Path(load)

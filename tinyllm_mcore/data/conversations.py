@@ -17,7 +17,7 @@ import numpy as np
 
 from tinyllm_mcore.data.corpus import expand_inputs, iter_chunks
 from tinyllm_mcore.data.preprocess import ChunkEncoder
-from tinyllm_mcore.tokenizer import Tokenizer
+from tinyllm_mcore.tokenizer.core import Tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Preference pairs for DPO and reward models: ``{"prompt", "chosen", "rejected", "system"?}`` jsonl, or a prefix
 written by ``tools/preprocess_data.py --mode preference``.
 
-Both answers follow the same chat prompt. A sample holds the SFT sample keys (see ``tinyllm_mcore/data/sft.py``) with
+Both answers follow the same chat prompt. A sample holds the SFT sample keys (see ``tinyllm_mcore/data/sft_samples.py``) with
 a leading dimension 2 — index 0 the chosen, 1 the rejected sequence — so a pair always stays in one micro-batch.
 ``loss_mask`` covers the answer tokens and their eos only, which is what DPO's log-probability sums and the reward
 model's last-token pick need. Too-long pairs are truncated (answers cut from the end) or dropped (``overflow``);
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from tinyllm_mcore.data.conversations import ConversationStore, load_conversations
-from tinyllm_mcore.data.sft import OVERFLOW_POLICIES, build_split_datasets, empty_sample, fill_sample_row, shuffled_range
-from tinyllm_mcore.tokenizer import Tokenizer
+from tinyllm_mcore.data.sft_samples import OVERFLOW_POLICIES, build_split_datasets, empty_sample, fill_sample_row, shuffled_range
+from tinyllm_mcore.tokenizer.core import Tokenizer
 
 logger = logging.getLogger(__name__)
 CHOSEN, REJECTED = 0, 1
@@ -105,3 +105,15 @@ def build_preference_datasets(paths: str | Sequence[str], tokenizer: Tokenizer, 
     """(train, valid, test) preference datasets over jsonl files and/or ``--mode preference`` prefixes."""
     return build_split_datasets(PreferenceDataset, paths, tokenizer, "preference", split, seed, system,
                                 seq_length=seq_length, overflow=overflow)
+
+
+def preference_datasets(ctx):
+    """--preference-data (jsonl or indexed prefixes) split into train/valid/test pair datasets."""
+    args = ctx.args
+    if not args.preference_data:
+        raise ValueError("give --preference-data FILE.jsonl or indexed PREFIX")
+    if ctx.tokenizer is None:
+        raise ValueError(f"{ctx.stage_name} needs --tokenizer-model (the chat format's role markers come from the "
+                         "tokenizer)")
+    return build_preference_datasets(args.preference_data, tokenizer=ctx.tokenizer, seq_length=args.seq_length,
+                                     split=args.split, seed=args.seed)

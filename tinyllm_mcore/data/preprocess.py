@@ -55,7 +55,7 @@ from tinyllm_mcore.data.corpus import Chunk, expand_inputs, iter_chunks
 from tinyllm_mcore.data.indexed_files import IndexSummary, make_builder, merge_indexed
 from tinyllm_mcore.data.sentences import SentenceSplitter, split_document
 from tinyllm_mcore.data.vocab_contract import tokenizer_record, write_sidecar
-from tinyllm_mcore.tokenizer import HFTokenizer, Tokenizer, messages_from_record
+from tinyllm_mcore.tokenizer.core import HFTokenizer, Tokenizer, messages_from_record
 
 MODES = ("pretrain", "sft", "preference")
 SKIP_REASONS = ("blank_line", "bad_json", "not_object", "missing_key", "not_string", "empty_text",

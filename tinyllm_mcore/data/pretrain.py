@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from tinyllm_mcore.tokenizer import Tokenizer
+from tinyllm_mcore.tokenizer.core import Tokenizer
 
 
 def parse_blend(data_path: Sequence[str]) -> tuple[list[str], list[float] | None]:

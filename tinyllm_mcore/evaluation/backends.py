@@ -133,7 +133,7 @@ class McoreCausalLM(CausalLM):
     def __init__(self, chunks, preset):
         from megatron.core import parallel_state as ps
 
-        from tinyllm_mcore.training.checkpoint import unwrap
+        from tinyllm_mcore.checkpoint.io import unwrap
 
         if len(chunks) != 1:
             raise ValueError("evaluation expects one model chunk per rank (load without virtual pipeline stages)")
@@ -208,7 +208,7 @@ class McoreCausalLM(CausalLM):
     def generate_greedy(self, prompts, max_new_tokens, stop_ids):
         if self.pp_size > 1:  # inference.Generator runs at PP1 only: re-forward through the pipeline instead
             return super().generate_greedy(prompts, max_new_tokens, stop_ids)
-        from tinyllm_mcore.inference import Generator, SamplingParams
+        from tinyllm_mcore.inference.generate import Generator, SamplingParams
 
         if self._generator is None:
             self._generator = Generator(self.model, self.vocab_size, self.max_length)

@@ -25,7 +25,7 @@ class Encoder(Protocol):
 
 
 class SentencePieceEncoder:
-    """The project's `tinyllm_mcore.tokenizer.Tokenizer`."""
+    """The project's `tinyllm_mcore.tokenizer.core.Tokenizer`."""
 
     def __init__(self, tokenizer, add_prefix: bool = True):
         self.tokenizer = tokenizer
@@ -46,7 +46,7 @@ class SentencePieceEncoder:
         return self.tokenizer.chat_prompt_ids(messages)
 
     def stop_ids(self):
-        from tinyllm_mcore.inference import chat_stop_ids
+        from tinyllm_mcore.inference.generate import chat_stop_ids
 
         return chat_stop_ids(self.tokenizer)
 

@@ -18,7 +18,7 @@ def open_hf(path: str, *, tokenizer_model: str | None = None, tokenizer_type: st
         raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {path}")
     lm = HFCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
     if tokenizer_model:
-        from tinyllm_mcore.tokenizer import Tokenizer
+        from tinyllm_mcore.tokenizer.core import Tokenizer
 
         return lm, SentencePieceEncoder(Tokenizer.load(tokenizer_model, tokenizer_type), add_prefix)
     return lm, HFEncoder.from_pretrained(path, add_prefix)
@@ -29,10 +29,10 @@ def open_mcore(load: str, tokenizer_model: str, *, tokenizer_type: str = "auto",
     """An mcore checkpoint at any TP/PP (initialises the runtime when needed; run under torchrun for TP*PP > 1)."""
     from megatron.core import parallel_state as ps
 
-    from tinyllm_mcore.inference import check_vocab
+    from tinyllm_mcore.inference.generate import check_vocab
     from tinyllm_mcore.runtime import distributed as rt
-    from tinyllm_mcore.tokenizer import Tokenizer
-    from tinyllm_mcore.training import checkpoint as ckpt
+    from tinyllm_mcore.tokenizer.core import Tokenizer
+    from tinyllm_mcore.checkpoint import io as ckpt
 
     if not tokenizer_model:
         raise ValueError("--tokenizer-model is required with --load")

@@ -270,7 +270,7 @@ def build_corpus(seed: int = 1234, num_countries: int = 24, num_unseen: int = 4,
 def character_inventory() -> str:
     """Every character the generator can write (names, templates, the chat system text), one line: the tokenizer
     then covers held-out wordings character by character without ever seeing a held-out sentence."""
-    from tinyllm_mcore.tokenizer import DEFAULT_SYSTEM
+    from tinyllm_mcore.tokenizer.core import DEFAULT_SYSTEM
 
     texts = [_NAME_CHARS, "".join(_ANIMALS), "".join(_CONTINENTS), "".join(_INTROS), DEFAULT_SYSTEM, "国城河币语"]
     for r in RELATIONS:

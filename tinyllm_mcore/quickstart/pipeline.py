@@ -6,7 +6,7 @@
               held-out preference pairs) -> HF export (DPO) -> chat (HF)
 
 Each step runs the project's own CLI as a subprocess of the installed package (`python -m
-tinyllm_mcore.cli.train_tokenizer`, `torchrun -m tinyllm_mcore.pretrain`, ...) with its output in
+tinyllm_mcore.cli.train_tokenizer`, `torchrun -m tinyllm_mcore.stages.pretrain`, ...) with its output in
 ``RUN/logs/NN_step.log``; the console shows the step, its command and its progress lines. A failing step ends the run
 with one line naming the step and its log, and a non-zero exit. At the end ``RUN/report.md`` gathers metrics, timings,
 loss curves and artifact paths (see report.py).
@@ -344,17 +344,17 @@ def run_pipeline(output_dir: str, settings: Settings, corpus: str | None = None,
     paths = prepare_data(run, corpus)
     pretrain_ckpt, sft_ckpt, dpo_ckpt = (run.path("checkpoints", n) for n in ("pretrain", "sft", "dpo"))
 
-    run_step(run, "pretrain", torchrun(tp, "tinyllm_mcore.pretrain", *training_args(
+    run_step(run, "pretrain", torchrun(tp, "tinyllm_mcore.stages.pretrain", *training_args(
         run, "pretrain", iters=s.pretrain_iters, lr=s.pretrain_lr, micro_batch_size=s.micro_batch_size),
         "--data-path", str(data / "pretrain_text_document")))
-    run_step(run, "sft", torchrun(tp, "tinyllm_mcore.sft", *training_args(
+    run_step(run, "sft", torchrun(tp, "tinyllm_mcore.stages.sft", *training_args(
         run, "sft", iters=s.sft_iters, lr=s.sft_lr, micro_batch_size=s.micro_batch_size),
         "--load", str(pretrain_ckpt), "--finetune", "--sft-data", str(data / "sft_sft_document")))
-    run_step(run, "dpo", torchrun(tp, "tinyllm_mcore.dpo", *training_args(
+    run_step(run, "dpo", torchrun(tp, "tinyllm_mcore.stages.dpo", *training_args(
         run, "dpo", iters=s.dpo_iters, lr=s.dpo_lr, micro_batch_size=s.dpo_micro_batch_size),
         "--load", str(sft_ckpt), "--finetune", "--preference-data", str(data / "dpo_preference_document"),
         "--beta", str(s.dpo_beta)))
-    run_step(run, "reward", torchrun(tp, "tinyllm_mcore.reward", *training_args(
+    run_step(run, "reward", torchrun(tp, "tinyllm_mcore.stages.reward", *training_args(
         run, "reward", iters=s.reward_iters, lr=s.reward_lr, micro_batch_size=s.dpo_micro_batch_size),
         "--init-from", str(sft_ckpt), "--preference-data", str(data / "dpo_preference_document")))
 

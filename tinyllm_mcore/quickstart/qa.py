@@ -7,7 +7,7 @@
     python -m tinyllm_mcore.quickstart.qa hf --hf HF_DIR --eval-data eval.jsonl --num-questions 6
 
 ``mcore`` answers every held-out question greedily in the chat format with each megatron checkpoint (KV-cached
-`tinyllm_mcore.inference`) and scores, per split, (a) the fact — style-aware exact match: the full reference sentence
+`tinyllm_mcore.inference.generate`) and scores, per split, (a) the fact — style-aware exact match: the full reference sentence
 or the bare value, verbatim — and (b) the style: the share of answers that are a full sentence starting with the
 entity (the preferred style). With ``--eval-pairs`` it also scores held-out preference pairs: DPO's implicit reward
 β·(log-ratio to the reference) of the chosen and the rejected answer, and with ``--reward-model`` the reward model's
@@ -68,7 +68,7 @@ def answer_with_checkpoint(load: str, tokenizer, questions: list[str], batch_siz
                            max_new_tokens: int = 32):
     """Greedy chat answers from a megatron checkpoint (TP1 in this process, whatever layout it was saved in).
     Returns (answers, model)."""
-    from tinyllm_mcore import inference
+    from tinyllm_mcore.inference import generate as inference
 
     generator, _ = inference.load_generator(load, tokenizer)
     params = inference.SamplingParams(max_new_tokens=max_new_tokens, greedy=True,
@@ -83,11 +83,11 @@ def answer_with_checkpoint(load: str, tokenizer, questions: list[str], batch_siz
 
 
 def load_reward_model(load: str):
-    """The reward model of a `tinyllm_mcore.reward` checkpoint at TP1 in this process."""
+    """The reward model of a `tinyllm_mcore.stages.reward` checkpoint at TP1 in this process."""
     from megatron.core import parallel_state as ps
 
     from tinyllm_mcore.runtime import distributed as rt
-    from tinyllm_mcore.training import checkpoint as ckpt
+    from tinyllm_mcore.checkpoint import io as ckpt
 
     if not ps.model_parallel_is_initialized():
         rt.initialize(tp=1, pp=1)
@@ -100,7 +100,7 @@ def pair_batches(pairs: list[dict], tokenizer, seq_length: int, batch_size: int)
     [2·b, s] rows alternating chosen, rejected, with their attention mask."""
     from tinyllm_mcore.data.preference import PreferenceDataset
     from tinyllm_mcore.training.loop import collate
-    from tinyllm_mcore.training.steps import attention_mask, flatten_pairs
+    from tinyllm_mcore.training.batches import attention_mask, flatten_pairs
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pairs.jsonl"
@@ -119,7 +119,7 @@ def pair_logps(model, batches):
     """[pairs, 2] summed answer-token log-probs (chosen, rejected) under an LM, as DPO computes them."""
     import torch
 
-    from tinyllm_mcore.dpo import sequence_logps
+    from tinyllm_mcore.stages.dpo import sequence_logps
 
     with torch.no_grad():
         return torch.cat([sequence_logps(model(b["tokens"], b["position_ids"], mask, labels=b["labels"]),
@@ -130,7 +130,7 @@ def pair_rewards(model, batches):
     """[pairs, 2] reward-model scores (chosen, rejected): the head's value at each answer's closing eos."""
     import torch
 
-    from tinyllm_mcore.reward import last_token_index
+    from tinyllm_mcore.stages.reward import last_token_index
 
     scores = []
     with torch.no_grad():
@@ -148,7 +148,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], tokenizer_model: str, eval
                          eval_pairs: str | None = None, dpo_policy: str | None = None,
                          dpo_reference: str | None = None, beta: float = 0.1, reward_model: str | None = None,
                          seq_length: int = 128, batch_size: int = 64, max_new_tokens: int = 32) -> dict:
-    from tinyllm_mcore.tokenizer import Tokenizer
+    from tinyllm_mcore.tokenizer.core import Tokenizer
 
     tokenizer = Tokenizer.load(tokenizer_model)
     records = read_jsonl(eval_data)
@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dpo-policy", default=None, metavar="NAME", help="the --checkpoint that DPO trained")
     m.add_argument("--dpo-reference", default=None, metavar="NAME", help="the --checkpoint DPO started from")
     m.add_argument("--beta", type=float, default=0.1, help="DPO's beta (scales the implicit reward)")
-    m.add_argument("--reward-model", default=None, help="a tinyllm_mcore.reward checkpoint")
+    m.add_argument("--reward-model", default=None, help="a tinyllm_mcore.stages.reward checkpoint")
     m.add_argument("--seq-length", type=int, default=128, help="pair length, as in training")
     m.add_argument("--batch-size", type=int, default=96)
     m.add_argument("--max-new-tokens", type=int, default=24)
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from tinyllm_mcore.training.errors import run_cli
+    from tinyllm_mcore.cli.errors import run_cli
 
     args = build_parser().parse_args(argv)
 

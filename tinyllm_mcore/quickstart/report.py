@@ -176,7 +176,7 @@ def write_report(root: str | Path) -> Path:
     reward = evaluation.get("reward_model")
     if reward:
         lines += ["## Reward model", "",
-                  "Trained on the DPO pairs from the SFT checkpoint's trunk (`tinyllm_mcore.reward`); scored on the "
+                  "Trained on the DPO pairs from the SFT checkpoint's trunk (`tinyllm_mcore.stages.reward`); scored on the "
                   "held-out pairs (accuracy: chosen scored above rejected; gap: mean score difference):", ""]
         lines += pairs_table(reward["heldout_pairs"], "gap") + [""]
         ranking = reward.get("dpo_vs_sft")

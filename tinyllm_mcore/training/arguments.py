@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from tinyllm_mcore.presets import PRESETS
+from tinyllm_mcore.model.presets import PRESETS
 
 
 def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:

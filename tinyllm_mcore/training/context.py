@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from tinyllm_mcore.presets import ModelPreset
+from tinyllm_mcore.model.presets import ModelPreset
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tinyllm_mcore.presets import ModelPreset, get_preset, transformer_config
+from tinyllm_mcore.model.presets import ModelPreset, get_preset, transformer_config
 from tinyllm_mcore.runtime import distributed as rt
-from tinyllm_mcore.training import checkpoint as ckpt
+from tinyllm_mcore.checkpoint import io as ckpt
 from tinyllm_mcore.training.arguments import build_parser, validate
 from tinyllm_mcore.training.context import BatchPlan, ParallelLayout, RunContext
 from tinyllm_mcore.training.exit_conditions import ExitConditions
@@ -118,7 +118,7 @@ def build_model_chunks(stage: Stage, ctx: RunContext, config, wrap: bool = True)
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
-    from tinyllm_mcore.model import build_model, use_te_for
+    from tinyllm_mcore.model.gpt import build_model, use_te_for
 
     args = ctx.args
     vpp = config.virtual_pipeline_model_parallel_size or 1
@@ -428,7 +428,7 @@ def setup(stage: Stage, args, tokenizer=None, cleanup: contextlib.ExitStack | No
 
 def _claim_save_folder(save: str):
     """Rank 0 locks --save for this run and clears saves that died midway; every rank fails alike if it is taken."""
-    from tinyllm_mcore.training import checkpoint_safety as safety
+    from tinyllm_mcore.checkpoint import safety as safety
 
     lock, error = None, None
     if dist.get_rank() == 0:
@@ -460,8 +460,8 @@ def train(stage: Stage, args, tokenizer=None) -> dict:
 def _train(stage: Stage, args, tokenizer, exit_conditions: ExitConditions, cleanup: contextlib.ExitStack) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from tinyllm_mcore.model import flops_per_token
-    from tinyllm_mcore.moe import MoEMetrics
+    from tinyllm_mcore.model.gpt import flops_per_token
+    from tinyllm_mcore.training.moe_metrics import MoEMetrics
 
     run = setup(stage, args, tokenizer, cleanup)
     ctx, optimizer, scheduler = run.ctx, run.optimizer, run.scheduler
@@ -576,8 +576,8 @@ def _train(stage: Stage, args, tokenizer, exit_conditions: ExitConditions, clean
 
 def run_stage(stage: Stage, argv=None) -> int:
     """A stage's CLI: parse, load the tokenizer, train; bad input is one `error:` line and a non-zero exit."""
-    from tinyllm_mcore.training.errors import run_cli
-    from tinyllm_mcore.training.steps import load_tokenizer
+    from tinyllm_mcore.cli.errors import run_cli
+    from tinyllm_mcore.training.batches import load_tokenizer
 
     def run():
         args = parse_args(stage, argv)

@@ -1,4 +1,4 @@
-"""SFT stage: `torchrun ... -m tinyllm_mcore.sft --load PRETRAIN_CKPT --finetune --sft-data sft.jsonl ...`.
+"""SFT stage: `torchrun ... -m tinyllm_mcore.stages.sft --load PRETRAIN_CKPT --finetune --sft-data sft.jsonl ...`.
 
 Same flags as pretraining plus `--sft-data` (chat jsonl — the seed's {question, answer[, system]} or {messages} —
 or a prefix preprocessed by tools/preprocess_data.py --mode sft). The loss is the pretraining cross-entropy masked
@@ -9,7 +9,7 @@ pretrained weights only (fresh iteration count, optimizer and schedule).
 from __future__ import annotations
 
 from tinyllm_mcore.training.loop import Stage, run_stage
-from tinyllm_mcore.training.steps import lm_forward_step
+from tinyllm_mcore.training.batches import lm_forward_step
 
 
 def add_sft_args(parser) -> None:
@@ -25,7 +25,7 @@ def sft_datasets(ctx):
         raise ValueError("give --sft-data FILE.jsonl or indexed PREFIX")
     if ctx.tokenizer is None:
         raise ValueError("SFT needs --tokenizer-model (the chat format's role markers come from the tokenizer)")
-    from tinyllm_mcore.data.sft import build_sft_datasets
+    from tinyllm_mcore.data.sft_samples import build_sft_datasets
 
     return build_sft_datasets(args.sft_data, tokenizer=ctx.tokenizer, seq_length=args.seq_length, split=args.split,
                               seed=args.seed, pack=not args.no_pack)

@@ -5,7 +5,7 @@ import os
 import sys
 
 from tinyllm_mcore.runtime.distributed import ParallelConfigError
-from tinyllm_mcore.training.checkpoint import CheckpointError
+from tinyllm_mcore.checkpoint.io import CheckpointError
 
 # Errors that describe the user's input (paths, sizes, files). Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, ParallelConfigError, CheckpointError,

@@ -93,7 +93,7 @@ class Generator:
     def __init__(self, model, vocab_size: int, max_sequence_length: int):
         from megatron.core import parallel_state as ps
 
-        from tinyllm_mcore.decoding import HeadCopy
+        from tinyllm_mcore.inference.decoding import HeadCopy
 
         if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
             raise ValueError("generation runs at pipeline-parallel size 1 (any TP): load the checkpoint with PP1")
@@ -106,7 +106,7 @@ class Generator:
     @torch.no_grad()  # not inference_mode: megatron caches its RoPE table, which a later training forward may reuse
     def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[list[int | None]]:
         """Yield, per decoding step, each sequence's new token (None where it has finished)."""
-        from tinyllm_mcore.decoding import CachedDecoder
+        from tinyllm_mcore.inference.decoding import CachedDecoder
 
         params.validate()
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -194,7 +194,7 @@ def load_generator(load: str, tokenizer=None, *, tensor_parallel_size: int = 1, 
     from megatron.core import parallel_state as ps
 
     from tinyllm_mcore.runtime import distributed as rt
-    from tinyllm_mcore.training import checkpoint as ckpt
+    from tinyllm_mcore.checkpoint import io as ckpt
 
     preset, _ = ckpt.saved_preset(load)  # fails fast on a bad path, before any process-group work
     check_vocab(preset, tokenizer)
@@ -241,7 +241,7 @@ def sampling_from_args(args, stop_ids) -> SamplingParams:
 
 def generator_from_args(args):
     """(tokenizer, Generator) for the CLI flags above."""
-    from tinyllm_mcore.tokenizer import Tokenizer
+    from tinyllm_mcore.tokenizer.core import Tokenizer
 
     tokenizer = Tokenizer.load(args.tokenizer_model, args.tokenizer_type)
     generator, _ = load_generator(args.load, tokenizer, tensor_parallel_size=args.tensor_model_parallel_size,

@@ -76,3 +76,21 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     shape = labels.shape
     loss = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1))
     return loss.view(shape)
+
+
+# The loop's loss convention: (loss_sum, count, {name: tensor([sum, count])}); with megatron's
+# calculate_per_token_loss the update is an exact global mean however the batch is split.
+def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor, name: str = "lm loss"):
+    """Mean cross-entropy over the tokens where loss_mask is 1 (GPTModel returns per-token losses [b, s])."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
+    count = mask.sum()
+    return loss_sum, count.to(torch.int), {name: torch.stack([loss_sum.detach(), count.detach()])}
+
+
+def pair_loss_report(losses: torch.Tensor, stats: dict[str, torch.Tensor]):
+    """The loop's loss convention for per-pair losses: (loss_sum, pair count, {name: [sum, pairs]})."""
+    loss_sum = losses.sum()
+    pairs = torch.tensor(float(losses.numel()), device=losses.device)
+    reports = {k: torch.stack([v.detach().float(), pairs]) for k, v in stats.items()}
+    return loss_sum, pairs.to(torch.int), reports

@@ -2,9 +2,9 @@
 import pytest
 
 from tests.harness.progression_data import progression_datasets
-from tinyllm_mcore.training.steps import lm_forward_step
+from tinyllm_mcore.training.batches import lm_forward_step
 from tinyllm_mcore.runtime import distributed as rt
-from tinyllm_mcore.training import checkpoint as ckpt
+from tinyllm_mcore.checkpoint import io as ckpt
 from tinyllm_mcore.training.loop import Stage, parse_args, train
 
 STAGE = Stage("pretrain", progression_datasets, lm_forward_step)

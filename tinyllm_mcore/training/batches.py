@@ -1,5 +1,5 @@
-"""What the stages share: tokenizer loading, batch movement and attention masks, the LM forward step, preference
-pairs and the pair-loss report. Stage modules (pretrain, sft, dpo, reward) import from here, never from each other.
+"""What the stages share: tokenizer loading, batch movement and attention masks, the LM forward step and preference
+pair flattening. Stage modules (pretrain, sft, dpo, reward) import from here, never from each other.
 
 A forward step has the signature `(ctx, data_iterator, model) -> (output, loss_fn)`; the loop binds `ctx` (the
 run's `RunContext`) before handing it to megatron's schedule, which calls it with `(data_iterator, model)`.
@@ -10,14 +10,14 @@ from functools import partial
 
 import torch
 
-from tinyllm_mcore.training.losses import masked_token_loss
+from tinyllm_mcore.model.losses import masked_token_loss
 
 
 def load_tokenizer(args):
     """The run's tokenizer from --tokenizer-model / --tokenizer-type, or None (mock data with --vocab-size)."""
     if not args.tokenizer_model:
         return None
-    from tinyllm_mcore.tokenizer import Tokenizer
+    from tinyllm_mcore.tokenizer.core import Tokenizer
 
     return Tokenizer.load(args.tokenizer_model, args.tokenizer_type)
 
@@ -32,7 +32,7 @@ def attention_mask(batch: dict):
     """Packed samples carry segment_ids: attention is causal within each packed sample only. None = plain causal."""
     if "segment_ids" not in batch:
         return None
-    from tinyllm_mcore.data.sft import packed_attention_mask
+    from tinyllm_mcore.data.sft_samples import packed_attention_mask
 
     return packed_attention_mask(batch["segment_ids"])
 
@@ -55,25 +55,3 @@ def flatten_pairs(batch: dict) -> dict:
             raise ValueError(f"preference samples need a leading pair dimension of 2; {k!r} has shape "
                              f"{tuple(v.shape[1:])}")
     return {k: v.flatten(0, 1) for k, v in batch.items()}
-
-
-def pair_loss_report(losses: torch.Tensor, stats: dict[str, torch.Tensor]):
-    """The loop's loss convention for per-pair losses: (loss_sum, pair count, {name: [sum, pairs]})."""
-    loss_sum = losses.sum()
-    pairs = torch.tensor(float(losses.numel()), device=losses.device)
-    reports = {k: torch.stack([v.detach().float(), pairs]) for k, v in stats.items()}
-    return loss_sum, pairs.to(torch.int), reports
-
-
-def preference_datasets(ctx):
-    """--preference-data (jsonl or indexed prefixes) split into train/valid/test pair datasets."""
-    args = ctx.args
-    if not args.preference_data:
-        raise ValueError("give --preference-data FILE.jsonl or indexed PREFIX")
-    if ctx.tokenizer is None:
-        raise ValueError(f"{ctx.stage_name} needs --tokenizer-model (the chat format's role markers come from the "
-                         "tokenizer)")
-    from tinyllm_mcore.data.preference import build_preference_datasets
-
-    return build_preference_datasets(args.preference_data, tokenizer=ctx.tokenizer, seq_length=args.seq_length,
-                                     split=args.split, seed=args.seed)

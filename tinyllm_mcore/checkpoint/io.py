@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from tinyllm_mcore.runtime import compat
-from tinyllm_mcore.training import checkpoint_safety as safety
+from tinyllm_mcore.checkpoint import safety as safety
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -457,7 +457,7 @@ def _load(path: Path, models, optimizer, scheduler, *, finetune: bool, load_opti
 
 def saved_preset(load: str):
     """The ModelPreset a checkpoint was trained with (stored in its common state)."""
-    from tinyllm_mcore.presets import ModelPreset
+    from tinyllm_mcore.model.presets import ModelPreset
 
     path = resolve_load_dir(load)
     args = read_common(path).get("args", {})
@@ -479,8 +479,8 @@ def load_model_for_inference(load: str, *, use_te: bool | None = None, bf16: boo
     """
     from megatron.core import parallel_state as ps
 
-    from tinyllm_mcore.model import build_model
-    from tinyllm_mcore.presets import transformer_config
+    from tinyllm_mcore.model.gpt import build_model
+    from tinyllm_mcore.model.presets import transformer_config
 
     preset, saved = saved_preset(load)
     config = transformer_config(

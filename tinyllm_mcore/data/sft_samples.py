@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from tinyllm_mcore.data.conversations import ConversationStore, load_conversations
-from tinyllm_mcore.tokenizer import Tokenizer
+from tinyllm_mcore.tokenizer.core import Tokenizer
 
 logger = logging.getLogger(__name__)
 OVERFLOW_POLICIES = ("truncate", "drop")

@@ -1,4 +1,4 @@
-"""Pretraining stage: `torchrun --nproc-per-node N -m tinyllm_mcore.pretrain --model-size 92m --data-path ...`.
+"""Pretraining stage: `torchrun --nproc-per-node N -m tinyllm_mcore.stages.pretrain --model-size 92m --data-path ...`.
 
 Megatron-LM's pretrain_gpt.py shape: a datasets provider (megatron GPTDataset blends over indexed files, or
 MockGPTDataset) and a forward step whose loss is the masked next-token cross-entropy. The generic loop does the rest.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from tinyllm_mcore.training.loop import Stage, run_stage
-from tinyllm_mcore.training.steps import lm_forward_step
+from tinyllm_mcore.training.batches import lm_forward_step
 
 
 def num_samples(ctx) -> tuple[int, int, int]:

@@ -1,4 +1,4 @@
-"""DPO stage: `torchrun ... -m tinyllm_mcore.dpo --load SFT_CKPT --finetune --preference-data PREFIX ...`.
+"""DPO stage: `torchrun ... -m tinyllm_mcore.stages.dpo --load SFT_CKPT --finetune --preference-data PREFIX ...`.
 
 Direct Preference Optimization (Rafailov et al. 2023): the policy starts from the SFT checkpoint and is trained
 against a frozen reference model (by default the same checkpoint) with
@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from tinyllm_mcore.training.loop import Stage, run_stage
-from tinyllm_mcore.training.steps import (attention_mask, batch_to_device, flatten_pairs, pair_loss_report,
-                                          preference_datasets)
+from tinyllm_mcore.data.preference import preference_datasets
+from tinyllm_mcore.model.losses import pair_loss_report
+from tinyllm_mcore.training.batches import attention_mask, batch_to_device, flatten_pairs
 
 REPORT_NAMES = ("dpo loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
                 "logps/chosen", "logps/rejected")
@@ -92,7 +93,7 @@ def run_policy_and_reference(model, reference, tokens, position_ids, mask, label
 
     Returns (policy_output, reference_output): per-token −log p on the last stage, hidden states elsewhere.
     """
-    from tinyllm_mcore.training.checkpoint import unwrap
+    from tinyllm_mcore.checkpoint.io import unwrap
 
     policy = unwrap(model)
     if not policy.pre_process:  # split what the previous stage sent: [s, policy rows ‖ reference rows, h]
@@ -107,7 +108,7 @@ def run_policy_and_reference(model, reference, tokens, position_ids, mask, label
 
 
 def dpo_forward_step(ctx, data_iterator, model):
-    from tinyllm_mcore.training.checkpoint import unwrap
+    from tinyllm_mcore.checkpoint.io import unwrap
 
     batch = flatten_pairs(batch_to_device(next(data_iterator)))
     policy_out, reference_out = run_policy_and_reference(
@@ -128,8 +129,8 @@ def build_references(ctx) -> None:
     from megatron.core.transformer.module import Float16Module
     from megatron.core.utils import get_model_config
 
-    from tinyllm_mcore.model import build_model, use_te_for
-    from tinyllm_mcore.training import checkpoint as ckpt
+    from tinyllm_mcore.model.gpt import build_model, use_te_for
+    from tinyllm_mcore.checkpoint import io as ckpt
 
     args = ctx.args
     references = []

@@ -1,4 +1,4 @@
-"""Reward-model stage: `torchrun ... -m tinyllm_mcore.reward --init-from SFT_CKPT --preference-data PREFIX ...`.
+"""Reward-model stage: `torchrun ... -m tinyllm_mcore.stages.reward --init-from SFT_CKPT --preference-data PREFIX ...`.
 
 The GPT trunk with a scalar head (`build_model(..., head="reward")`, model.RewardModel): the last pipeline stage,
 instead of the vocab-parallel output layer, applies a [hidden -> 1] linear head to the final-norm hidden states. The reward of a
@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from tinyllm_mcore.training.loop import Stage, run_stage
-from tinyllm_mcore.training.steps import (attention_mask, batch_to_device, flatten_pairs, pair_loss_report,
-                                          preference_datasets)
+from tinyllm_mcore.data.preference import preference_datasets
+from tinyllm_mcore.model.losses import pair_loss_report
+from tinyllm_mcore.training.batches import attention_mask, batch_to_device, flatten_pairs
 
 REPORT_NAMES = ("reward loss", "reward accuracy", "rewards/chosen", "rewards/rejected", "rewards/margin")
 
@@ -38,7 +39,7 @@ def load_trunk(ctx, model) -> None:
         return
     from megatron.core import dist_checkpointing
 
-    from tinyllm_mcore.training.checkpoint import resolve_load_dir
+    from tinyllm_mcore.checkpoint.io import resolve_load_dir
 
     path = resolve_load_dir(ctx.args.init_from)
     sharded = {k: v for k, v in model.sharded_state_dict().items() if not k.startswith("reward_head.")}

@@ -20,8 +20,8 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from tinyllm_mcore.lm_loss import linear_cross_entropy
-from tinyllm_mcore.presets import ModelPreset, padded_vocab_size
+from tinyllm_mcore.model.losses import linear_cross_entropy
+from tinyllm_mcore.model.presets import ModelPreset, padded_vocab_size
 
 # megatron-core 0.16.1's MoE router tests `te_general_gemm is not None` but only defines the name when Transformer
 # Engine imports; without TE the router's gating linear raises NameError. None selects its plain torch.mm path.

@@ -1,7 +1,7 @@
 """The one writer of Hugging Face tokenizer folders, and the one chat template.
 
 ``write_tokenizer_folder(tokenizer, out_dir)`` writes what ``transformers.AutoTokenizer.from_pretrained(out_dir)``
-loads (no remote code, transformers 4.x and 5.x) and encodes exactly as ``tinyllm_mcore.tokenizer.Tokenizer`` does.
+loads (no remote code, transformers 4.x and 5.x) and encodes exactly as ``tinyllm_mcore.tokenizer.core.Tokenizer`` does.
 ``tools/train_tokenizer.py`` (``tokenizer_training``) writes its folder with it, and so does the Hugging Face export:
 
 * ``tokenizer.model`` — the SentencePiece model itself, for tools that want it (and ``Tokenizer.load``).
@@ -42,7 +42,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from tinyllm_mcore.tokenizer import ANSWER_ROLE, CHAT_TURNS, DEFAULT_SYSTEM, Tokenizer
+from tinyllm_mcore.tokenizer.core import ANSWER_ROLE, CHAT_TURNS, DEFAULT_SYSTEM, Tokenizer
 
 # Written after the first character of a special token found in chat content, removed by the normalizer (module
 # docstring). A noncharacter: Unicode reserves it for internal use, so no real text carries it.

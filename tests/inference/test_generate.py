@@ -8,7 +8,7 @@ import torch
 
 from tests.harness import post_training_data as data
 
-from tinyllm_mcore import inference
+from tinyllm_mcore.inference import generate as inference
 
 
 def naive_greedy(model, prompt, steps, vocab):
@@ -71,7 +71,7 @@ def test_bad_sampling_params_and_vocab_mismatch(tmp_path):
     class OtherVocab:
         vocab_size = 64798
 
-    from tinyllm_mcore.training.checkpoint import saved_preset
+    from tinyllm_mcore.checkpoint.io import saved_preset
 
     preset, _ = saved_preset(str(data.checkpoints()["sft"]))
     with pytest.raises(ValueError, match="does not match the checkpoint's vocab"):
@@ -150,8 +150,8 @@ def test_moe_layers_generate_as_recomputation(sft_generator):
     """MoE layers go through CachedDecoder's module path (megatron's MoELayer): same greedy tokens as recomputing."""
     from dataclasses import replace
 
-    from tinyllm_mcore.model import build_model
-    from tinyllm_mcore.presets import transformer_config
+    from tinyllm_mcore.model.gpt import build_model
+    from tinyllm_mcore.model.presets import transformer_config
 
     _, preset = sft_generator  # its runtime (TP1) is initialised
     preset = replace(preset, num_experts=4, moe_router_topk=2)
@@ -168,7 +168,7 @@ def test_moe_layers_generate_as_recomputation(sft_generator):
 def test_output_layer_paths_follow_weight_updates(sft_generator):
     """Both output-layer paths (the weight itself up to FEW_ROWS sequences, the Generator's cached [h, vocab] copy
     above) give recomputation's tokens, also after an in-place update of the weight (the copy is remade)."""
-    from tinyllm_mcore.decoding import FEW_ROWS
+    from tinyllm_mcore.inference.decoding import FEW_ROWS
 
     generator, preset = sft_generator
     weight = generator.model.output_layer.weight

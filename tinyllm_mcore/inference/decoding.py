@@ -1,4 +1,4 @@
-"""CachedDecoder: the KV-cached forward that generation (tinyllm_mcore/inference.py) runs. Training never calls it."""
+"""CachedDecoder: the KV-cached forward that generation (tinyllm_mcore/inference/generate.py) runs. Training never calls it."""
 from __future__ import annotations
 
 import torch

@@ -25,8 +25,8 @@ from typing import Iterator, Sequence
 import sentencepiece as spm
 
 from tinyllm_mcore.data.corpus import JSONL_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES, expand_inputs, iter_chunks
-from tinyllm_mcore.tokenizer import ROLE_TOKENS, Tokenizer
-from tinyllm_mcore.tokenizer_files import write_tokenizer_folder
+from tinyllm_mcore.tokenizer.core import ROLE_TOKENS, Tokenizer
+from tinyllm_mcore.tokenizer.hf_folder import write_tokenizer_folder
 
 SPECIAL_PIECES = 3  # <unk> <s> </s>
 BYTE_PIECES = 256  # byte fallback

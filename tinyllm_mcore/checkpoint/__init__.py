@@ -1,0 +1,1 @@
+"""Checkpoints: io (save/load), safety (manifest, lock), formats, metadata."""
