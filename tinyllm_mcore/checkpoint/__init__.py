@@ -1,1 +1,1 @@
-"""Checkpoints: io (save/load), safety (manifest, lock), formats, metadata."""
+"""Checkpoints: io (dist_checkpointing save/load, resharding, optimizer formats), safety (manifest, save lock)."""

@@ -1,1 +1,1 @@
-"""Inference: decoding (KV-cached decoder), generate (sampling, chat), open (the one open-for-inference)."""
+"""Inference: decoding (the KV-cached decoder), generate (sampling, streaming, chat, loading a generator)."""

@@ -1,1 +1,1 @@
-"""The model: presets (sizes), gpt (megatron GPTModel, specs, heads), build (the one assembly), losses."""
+"""The model: presets (the size table), gpt (megatron GPTModel, layer specs, the LM and reward heads), losses."""

@@ -9,6 +9,10 @@ fp32 logits: the softmax is fp32, only the matmuls run in the weights' dtype.
 
 Used for the CPU training loss without tensor parallelism (with TP the vocab is split across ranks and megatron's
 vocab-parallel cross-entropy combines the partial softmaxes).
+
+Also the loop's loss convention, which every stage's loss function follows: (loss_sum, count, {name: [sum, count]}).
+The loop sets megatron's `calculate_per_token_loss`, so gradients are divided by the count summed over all
+micro-batches and data-parallel ranks: an exact global mean, independent of how the batch is split.
 """
 from __future__ import annotations
 
@@ -78,8 +82,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     return loss.view(shape)
 
 
-# The loop's loss convention: (loss_sum, count, {name: tensor([sum, count])}); with megatron's
-# calculate_per_token_loss the update is an exact global mean however the batch is split.
 def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor, name: str = "lm loss"):
     """Mean cross-entropy over the tokens where loss_mask is 1 (GPTModel returns per-token losses [b, s])."""
     mask = loss_mask.reshape(-1).float()
