@@ -23,6 +23,7 @@ AREAS = {
     "quickstart": ["tinyllm_mcore/quickstart"],
     "examples": ["examples", "README.md"],
     "harness": None,
+    "faults": None,  # fault injection across areas: real processes and files (issue 27)
 }
 TOP_LEVEL_FILES = {"__init__.py", "conftest.py", "test_layout.py"}
 # Python code that must import through the installed package or the `tests` package, never by editing the path.

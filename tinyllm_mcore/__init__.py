@@ -6,6 +6,10 @@ import warnings
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
 warnings.filterwarnings("ignore", message=r".*Apex is not installed.*")
 warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")  # megatron's own TransformerConfig default
+# torch deprecations hit by megatron's own checkpoint code (ShardedTensor, load_state_dict): printed on every
+# checkpoint load, and only megatron can act on them
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing\..*")
+warnings.filterwarnings("ignore", category=FutureWarning, message=r".*we are deprecating ShardedTensor.*")
 
 # megatron-core 0.19's "GPTModel IS DEPRECATED" (GPTModel is supported) and similar log lines: runtime/compat.py
 from tinyllm_mcore.runtime.compat import silence_known_noise  # noqa: E402

@@ -34,10 +34,11 @@ def logits_at_layout(ckpt: str, tp: int, pp: int, tokens: list) -> dict:
     from megatron.core import parallel_state as ps
 
     from tinyllm_mcore.runtime import distributed as rt
-    from tinyllm_mcore.checkpoint.io import load_model_for_inference
+    from tinyllm_mcore.inference.open import open_checkpoint
 
     rt.initialize(tp, pp)
-    chunks, preset = load_model_for_inference(ckpt)
+    opened = open_checkpoint(ckpt)
+    chunks, preset = opened.chunks, opened.preset
     got = _forward(chunks[0], torch.tensor(tokens))
     # fc1 is a ShardedTensorFactory ([gate; up] split per TP rank at save time): no single global shape here
     result = {"sharded_shapes": {sh.key: list(sh.global_shape) if hasattr(sh, "global_shape") else None

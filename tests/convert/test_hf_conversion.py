@@ -100,11 +100,11 @@ def test_round_trip_is_bit_identical(qwen2_source, converted, tok_dir, tmp_path,
 
 
 def test_written_checkpoint_has_trainer_layout(converted):
-    from tinyllm_mcore.checkpoint.io import read_common, resolve_load_dir, saved_preset
+    from tinyllm_mcore.checkpoint.io import inspect_checkpoint, read_common, resolve_load_dir
 
     path = resolve_load_dir(converted["pp2"])
     assert path.name == "iter_0000000"
-    preset, args = saved_preset(converted["pp2"])
+    _, preset, args, _ = inspect_checkpoint(converted["pp2"])
     # tiny's shapes with GQA: not a named preset, so it keeps the generic name
     assert preset == get_preset("tiny", vocab_size=1024, num_query_groups=2).replace(name="hf")
     assert (args["tensor_model_parallel_size"], args["pipeline_model_parallel_size"]) == (1, 2)
@@ -348,7 +348,7 @@ def test_clear_errors(qwen2_source, converted, tmp_path, capsys):
                                    hard_vocab_limit=False)
     assert mcore_to_hf.main(["--load", str(converted["tp1"]), "--save", str(tmp_path / "y"),
                              "--tokenizer-model", f"{small}.model"]) == 2
-    assert "tokenizer vocab" in _error_line(capsys)
+    assert "has a 1024-token vocabulary and this run's tokenizer" in _error_line(capsys)
     # qwen2 export: refused with the reason and the alternative (its AutoTokenizer would not be ours)
     assert mcore_to_hf.main(["--load", str(converted["tp1"]), "--save", str(tmp_path / "q"), "--hf-arch", "qwen2"]) == 2
     line = _error_line(capsys)

@@ -36,10 +36,11 @@ def inference_logits(load, tokens, tp=1, ep=1):
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from tinyllm_mcore.runtime import distributed as rt
-    from tinyllm_mcore.checkpoint.io import load_model_for_inference
+    from tinyllm_mcore.inference.open import open_checkpoint
 
     rt.initialize(tp, 1, ep=ep)
-    (model,), preset = load_model_for_inference(load)
+    opened = open_checkpoint(load)
+    model, preset = opened.model, opened.preset
     tokens = torch.tensor(tokens)
     position_ids = torch.arange(tokens.size(1)).expand_as(tokens)
     with torch.no_grad():

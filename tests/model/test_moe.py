@@ -42,11 +42,11 @@ def tiny_qwen2_moe(path: Path, *, shared: int = 32, norm_topk_prob: bool = False
 def mcore_logits(ckpt, tokens):
     """Logits of a converted checkpoint at TP1 in this process (full vocab: 1024 = padded)."""
     from tinyllm_mcore.runtime import distributed as rt
-    from tinyllm_mcore.checkpoint.io import load_model_for_inference
+    from tinyllm_mcore.inference.open import open_checkpoint
 
     rt.initialize(1, 1)
     try:
-        (model,), _ = load_model_for_inference(str(ckpt))
+        model = open_checkpoint(str(ckpt)).model
         with torch.no_grad():
             return model(tokens, torch.arange(tokens.size(1)).expand_as(tokens), None)
     finally:

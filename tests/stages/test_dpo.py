@@ -60,13 +60,13 @@ def sequence_logps(load, records):
     from tinyllm_mcore.stages.dpo import sequence_logps as logps
     from tinyllm_mcore.training.batches import flatten_pairs
     from tinyllm_mcore.runtime import distributed as rt
-    from tinyllm_mcore.checkpoint import io as ckpt
+    from tinyllm_mcore.inference.open import open_checkpoint
 
     dataset = data.preference_dataset(records)
     batch = flatten_pairs({k: torch.stack([dataset[i][k] for i in range(len(dataset))]) for k in dataset[0]})
     rt.initialize()
     try:
-        chunks, _ = ckpt.load_model_for_inference(str(load))
+        chunks = open_checkpoint(str(load)).chunks
         with torch.no_grad():
             nll = chunks[0](batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return logps(nll, batch["loss_mask"]).view(-1, 2), chunks[0]

@@ -14,6 +14,7 @@ import contextlib
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -323,6 +324,37 @@ def read_common(path: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable common state ({type(e).__name__}: {first})") from e
 
 
+def add_load_check_flags(group) -> None:
+    """The flags of every command that reads a checkpoint (training --load, generate, chat, evaluate, export)."""
+    group.add_argument("--no-verify-checkpoint", action="store_true",
+                       help="load without checking the files against the checkpoint's manifest of checksums")
+    group.add_argument("--require-manifest", action="store_true",
+                       help="refuse a checkpoint without a manifest (older or hand-made: its files cannot be verified)")
+    group.add_argument("--allow-tokenizer-change", action="store_true",
+                       help="accept a tokenizer other than the checkpoint's (same vocabulary size): for a deliberate "
+                            "change only, since ids would mean other pieces")
+
+
+def check_tokenizer(path: Path, saved: dict, vocab_size: int | None, identity: str | None, *,
+                    allow_change: bool = False, allow_vocab_change: bool = False) -> None:
+    """The one tokenizer check of every command that reads a checkpoint: the tokenizer (its `vocab_size` and
+    `identity`, Tokenizer.identity) is the one the checkpoint (run metadata `saved`) was trained with, or one line
+    says what differs. `allow_change` accepts another tokenizer of the same size (--allow-tokenizer-change); only
+    training may also change the size (`allow_vocab_change`). A checkpoint that recorded no identity (converted from
+    HF without a tokenizer, or older) is checked by size only."""
+    vocab = (saved.get("preset") or {}).get("vocab_size")
+    recorded = saved.get("tokenizer_model")
+    if None not in (vocab, vocab_size) and vocab != vocab_size and not (allow_change and allow_vocab_change):
+        use = f"the checkpoint's tokenizer ({recorded})" if recorded else "the tokenizer the model was trained with"
+        raise CheckpointError(f"{path} has a {vocab}-token vocabulary and this run's tokenizer "
+                              f"{vocab_size}: use {use}")
+    saved_identity = saved.get("tokenizer_identity")
+    if saved_identity and identity and saved_identity != identity and not allow_change:
+        raise CheckpointError(f"{path} was trained with another tokenizer ({recorded}) than --tokenizer-model: use "
+                              "that one, or --allow-tokenizer-change for a deliberate change of a same-size "
+                              "vocabulary")
+
+
 def check_matches_run(load: str, preset, tokenizer_identity: str | None, allow_tokenizer_change: bool) -> None:
     """The checkpoint was trained as this run's model with this run's tokenizer, or one line says what differs."""
     import dataclasses
@@ -340,25 +372,26 @@ def check_matches_run(load: str, preset, tokenizer_identity: str | None, allow_t
             shown = ", ".join(f"{k} {saved_preset[k]} vs {current[k]}" for k in differs[:3])
             raise CheckpointError(f"{path} is a {saved_preset.get('name')} model and this run builds "
                                   f"{current['name']} ({shown}): pass --model-size {saved_preset.get('name')}")
-        if saved_preset.get("vocab_size") != current["vocab_size"] and not allow_tokenizer_change:
-            raise CheckpointError(f"{path} has a {saved_preset.get('vocab_size')}-token vocabulary and this run's "
-                                  f"tokenizer {current['vocab_size']}: use the checkpoint's tokenizer "
-                                  f"({saved.get('tokenizer_model')})")
-    saved_identity = saved.get("tokenizer_identity")
-    if (saved_identity and tokenizer_identity and saved_identity != tokenizer_identity
-            and not allow_tokenizer_change):
-        raise CheckpointError(f"{path} was trained with another tokenizer ({saved.get('tokenizer_model')}) than "
-                              "--tokenizer-model: use that one, or --allow-tokenizer-change for a deliberate "
-                              "change of a same-size vocabulary")
+    check_tokenizer(path, saved, preset.vocab_size, tokenizer_identity, allow_change=allow_tokenizer_change,
+                    allow_vocab_change=True)
 
 
-def verify_checkpoint(path: Path) -> None:
-    """Rank 0 checks every file against the manifest; every rank raises the same one-line error."""
+def verify_checkpoint(path: Path, *, require_manifest: bool = False) -> None:
+    """Rank 0 checks every file against the manifest; every rank raises the same one-line error.
+
+    A checkpoint without a manifest (written before checksums, or by hand) cannot be verified: one warning line, or
+    an error with `require_manifest` (--require-manifest)."""
     error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             if not safety.verify(path):
-                print(f"note: {path} has no manifest (saved before checksums); loading it unverified", flush=True)
+                if require_manifest:
+                    error = (f"{path} has no manifest.json, so its files cannot be verified (--require-manifest); "
+                             "re-save it with this version to add one")
+                else:
+                    print(f"warning: {path} has no manifest.json (saved before checksums, or by hand): its files "
+                          "cannot be verified, a damaged file may load silently (--require-manifest refuses it)",
+                          file=sys.stderr, flush=True)
         except safety.CheckpointIntegrityError as e:
             error = str(e)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -395,20 +428,24 @@ def _check_model_keys(path: Path, model_states: list[dict], saved: dict[str, tup
 
 
 def load_checkpoint(load: str, models, optimizer=None, scheduler=None, *, finetune: bool = False,
-                    load_optim: bool = True, load_rng: bool = True, verify: bool = True) -> tuple[int, int]:
+                    load_optim: bool = True, load_rng: bool = True, verify: bool = True,
+                    require_manifest: bool = False, skip_prefixes: tuple[str, ...] = (),
+                    common: dict | None = None) -> tuple[int, int]:
     """Load into the (already built) models/optimizer/scheduler; return (iteration, consumed_samples).
 
     `finetune` loads model weights only and restarts counting from zero. RNG states are restored only when the
     parallel layout is unchanged (they are per TP/PP rank). `verify` checks the files against the manifest first.
+    `skip_prefixes`: model parameters left as built (reward: its new head, from an LM checkpoint's trunk).
+    `common`: the checkpoint's common state, when the caller has already read it.
     """
     from megatron.core import parallel_state as ps
 
     path = resolve_load_dir(load)
     if verify:
-        verify_checkpoint(path)
+        verify_checkpoint(path, require_manifest=require_manifest)
     try:
         return _load(path, models, optimizer, scheduler, finetune=finetune, load_optim=load_optim, load_rng=load_rng,
-                     ps=ps)
+                     skip_prefixes=skip_prefixes, common=common if common is not None else read_common(path), ps=ps)
     except CheckpointError:
         raise
     except Exception as e:  # a damaged file the manifest could not vouch for: one line, not a multi-rank dump
@@ -416,10 +453,10 @@ def load_checkpoint(load: str, models, optimizer=None, scheduler=None, *, finetu
         raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {first})") from e
 
 
-def _load(path: Path, models, optimizer, scheduler, *, finetune: bool, load_optim: bool, load_rng: bool, ps):
+def _load(path: Path, models, optimizer, scheduler, *, finetune: bool, load_optim: bool, load_rng: bool,
+          skip_prefixes: tuple[str, ...], common: dict, ps):
     from megatron.core import dist_checkpointing
 
-    common = read_common(path)
     saved = common.get("args", {})
     same_layout = (saved.get("tensor_model_parallel_size") == ps.get_tensor_model_parallel_world_size()
                    and saved.get("pipeline_model_parallel_size") == ps.get_pipeline_model_parallel_world_size())
@@ -433,10 +470,17 @@ def _load(path: Path, models, optimizer, scheduler, *, finetune: bool, load_opti
                         iteration=0, consumed_samples=0, args=None,
                         rng=load_rng and not finetune and same_layout, is_loading=True,
                         optimizer_metadata=optimizer_metadata)
-    _check_model_keys(path, [state[_model_key(i, len(models))] for i in range(len(models))], saved_shapes)
+    keys = [_model_key(i, len(models)) for i in range(len(models))]
+    if skip_prefixes:
+        for key in keys:
+            state[key] = {k: v for k, v in state[key].items() if not k.startswith(skip_prefixes)}
+    _check_model_keys(path, [state[key] for key in keys], saved_shapes)
     loaded = dist_checkpointing.load(state, str(path))
-    for i, m in enumerate(models):
-        unwrap(m).load_state_dict(loaded[_model_key(i, len(models))], strict=True)
+    for key, m in zip(keys, models):
+        missing, unexpected = unwrap(m).load_state_dict(loaded[key], strict=not skip_prefixes)
+        if [k for k in missing if not k.startswith(skip_prefixes) and not k.endswith("_extra_state")] or unexpected:
+            raise CheckpointError(f"{path} does not fit this model: missing {missing[:3]}, unexpected "
+                                  f"{unexpected[:3]}")
     if with_optim:
         compat.match_saved_param_groups_by_structure()
         with torch.no_grad(), _distributed_optimizer_load_fixes(optimizer):
@@ -455,46 +499,25 @@ def _load(path: Path, models, optimizer, scheduler, *, finetune: bool, load_opti
     return int(loaded["iteration"]), int(loaded["consumed_samples"])
 
 
-def saved_preset(load: str):
-    """The ModelPreset a checkpoint was trained with (stored in its common state)."""
+def inspect_checkpoint(load: str, tokenizer=None, *, allow_tokenizer_change: bool = False):
+    """(path, preset, saved run metadata, common state) of a checkpoint whose tokenizer is `tokenizer` (None: not
+    checked); reads metadata only (no megatron process groups needed)."""
     from tinyllm_mcore.model.presets import ModelPreset
 
     path = resolve_load_dir(load)
-    args = read_common(path).get("args", {})
-    if "preset" not in args:
+    common = read_common(path)
+    saved = common.get("args", {})
+    if "preset" not in saved:
         raise CheckpointError(f"{path} has no model preset in its metadata (not a tinyllm-mcore checkpoint?)")
-    return ModelPreset(**args["preset"]), args
+    if tokenizer is not None:
+        check_tokenizer(path, saved, tokenizer.vocab_size, getattr(tokenizer, "identity", None),
+                        allow_change=allow_tokenizer_change)
+    return path, ModelPreset(**saved["preset"]), saved, common
 
 
 def saved_model_head(saved_args: dict) -> str:
     """"lm" or "reward"; checkpoints from before the head was recorded are reward models if they have --init-from."""
     return saved_args.get("model_head") or ("reward" if "init_from" in saved_args else "lm")
-
-
-def load_model_for_inference(load: str, *, use_te: bool | None = None, bf16: bool = False):
-    """Build this rank's model chunks for the checkpoint's preset at the current parallel layout and load weights.
-
-    Works at any TP/PP (dist checkpoints reshard on load); the parallel state must be initialised. The head (LM or
-    reward) is the one the checkpoint was trained with. Returns (chunks, preset): chunks in eval mode, unwrapped.
-    """
-    from megatron.core import parallel_state as ps
-
-    from tinyllm_mcore.model.gpt import build_model
-    from tinyllm_mcore.model.presets import transformer_config
-
-    preset, saved = saved_preset(load)
-    config = transformer_config(
-        preset, tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
-        use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=False)
-    model = build_model(preset, config, use_te=use_te, head=saved_model_head(saved),
-                        make_vocab_size_divisible_by=saved.get("make_vocab_size_divisible_by", 128))
-    if torch.cuda.is_available():
-        model.cuda()
-    load_checkpoint(load, [model], finetune=True)
-    model.eval()
-    return [model], preset
 
 
 # ==================================================================================================================

@@ -23,6 +23,8 @@ import json
 import sys
 from pathlib import Path
 
+from tinyllm_mcore.checkpoint.io import add_load_check_flags
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--bf16", action="store_true")
     model.add_argument("--no-prompt-prefix", action="store_true",
                        help="encode prompts without the tokenizer's prefix tokens ([gMASK] sop / <s>)")
+    add_load_check_flags(model)
 
     mc = p.add_argument_group("multiple choice (CMMLU / C-Eval)")
     mc.add_argument("--benchmark-dir", help="folder with dev/ and test/ (CMMLU) or dev/ val/ test/ (C-Eval) CSVs")
@@ -86,7 +89,9 @@ def run(args) -> dict:
         lm, encoder = runner.open_mcore(args.load, args.tokenizer_model, tokenizer_type=args.tokenizer_type,
                                         tensor_parallel_size=args.tensor_model_parallel_size,
                                         pipeline_parallel_size=args.pipeline_model_parallel_size,
-                                        add_prefix=add_prefix, bf16=args.bf16)
+                                        add_prefix=add_prefix, bf16=args.bf16,
+                                        allow_tokenizer_change=args.allow_tokenizer_change,
+                                        verify=not args.no_verify_checkpoint, require_manifest=args.require_manifest)
 
     if args.benchmark_dir:
         from tinyllm_mcore.evaluation.multiple_choice import evaluate_multiple_choice, markdown_table

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from tinyllm_mcore.convert.output import add_conversion_flags, conversion_log
+from tinyllm_mcore.checkpoint.io import add_load_check_flags
 from tinyllm_mcore.cli.errors import run_cli
 
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
@@ -28,8 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prompt-prefix", action="store_true",
                    help="tokenizer(text) adds nothing (default: the chat prefix the model was trained with)")
     p.add_argument("--max-shard-size-mb", type=int, default=2048)
-    p.add_argument("--no-verify-checkpoint", action="store_true",
-                   help="skip checking the checkpoint's files against its manifest (checksums)")
+    add_load_check_flags(p)
     add_conversion_flags(p, "export")
     return p
 
@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     return run_cli(lambda: convert_mcore_to_hf(
         args.load, args.save, args.dtype, args.tokenizer_model, args.hf_arch, not args.no_prompt_prefix,
         args.max_shard_size_mb * 1024**2, log=conversion_log(args.quiet), allow_non_finite=args.allow_non_finite,
-        verify=not args.no_verify_checkpoint))
+        verify=not args.no_verify_checkpoint, require_manifest=args.require_manifest,
+        allow_tokenizer_change=args.allow_tokenizer_change))
 
 
 if __name__ == "__main__":

@@ -55,32 +55,31 @@ def _check_checkpoint_shapes(path, preset, saved_shapes: dict) -> int:
     return padded
 
 
-def _load_tokenizer(tokenizer_model: str, tokenizer_type: str, preset):
+def _load_tokenizer(tokenizer_model: str, tokenizer_type: str):
     from tinyllm_mcore.tokenizer.core import Tokenizer
 
     try:
-        tokenizer = Tokenizer.load(tokenizer_model, tokenizer_type)
+        return Tokenizer.load(tokenizer_model, tokenizer_type)
     except RuntimeError as e:  # sentencepiece's parse error names no flag
         raise ValueError(f"--tokenizer-model {tokenizer_model}: not a SentencePiece model "
                          f"({str(e).splitlines()[0]})") from None
-    if tokenizer.vocab_size != preset.vocab_size:
-        raise MappingError(f"model vocab {preset.vocab_size} != tokenizer vocab {tokenizer.vocab_size} "
-                           f"({tokenizer_model}): export needs the tokenizer the model was trained with")
-    return tokenizer
 
 
 def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype: str = "fp32",
                         tokenizer_model: str | None = None, hf_arch: str | None = None, prompt_prefix: bool = True,
                         max_shard_bytes: int = 2 * 1024**3, log=print, allow_non_finite: bool = False,
-                        verify: bool = True) -> Path:
+                        verify: bool = True, require_manifest: bool = False,
+                        allow_tokenizer_change: bool = False) -> Path:
     """Export; return the HF directory. Raises ValueError/FileNotFoundError with one-line messages.
 
     Tensors with NaN/inf values (also a finite value that overflows ``dtype``) are refused unless
     ``allow_non_finite``. The directory is written under a temporary name beside ``save`` and renamed when
     complete, so a failure (bad input, disk full) leaves nothing; an earlier export at ``save`` is replaced.
-    ``verify`` checks the checkpoint's files against its manifest first."""
+    ``verify`` checks the checkpoint's files against its manifest first. The tokenizer (given, or the one recorded)
+    must be the one the checkpoint was trained with (checkpoint.io.check_tokenizer), unless
+    ``allow_tokenizer_change``: an export ships its tokenizer, and a wrong one would be a silently wrong release."""
     from tinyllm_mcore.checkpoint.io import (
-        load_checkpoint, resolve_load_dir, saved_preset, saved_tensor_shapes, verify_checkpoint,
+        check_tokenizer, inspect_checkpoint, load_checkpoint, saved_tensor_shapes, verify_checkpoint,
     )
 
     t0 = time.perf_counter()
@@ -90,17 +89,18 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
         raise ValueError(QWEN2_REFUSED)
     if hf_arch is not None and hf_arch not in EXPORT_ARCHS:
         raise ValueError(f"unsupported --hf-arch {hf_arch!r}; choose one of {', '.join(EXPORT_ARCHS)}")
-    path = resolve_load_dir(load)
+    path, preset, saved_args, common = inspect_checkpoint(load)
     if verify:
-        verify_checkpoint(path)
-    preset, saved_args = saved_preset(load)
+        verify_checkpoint(path, require_manifest=require_manifest)
     hf_arch = hf_arch or default_hf_arch(preset)
     if hf_arch != default_hf_arch(preset):
         raise MappingError(f"--hf-arch {hf_arch} does not fit this {'MoE' if preset.num_experts else 'dense'} "
                            f"checkpoint; use {default_hf_arch(preset)}")
     tokenizer_model = tokenizer_model or saved_args.get("tokenizer_model")
-    tokenizer = (_load_tokenizer(tokenizer_model, saved_args.get("tokenizer_type", "auto"), preset)
-                 if tokenizer_model else None)
+    tokenizer = _load_tokenizer(tokenizer_model, saved_args.get("tokenizer_type", "auto")) if tokenizer_model else None
+    if tokenizer is not None:
+        check_tokenizer(path, saved_args, tokenizer.vocab_size, tokenizer.identity,
+                        allow_change=allow_tokenizer_change)
     out = Path(save)
 
     with single_process_megatron():
@@ -109,7 +109,7 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
             f"PP{saved_args.get('pipeline_model_parallel_size', '?')}; {preset.name}, vocab {preset.vocab_size} of "
             f"{padded} rows) -> {out} as {hf_arch}, {dtype}")
         model = whole_model(preset, padded)
-        load_checkpoint(str(path), [model], finetune=True, verify=False)  # verified above
+        load_checkpoint(str(path), [model], finetune=True, verify=False, common=common)  # verified above
         state = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
         del model
 

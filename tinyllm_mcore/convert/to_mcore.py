@@ -5,7 +5,7 @@ Llama (with or without attention bias) and the seed's released ``tinyllm`` layou
 ``pytorch_model.bin`` or safetensors) — remote code is never run: only config.json and the tensors are read. Tensors
 stream from the (memory-mapped) HF files into the whole model, which training.checkpoint writes as
 ``SAVE/iter_0000000`` + ``latest_checkpointed_iteration.txt``; load it with ``--load SAVE --finetune``
-(pretrain/SFT/DPO) or ``load_model_for_inference``. Weights are stored in fp32 (the trainer's master dtype).
+(pretrain/SFT/DPO) or ``inference.open.open_checkpoint``. Weights are stored in fp32 (the trainer's master dtype).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ so no attention mask is needed and the numbers equal an unpadded forward.
 
 * `HFCausalLM` — a transformers causal LM (an HF export): the base model gives final hidden states, the output
   embedding is applied to the selected positions.
-* `McoreCausalLM` — megatron-core GPT chunks from `load_model_for_inference` at any TP/PP. A forward pre-hook on the
+* `McoreCausalLM` — megatron-core GPT chunks from `inference.open.open_checkpoint` at any TP/PP. A forward pre-hook on the
   output layer selects the positions before the (vocab-parallel) LM head; logits are gathered across TP ranks; under
   pipeline parallelism megatron's forward-only schedule runs the stages and the last stage's logits are broadcast
   to every rank of the pipeline, so every rank runs the same evaluation code and holds the same results. Padded

@@ -25,28 +25,21 @@ def open_hf(path: str, *, tokenizer_model: str | None = None, tokenizer_type: st
 
 
 def open_mcore(load: str, tokenizer_model: str, *, tokenizer_type: str = "auto", tensor_parallel_size: int = 1,
-               pipeline_parallel_size: int = 1, add_prefix: bool = True, bf16: bool = False) -> tuple[CausalLM, object]:
-    """An mcore checkpoint at any TP/PP (initialises the runtime when needed; run under torchrun for TP*PP > 1)."""
-    from megatron.core import parallel_state as ps
-
-    from tinyllm_mcore.inference.generate import check_vocab
-    from tinyllm_mcore.runtime import distributed as rt
+               pipeline_parallel_size: int = 1, add_prefix: bool = True, bf16: bool = False,
+               allow_tokenizer_change: bool = False, verify: bool = True,
+               require_manifest: bool = False) -> tuple[CausalLM, object]:
+    """An mcore checkpoint at any TP/PP (inference.open; run under torchrun for TP*PP > 1)."""
+    from tinyllm_mcore.inference.open import open_checkpoint
     from tinyllm_mcore.tokenizer.core import Tokenizer
-    from tinyllm_mcore.checkpoint import io as ckpt
 
     if not tokenizer_model:
         raise ValueError("--tokenizer-model is required with --load")
     tokenizer = Tokenizer.load(tokenizer_model, tokenizer_type)
-    preset, _ = ckpt.saved_preset(load)  # fails fast on a bad path
-    check_vocab(preset, tokenizer)
-    if not ps.model_parallel_is_initialized():
-        launch = rt.launch_from_env()
-        rt.check_parallel_layout(launch.world_size, tensor_parallel_size, pipeline_parallel_size,
-                                 preset.num_attention_heads, preset.num_layers,
-                                 num_query_groups=preset.num_query_groups)
-        rt.initialize(tp=tensor_parallel_size, pp=pipeline_parallel_size)
-    chunks, preset = ckpt.load_model_for_inference(load, bf16=bf16)
-    return McoreCausalLM(chunks, preset), SentencePieceEncoder(tokenizer, add_prefix)
+    opened = open_checkpoint(load, tokenizer, tensor_parallel_size=tensor_parallel_size,
+                             pipeline_parallel_size=pipeline_parallel_size, bf16=bf16,
+                             allow_tokenizer_change=allow_tokenizer_change, verify=verify,
+                             require_manifest=require_manifest)
+    return McoreCausalLM(opened.chunks, opened.preset), SentencePieceEncoder(tokenizer, add_prefix)
 
 
 def is_writer() -> bool:

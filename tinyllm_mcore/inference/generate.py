@@ -22,6 +22,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from tinyllm_mcore.checkpoint.io import add_load_check_flags
+
 
 @dataclass
 class SamplingParams:
@@ -181,27 +183,18 @@ class TextStreamer:
 # Loading a checkpoint for generation (tools/generate.py, tools/chat.py, evaluation)
 
 
-def check_vocab(preset, tokenizer) -> None:
-    """A checkpoint must have been trained with this tokenizer's vocabulary (else ids mean other tokens)."""
-    if tokenizer is not None and tokenizer.vocab_size != preset.vocab_size:
-        raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} does not match the checkpoint's vocab "
-                         f"{preset.vocab_size}: wrong --tokenizer-model for this checkpoint")
-
-
 def load_generator(load: str, tokenizer=None, *, tensor_parallel_size: int = 1, bf16: bool = False,
-                   max_sequence_length: int | None = None) -> tuple[Generator, object]:
-    """Initialise the runtime (if needed) at TP=`tensor_parallel_size`, load the checkpoint; (Generator, preset)."""
-    from megatron.core import parallel_state as ps
+                   max_sequence_length: int | None = None, allow_tokenizer_change: bool = False,
+                   verify: bool = True, require_manifest: bool = False) -> tuple[Generator, object]:
+    """The checkpoint opened at TP=`tensor_parallel_size` (inference.open: tokenizer, layout and manifest checked);
+    (Generator, preset)."""
+    from tinyllm_mcore.inference.open import open_checkpoint
 
-    from tinyllm_mcore.runtime import distributed as rt
-    from tinyllm_mcore.checkpoint import io as ckpt
-
-    preset, _ = ckpt.saved_preset(load)  # fails fast on a bad path, before any process-group work
-    check_vocab(preset, tokenizer)
-    if not ps.model_parallel_is_initialized():
-        rt.initialize(tp=tensor_parallel_size, pp=1)
-    chunks, preset = ckpt.load_model_for_inference(load, bf16=bf16)
-    return Generator(chunks[0], preset.vocab_size, max_sequence_length or preset.max_position_embeddings), preset
+    opened = open_checkpoint(load, tokenizer, tensor_parallel_size=tensor_parallel_size, bf16=bf16,
+                             allow_tokenizer_change=allow_tokenizer_change, verify=verify,
+                             require_manifest=require_manifest)
+    preset = opened.preset
+    return Generator(opened.model, preset.vocab_size, max_sequence_length or preset.max_position_embeddings), preset
 
 
 def chat_stop_ids(tokenizer) -> list[int]:
@@ -231,6 +224,7 @@ def add_generation_args(parser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--system", default=None, help="system prompt (default: the seed's; '' for none)")
+    add_load_check_flags(parser)
 
 
 def sampling_from_args(args, stop_ids) -> SamplingParams:
@@ -245,5 +239,6 @@ def generator_from_args(args):
 
     tokenizer = Tokenizer.load(args.tokenizer_model, args.tokenizer_type)
     generator, _ = load_generator(args.load, tokenizer, tensor_parallel_size=args.tensor_model_parallel_size,
-                                  bf16=args.bf16)
+                                  bf16=args.bf16, allow_tokenizer_change=args.allow_tokenizer_change,
+                                  verify=not args.no_verify_checkpoint, require_manifest=args.require_manifest)
     return tokenizer, generator

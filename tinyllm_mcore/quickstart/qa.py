@@ -84,15 +84,9 @@ def answer_with_checkpoint(load: str, tokenizer, questions: list[str], batch_siz
 
 def load_reward_model(load: str):
     """The reward model of a `tinyllm_mcore.stages.reward` checkpoint at TP1 in this process."""
-    from megatron.core import parallel_state as ps
+    from tinyllm_mcore.inference.open import open_checkpoint
 
-    from tinyllm_mcore.runtime import distributed as rt
-    from tinyllm_mcore.checkpoint import io as ckpt
-
-    if not ps.model_parallel_is_initialized():
-        rt.initialize(tp=1, pp=1)
-    chunks, _ = ckpt.load_model_for_inference(load)
-    return chunks[0]
+    return open_checkpoint(load).model
 
 
 def pair_batches(pairs: list[dict], tokenizer, seq_length: int, batch_size: int):

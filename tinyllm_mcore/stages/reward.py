@@ -32,23 +32,20 @@ def add_reward_args(parser) -> None:
 
 
 def load_trunk(ctx, model) -> None:
-    """--init-from: every parameter but the reward head from an LM dist checkpoint (any saved layout).
+    """--init-from: every parameter but the reward head from an LM checkpoint (any saved layout), through the same
+    checks as --load: manifest, model shape and tokenizer identity.
 
     Skipped with --load: that checkpoint replaces all weights anyway."""
-    if not ctx.args.init_from or ctx.args.load:
+    args = ctx.args
+    if not args.init_from or args.load:
         return
-    from megatron.core import dist_checkpointing
+    from tinyllm_mcore.checkpoint import io as ckpt
 
-    from tinyllm_mcore.checkpoint.io import resolve_load_dir
-
-    path = resolve_load_dir(ctx.args.init_from)
-    sharded = {k: v for k, v in model.sharded_state_dict().items() if not k.startswith("reward_head.")}
-    loaded = dist_checkpointing.load({"model": sharded}, str(path))["model"]
-    missing, unexpected = model.load_state_dict(loaded, strict=False)
-    missing = [k for k in missing if not k.startswith("reward_head.") and not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise ValueError(f"{path} is not an LM checkpoint of this model: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+    path = ckpt.resolve_load_dir(args.init_from)
+    if not args.no_verify_checkpoint:
+        ckpt.verify_checkpoint(path, require_manifest=args.require_manifest)
+    ckpt.check_matches_run(str(path), ctx.preset, ctx.tokenizer_identity, args.allow_tokenizer_change)
+    ckpt.load_checkpoint(str(path), [model], finetune=True, verify=False, skip_prefixes=("reward_head.",))
 
 
 def last_token_index(loss_mask: torch.Tensor) -> torch.Tensor:

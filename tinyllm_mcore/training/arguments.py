@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from tinyllm_mcore.checkpoint.io import add_load_check_flags
 from tinyllm_mcore.model.presets import PRESETS
 
 
@@ -88,10 +89,7 @@ def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
                    help="load model weights only: reset iteration, optimizer, LR schedule and RNG")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
-    g.add_argument("--no-verify-checkpoint", action="store_true",
-                   help="load without checking the files against the checkpoint's manifest of checksums")
-    g.add_argument("--allow-tokenizer-change", action="store_true",
-                   help="load a checkpoint trained with another tokenizer of the same vocabulary size")
+    add_load_check_flags(g)  # --no-verify-checkpoint, --require-manifest, --allow-tokenizer-change
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
                    help="save distributed-optimizer state gathered into model space (loads at any TP/PP/DP, and "
                         "without the distributed optimizer); default: per-DP-rank buckets (loads at any DP, same "

@@ -402,7 +402,7 @@ def setup(stage: Stage, args, tokenizer=None, cleanup: contextlib.ExitStack | No
             cleanup.callback(save_lock.release)
     if args.load:  # the files first (checksums), then what they hold (model shape, tokenizer)
         if not args.no_verify_checkpoint:
-            ckpt.verify_checkpoint(ckpt.resolve_load_dir(args.load))
+            ckpt.verify_checkpoint(ckpt.resolve_load_dir(args.load), require_manifest=args.require_manifest)
         ckpt.check_matches_run(args.load, ctx.preset, ctx.tokenizer_identity, args.allow_tokenizer_change)
     config = build_config(args, ctx.preset)
     ctx.chunks = build_model_chunks(stage, ctx, config)

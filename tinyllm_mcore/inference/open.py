@@ -1,0 +1,74 @@
+"""The one way to open a checkpoint for inference (generate, chat, evaluate, the quickstart's QA and reward scoring).
+
+`open_checkpoint` resolves `--load` once and reads the checkpoint's common state once, then, in this order:
+1. checks the tokenizer against the one the checkpoint was trained with (size and identity;
+   `checkpoint.io.check_tokenizer`, the same check as training's `--load`) — before any process-group work, so a
+   wrong `--tokenizer-model` fails fast;
+2. checks the parallel layout against the model and starts the runtime if needed (TP x PP on the launcher's ranks);
+3. checks the files against the manifest (rank 0; every rank fails alike);
+4. builds this rank's chunks for the saved preset and head (LM or reward) and loads the weights (any saved layout).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tinyllm_mcore.checkpoint import io as ckpt
+
+
+@dataclass
+class OpenedCheckpoint:
+    path: Path  # the iter_* directory --load resolved to
+    preset: object  # the ModelPreset the checkpoint was trained with
+    saved: dict  # its run metadata
+    chunks: list  # this rank's model chunks, eval mode, unwrapped
+
+    @property
+    def model(self):
+        """The only chunk (no pipeline parallelism)."""
+        if len(self.chunks) != 1:
+            raise ValueError(f"{self.path} is open as {len(self.chunks)} pipeline chunks here, not one model")
+        return self.chunks[0]
+
+
+def open_checkpoint(load: str, tokenizer=None, *, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                    bf16: bool = False, use_te: bool | None = None, allow_tokenizer_change: bool = False,
+                    verify: bool = True, require_manifest: bool = False) -> OpenedCheckpoint:
+    """Open `load` for inference at TP x PP (run under torchrun / srun for more than one rank)."""
+    from megatron.core import parallel_state as ps
+
+    from tinyllm_mcore.runtime import distributed as rt
+
+    path, preset, saved, common = ckpt.inspect_checkpoint(load, tokenizer,
+                                                          allow_tokenizer_change=allow_tokenizer_change)
+    if not ps.model_parallel_is_initialized():
+        launch = rt.launch_from_env()
+        rt.check_parallel_layout(launch.world_size, tensor_parallel_size, pipeline_parallel_size,
+                                 preset.num_attention_heads, preset.num_layers,
+                                 num_query_groups=preset.num_query_groups)
+        rt.initialize(tp=tensor_parallel_size, pp=pipeline_parallel_size)
+    if verify:
+        ckpt.verify_checkpoint(path, require_manifest=require_manifest)
+    model = build_inference_model(preset, saved, bf16=bf16, use_te=use_te)
+    ckpt.load_checkpoint(str(path), [model], finetune=True, verify=False, common=common)
+    model.eval()
+    return OpenedCheckpoint(path=path, preset=preset, saved=saved, chunks=[model])
+
+
+def build_inference_model(preset, saved: dict, *, bf16: bool = False, use_te: bool | None = None):
+    """This rank's model for the saved preset and head at the current parallel layout (weights not loaded)."""
+    from megatron.core import parallel_state as ps
+
+    from tinyllm_mcore.model.gpt import build_model
+    from tinyllm_mcore.model.presets import transformer_config
+
+    config = transformer_config(
+        preset, tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
+        use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=False)
+    model = build_model(preset, config, use_te=use_te, head=ckpt.saved_model_head(saved),
+                        make_vocab_size_divisible_by=saved.get("make_vocab_size_divisible_by", 128))
+    return model.cuda() if torch.cuda.is_available() else model
