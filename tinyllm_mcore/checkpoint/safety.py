@@ -6,20 +6,17 @@ no half-written leftovers.
   a shard is caught before a single tensor is used (`--no-verify-checkpoint` skips it).
 - Lock: the run that saves into a folder holds an exclusive `flock` on `SAVE/.run.lock` for its lifetime; the kernel
   releases it however the process dies, so a second run on the same `--save` is refused, never interleaved.
-- Writers: megatron's checkpoint writer forks worker processes; each is told to die with its parent
-  (PR_SET_PDEATHSIG), so a `kill -9` of a trainer mid-save leaves nothing running.
+- Writers: no save starts a process (megatron's writer runs in threads: runtime/compat.write_checkpoints_in_process),
+  so a `kill -9` of a trainer mid-save leaves nothing running and no forked child can deadlock a save.
 - Leftovers: `iter_*` folders past the latest pointer without a manifest (a save that died) are removed at the
   next start, and reported.
 """
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
-import multiprocessing.util
 import os
 import shutil
-import signal
 import socket
 import zlib
 from pathlib import Path
@@ -115,35 +112,3 @@ class SaveFolderLock:
     def release(self) -> None:
         if not self._file.closed:
             self._file.close()
-
-
-class _ForkedWorkersDieWithParent:
-    """Registered once with multiprocessing's after-fork hooks, which every `multiprocessing.Process` child runs.
-    `prctl` is looked up here, in the parent: a dlopen in a freshly forked child can block forever on the loader
-    lock another parent thread held at the fork."""
-
-    def __init__(self):
-        try:
-            self.prctl = ctypes.CDLL(None, use_errno=True).prctl
-        except (OSError, AttributeError):  # not Linux
-            self.prctl = None
-
-
-def _die_with_parent(registration: _ForkedWorkersDieWithParent) -> None:
-    """In a forked worker: be killed when the process that forked it dies, however it dies."""
-    if registration.prctl is None:
-        return
-    parent = os.getppid()
-    registration.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-_REGISTRATION = None
-
-
-def forked_workers_die_with_parent() -> None:
-    global _REGISTRATION
-    if _REGISTRATION is None:  # once per process: every registration runs in every forked worker
-        _REGISTRATION = _ForkedWorkersDieWithParent()
-        multiprocessing.util.register_after_fork(_REGISTRATION, _die_with_parent)

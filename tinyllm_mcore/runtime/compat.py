@@ -15,6 +15,11 @@ asks which megatron-core is installed:
   (called when tinyllm_mcore is imported).
 - Optimizer state: 0.19 matches saved parameter groups by their LR/WD settings too, so a resume without the same
   --lr fails; `match_saved_param_groups_by_structure` restores 0.16's rule (the saved settings win).
+- Checkpoint writes. Up to 0.18 megatron's writer forks a process per file bucket on every save, and its results
+  queue lives in a multiprocessing Manager server (spawned; we forked it) — forks of a process that runs gloo and
+  OpenMP threads, which can deadlock in the child and leave the save waiting forever (`JoinableQueue.join()`).
+  0.19 writes with threads; `write_checkpoints_in_process` gives the older versions the same (and every version an
+  in-process results queue: our saves are synchronous), so no save starts a process.
 - CUDA streams on CPU (0.19's DDP waits on the current CUDA stream in every gradient sync) are the CPU adapter's
   business: runtime/cpu.py.
 """
@@ -151,6 +156,62 @@ def match_saved_param_groups_by_structure() -> None:
 
     filter_and_reorder.tinyllm_by_structure = True
     cls._filter_and_reorder_param_groups = staticmethod(filter_and_reorder)
+
+
+# --- checkpoint writes ---------------------------------------------------------------------------------------------
+
+def write_checkpoints_in_process() -> None:
+    """Before each save: megatron's writer runs in this process (module docstring, "Checkpoint writes").
+
+    The results queue is a plain `queue.Queue` (the synchronous save puts and takes it in this process; emptied here
+    so a failed save's leftover cannot be read as the next one's), and where the writer forks per bucket
+    (`write_preloaded_data_multiproc`, up to 0.18) each bucket is written by a thread instead."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not isinstance(filesystem_async._results_queue, queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
+    while not filesystem_async._results_queue.empty():
+        filesystem_async._results_queue.get_nowait()
+    writer = filesystem_async.FileSystemWriterAsync
+    if hasattr(writer, "write_preloaded_data_multiproc") and not getattr(
+            writer.write_preloaded_data_multiproc, "tinyllm_threads", False):
+        writer.write_preloaded_data_multiproc = staticmethod(_write_buckets_in_threads)
+
+
+def _write_buckets_in_threads(transform_list, use_msc: bool, rank: int, write_buckets, global_results_queue) -> None:
+    """megatron 0.16's `write_preloaded_data_multiproc` contract (one result dict, or the first worker exception, put
+    on `global_results_queue`) with one thread per bucket; each thread runs megatron's own bucket writer."""
+    import queue
+    import threading
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    results, done = queue.Queue(), queue.Queue()  # done: the writer's task_done() handshake
+    threads = []
+    for index, bucket in enumerate(write_buckets):
+        done.put(index)
+        threads.append(threading.Thread(
+            target=FileSystemWriterAsync.write_preloaded_data, args=(transform_list, index, bucket, results, done),
+            kwargs={"use_fsync": True, "use_msc": use_msc}, name=f"checkpoint-writer-{index}", daemon=True))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    written: dict | Exception = {}
+    while not results.empty():
+        index, outcome = results.get_nowait()
+        if isinstance(outcome, Exception):
+            written = outcome
+            break
+        written[index] = outcome
+    if isinstance(written, dict) and len(written) != len(write_buckets):
+        written = RuntimeError(f"checkpoint writer threads returned {len(written)} of {len(write_buckets)} buckets")
+    global_results_queue.put(written)
+
+
+_write_buckets_in_threads.tinyllm_threads = True
 
 
 # --- logging ---------------------------------------------------------------------------------------------------------
