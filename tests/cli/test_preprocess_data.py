@@ -238,8 +238,8 @@ def test_malformed_lines_are_counted_exactly(tmp_path, capsys):
     summary = capsys.readouterr().out
     # Lines Megatron-LM would stop on are skipped and counted; whitespace-only text is a document, as there.
     assert "documents: 3" in summary and "skipped lines: 8" in summary
-    for reason, count, first_line in [("blank_line", 1, 5), ("bad_json", 3, 2), ("not_object", 1, 4),
-                                      ("missing_key", 1, 6), ("not_string", 2, 7)]:
+    for reason, count, first_line in [("blank_line", 1, 5), ("bad_json", 2, 2), ("not_object", 1, 4),
+                                      ("missing_key", 1, 6), ("not_string", 2, 7), ("invalid_utf8", 1, 11)]:
         assert f"  {reason}: {count} (e.g. {path}:{first_line}" in summary
     tok = tiny_tokenizer()
     assert_documents_equal(tmp_path / "bad_text_document", [

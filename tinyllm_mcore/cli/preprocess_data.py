@@ -23,8 +23,12 @@ it writes the .idx of the last key only (here every key gets its pair); with --s
 stops after writing the split-sentence jsonl (here the sentence-level dataset is written); its --partitions leaves
 part files beside the input and reuses them on the next run (here parts are temporary, beside the output).
 
-Exit status: 0 on success, 1 for bad paths or arguments or input that yields no tokens (one `error:` line; nothing is
-written and a dataset already at the prefix is left as it was), 130 on Ctrl-C, 143 on SIGTERM.
+Lines that are not valid UTF-8 are dropped and counted (invalid_utf8 in the summary); --strict-utf8 makes the first
+one an error naming its file:line. A worker process that dies, or holds a chunk past --worker-timeout, ends the run
+with an error instead of a wait without end.
+
+Exit status: 0 on success, 1 for bad paths or arguments, input that yields no tokens or a failed worker (one `error:`
+line; nothing is written and a dataset already at the prefix is left as it was), 130 on Ctrl-C, 143 on SIGTERM.
 
 The same command, three spellings: `tinyllm-preprocess-data` (installed by pip),
 `python -m tinyllm_mcore.cli.preprocess_data`, `python tools/preprocess_data.py` (in a checkout).
@@ -34,7 +38,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tinyllm_mcore.data.preprocess import MODES, Terminated, preprocess
+from tinyllm_mcore.data.preprocess import DEFAULT_WORKER_TIMEOUT_S, MODES, Terminated, WorkerError, preprocess
 
 # Megatron-LM tokenizer flags that would change the ids it writes in ways not reproduced here.
 _UNSUPPORTED_TOKENIZER_FLAGS = {
@@ -62,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="pretrain: text documents; sft: question/answer or messages; preference: prompt/chosen/"
                             "rejected")
     group.add_argument("--system", default=None, help="chat system text for sft/preference (default: the seed's)")
+    group.add_argument("--strict-utf8", action="store_true",
+                       help="stop at the first line that is not valid UTF-8 (an error naming its file:line); by "
+                            "default such lines are dropped (not written) and counted as invalid_utf8 in the summary")
     group = p.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", default="auto",
                        help="auto (detect), SentencePieceTokenizer / GPTSentencePieceTokenizer / Llama2Tokenizer "
@@ -101,6 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--keep-sequential-samples", action="store_true",
                        help="with --partitions: parts are consecutive runs of lines, so the input order is kept")
     group.add_argument("--chunk-size", type=int, default=512, help="records per task sent to a worker")
+    group.add_argument("--worker-timeout", type=float, default=DEFAULT_WORKER_TIMEOUT_S, metavar="SECONDS",
+                       help="a worker holding one chunk this long without a result is an error (stuck); a worker "
+                            "that dies is an error at once (default %(default)g)")
     group.add_argument("--log-interval", type=int, default=1000, help="progress bar update interval (lines)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar (summary only)")
     return p.parse_args(argv)
@@ -113,6 +123,8 @@ def _flag_errors(args) -> str | None:
             return f"{flag} is not supported by this preprocess_data.py (the ids would differ from Megatron-LM's)"
     if args.workers < 1 or args.chunk_size < 1 or args.log_interval < 1:
         return "--workers, --chunk-size and --log-interval must be >= 1"
+    if not args.worker_timeout > 0:
+        return f"--worker-timeout must be > 0 seconds, got {args.worker_timeout:g}"
     if args.tokenizer_model is None and args.vocab_file is None:
         return "--tokenizer-model is required (or --vocab-file/--merge-file with --tokenizer-type GPT2BPETokenizer)"
     return None
@@ -131,8 +143,9 @@ def main(argv=None) -> int:
                             log_interval=args.log_interval, progress=not args.no_progress,
                             split_sentences=args.split_sentences, keep_newlines=args.keep_newlines, lang=args.lang,
                             partitions=args.partitions, keep_sequential_samples=args.keep_sequential_samples,
-                            vocab_file=args.vocab_file, merge_file=args.merge_file)
-    except (FileNotFoundError, NotADirectoryError, ValueError, EOFError, OSError) as e:
+                            vocab_file=args.vocab_file, merge_file=args.merge_file, strict_utf8=args.strict_utf8,
+                            worker_timeout_s=args.worker_timeout)
+    except (FileNotFoundError, NotADirectoryError, ValueError, EOFError, OSError, WorkerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -84,8 +84,24 @@ def _builder_class():
     return _BUILDER
 
 
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER_BYTES = 34  # magic (9) + version (8) + dtype code (1) + sequence count (8) + document count (8)
+
+
+def check_output_prefix(prefix: str | os.PathLike, flag: str = "--output-prefix") -> None:
+    """A dataset prefix must name files (``some_dir/name``): ``some_dir/`` or an existing directory would write
+    ``some_dir/_text_document.bin`` (or ``some_dir/.bin``) unnoticed. Raises ValueError naming ``flag``."""
+    text = os.fspath(prefix)
+    separators = tuple(s for s in (os.sep, os.altsep, "/") if s)
+    if not text or text.endswith(separators) or os.path.basename(text) in ("", ".", "..") or os.path.isdir(text):
+        where = text.rstrip("".join(separators)) or "."
+        raise ValueError(f"{flag} {text!r} is a directory: it must be a file prefix like "
+                         f"{os.path.join(where, 'name')}")
+
+
 class IndexSummary:
-    """An ``.idx`` opened memory-mapped (megatron's reader), checked against its ``.bin``."""
+    """An ``.idx`` opened memory-mapped (megatron's reader), checked against its ``.bin``: a truncated or mismatched
+    file is one ValueError naming it and the sizes, before anything reads past its end."""
 
     def __init__(self, prefix: str):
         md = _megatron()
@@ -94,25 +110,47 @@ class IndexSummary:
         for path in (idx_path, bin_path):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{prefix}: {os.path.basename(path)} not found")
+        with open(idx_path, "rb") as f:
+            header = f.read(_IDX_HEADER_BYTES)
+        if not header.startswith(_IDX_MAGIC):
+            raise ValueError(f"{idx_path}: not a megatron indexed dataset index (no MMIDIDX header)")
+        actual_idx = os.path.getsize(idx_path)
+        if len(header) < _IDX_HEADER_BYTES:
+            raise ValueError(f"{idx_path} is {actual_idx} bytes, shorter than the {_IDX_HEADER_BYTES}-byte header "
+                             f"of an index: truncated")
+        sequence_count, document_count = struct.unpack("<QQ", header[18:34])
+        expected_idx = _IDX_HEADER_BYTES + sequence_count * 12 + document_count * 8
+        if actual_idx < expected_idx:
+            raise ValueError(f"{idx_path} is {actual_idx} bytes, shorter than the {expected_idx} bytes its header "
+                             f"describes ({sequence_count} sequences, {document_count - 1} documents): truncated")
+        if actual_idx not in (expected_idx, expected_idx + sequence_count):  # + int8 modes when multimodal
+            raise ValueError(f"{idx_path} is {actual_idx} bytes, its header promises {expected_idx}")
+        if actual_idx != expected_idx:
+            raise ValueError(f"{prefix}: multimodal datasets (sequence modes) are not supported")
         try:
             self.reader = md._IndexReader(idx_path, multimodal=False)
-        except (AssertionError, ValueError, struct.error) as e:
-            raise ValueError(f"{prefix}: not a megatron indexed dataset index ({e})") from None
+        except (AssertionError, ValueError, struct.error, KeyError) as e:
+            raise ValueError(f"{idx_path}: not a megatron indexed dataset index ({e})") from None
         r = self.reader
         self.dtype = r.dtype
         self.itemsize = md.DType.size(r.dtype)
-        expected_idx = 34 + r.sequence_count * 12 + r.document_count * 8
-        actual_idx = os.path.getsize(idx_path)
-        if actual_idx not in (expected_idx, expected_idx + r.sequence_count):  # + int8 modes when multimodal
-            raise ValueError(f"{prefix}: .idx is {actual_idx} bytes, its header promises {expected_idx}")
-        if actual_idx != expected_idx:
-            raise ValueError(f"{prefix}: multimodal datasets (sequence modes) are not supported")
         self.tokens = int(r.sequence_lengths.sum(dtype=np.int64))
-        if os.path.getsize(bin_path) != self.tokens * self.itemsize:
-            raise ValueError(f"{prefix}: .bin is {os.path.getsize(bin_path)} bytes but its .idx describes "
-                             f"{self.tokens * self.itemsize}: the pair does not match")
+        expected_bin, actual_bin = self.tokens * self.itemsize, os.path.getsize(bin_path)
+        if actual_bin != expected_bin:
+            relation = "shorter" if actual_bin < expected_bin else "longer"
+            raise ValueError(f"{bin_path} is {actual_bin} bytes, {relation} than the {expected_bin} bytes its .idx "
+                             f"describes ({self.tokens} tokens of {self.itemsize} bytes): "
+                             f"{'truncated, or ' if relation == 'shorter' else ''}the pair does not match")
         self.sequences = r.sequence_count
         self.documents = r.document_count - 1
+
+
+def check_indexed_pair(prefix: str | os.PathLike) -> "IndexSummary":
+    """Check ``prefix.bin``/``prefix.idx`` before reading them (megatron's reader fails past the end of a truncated
+    ``.bin`` with numpy's "offset must be non-negative and no greater than buffer length"): FileNotFoundError /
+    ValueError with one line naming the file and its expected and actual sizes. Cheap: reads the header and the
+    memory-mapped sequence lengths, not the tokens."""
+    return IndexSummary(os.fspath(prefix))
 
 
 def merge_indexed(inputs: list[IndexSummary], bin_path: str, idx_path: str, block: int = BLOCK) -> None:
@@ -180,6 +218,7 @@ def merge_datasets(prefixes: list[str], output_prefix: str, created_by: str = "t
 
     if not prefixes:
         raise ValueError("nothing to merge")
+    check_output_prefix(output_prefix)
     inputs = [IndexSummary(p) for p in prefixes]
     sidecars = [read_sidecar(p) for p in prefixes]
     for item in inputs[1:]:

@@ -20,6 +20,11 @@ Where Megatron-LM's tool would stop (a line that is not a JSON object, a key mis
 on and counts: a line with none of the keys usable is skipped; with several ``json_keys``, a key missing from a line
 that has the others is written as an *empty document* in that key's output and counted, so document ``i`` of every
 output still comes from the same line. A run that would write no tokens for some output fails (nothing written).
+A line that is not valid UTF-8 (or holds a JSON escape of half a surrogate pair) is dropped and counted as
+``invalid_utf8``; with ``strict_utf8`` the first one is an error naming its file and line.
+
+Workers (``workers > 1``, ``_WorkerPool``) never make the run wait without a deadline: a worker that dies, or holds a
+chunk longer than ``worker_timeout_s``, is a ``WorkerError`` (one line; nothing written).
 
 ``partitions`` (Megatron-LM's ``--partitions``): Megatron-LM deals input lines round-robin into that many parts,
 processes them and concatenates the parts, so the output is ordered part 0 (lines 0, N, 2N, ...), part 1, ...; with
@@ -38,12 +43,15 @@ import glob
 import json
 import multiprocessing
 import os
+import pickle
 import re
+import select
 import signal
+import struct
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -52,14 +60,16 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from tinyllm_mcore.data.corpus import Chunk, expand_inputs, iter_chunks
-from tinyllm_mcore.data.indexed_files import IndexSummary, make_builder, merge_indexed
+from tinyllm_mcore.data.indexed_files import IndexSummary, check_output_prefix, make_builder, merge_indexed
 from tinyllm_mcore.data.sentences import SentenceSplitter, split_document
 from tinyllm_mcore.data.vocab_contract import tokenizer_record, write_sidecar
 from tinyllm_mcore.tokenizer.core import HFTokenizer, Tokenizer, messages_from_record
 
 MODES = ("pretrain", "sft", "preference")
-SKIP_REASONS = ("blank_line", "bad_json", "not_object", "missing_key", "not_string", "empty_text",
+SKIP_REASONS = ("blank_line", "invalid_utf8", "bad_json", "not_object", "missing_key", "not_string", "empty_text",
                 "bad_messages", "no_answer")
+# A JSON escape of half a surrogate pair ("\ud800"): valid JSON, but no character (cannot be written as UTF-8).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 class Terminated(Exception):
@@ -105,11 +115,14 @@ class PreprocessResult:
 
     def summary(self) -> str:
         rate = self.documents / self.seconds if self.seconds else 0.0
+        invalid = self.skipped["invalid_utf8"]
         lines = [f"documents: {self.documents}", f"tokens: {self.tokens}",
-                 f"skipped lines: {self.skipped_total}"]
+                 f"skipped lines: {self.skipped_total}" + (f" ({invalid} dropped as invalid UTF-8)" if invalid else "")]
         for reason in SKIP_REASONS:
             if self.skipped[reason]:
-                lines.append(f"  {reason}: {self.skipped[reason]} (e.g. {', '.join(self.skipped_examples[reason])})")
+                lines.append(f"  {reason}: {self.skipped[reason]} (e.g. {', '.join(self.skipped_examples[reason])})"
+                             + (" dropped, not written (--strict-utf8: stop at the first instead)"
+                                if reason == "invalid_utf8" else ""))
         for (key, reason), count in sorted(self.key_issues.items()):
             lines.append(f"key {key!r} {reason} in {count} written lines (empty document in its output; e.g. "
                          f"{', '.join(self.key_issue_examples[key, reason])})")
@@ -133,12 +146,13 @@ class ChunkEncoder:
 
     def __init__(self, tokenizer: str | Tokenizer | HFTokenizer, tokenizer_type: str, mode: str,
                  json_keys: Sequence[str], append_eod: bool, system: str | None,
-                 splitter: SentenceSplitter | None = None):
-        """``tokenizer``: a loaded tokenizer, or a model path. ``splitter``: split pretrain documents into sentences."""
+                 splitter: SentenceSplitter | None = None, strict_utf8: bool = False):
+        """``tokenizer``: a loaded tokenizer, or a model path. ``splitter``: split pretrain documents into sentences.
+        A line that is not UTF-8 is skipped as ``invalid_utf8``, or with ``strict_utf8`` a ValueError naming it."""
         self.tokenizer = tokenizer if not isinstance(tokenizer, (str, os.PathLike)) else \
             Tokenizer.load(tokenizer, tokenizer_type)
         self.mode, self.json_keys, self.append_eod, self.system = mode, list(json_keys), append_eod, system
-        self.splitter = splitter
+        self.splitter, self.strict_utf8 = splitter, strict_utf8
         self.dtype = token_dtype(self.tokenizer.vocab_size)
         self.outputs = len(self.json_keys) if mode == "pretrain" else 1
         if mode != "pretrain":
@@ -165,14 +179,30 @@ class ChunkEncoder:
         if chunk.records is not None:
             yield from chunk.records
             return
-        for raw in chunk.lines:
+        for offset, raw in enumerate(chunk.lines):
             if not raw.strip():
                 yield _Skip("blank_line")
                 continue
             try:
-                yield json.loads(raw)
-            except ValueError:  # also invalid UTF-8
+                text = raw.decode("utf-8")  # strict (JSON is UTF-8); json.loads(bytes) would let surrogates in
+            except UnicodeDecodeError as e:
+                yield self._invalid_utf8(chunk, offset, f"byte 0x{raw[e.start]:02x} at byte {e.start + 1}: {e.reason}")
+                continue
+            try:
+                record = json.loads(text[1:] if text.startswith("\ufeff") else text)  # a byte order mark is allowed
+            except ValueError:
                 yield _Skip("bad_json")
+                continue
+            if "\\u" in text and _SURROGATE_ESCAPE.search(text) and not _utf8_encodable(record):
+                yield self._invalid_utf8(chunk, offset, "a \\uD800-\\uDFFF escape without its pair")
+                continue
+            yield record
+
+    def _invalid_utf8(self, chunk: Chunk, offset: int, detail: str) -> "_Skip":
+        if self.strict_utf8:
+            raise ValueError(f"{chunk.source}:{chunk.first_line + offset}: not valid UTF-8 ({detail}); "
+                             f"--strict-utf8 stops at the first such line, nothing written")
+        return _Skip("invalid_utf8")
 
     # ------------------------------------------------------------------ pretrain
     def _encode_documents(self, chunk: Chunk) -> EncodedChunk:
@@ -274,6 +304,14 @@ class ChunkEncoder:
         return segments
 
 
+def _utf8_encodable(record) -> bool:
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def token_dtype(vocab_size: int):
     from megatron.core.datasets.indexed_dataset import DType
 
@@ -371,59 +409,285 @@ def _remove_stale_temporaries(prefix: str):
             pass
 
 
-# ---------------------------------------------------------------------------------------------------- driver
-_worker_encoder: ChunkEncoder | None = None
+# ---------------------------------------------------------------------------------------------------- workers
+DEFAULT_WORKER_TIMEOUT_S = 600.0  # a worker holding one chunk this long without a result is taken as stuck
+_STOP_TIMEOUT_S = 10.0  # idle workers told to exit get this long; then they are killed
+_POLL_S = 1.0  # a wait wakes at least this often to check the deadlines (a dead worker wakes it at once)
+_FRAME = struct.Struct("<Q")  # every message on a worker pipe: its pickled size, then the pickle
+_PIPE_BYTES = 1 << 20  # asked for per pipe (Linux), so a whole chunk usually fits and writes do not stall
 
 
-def _init_worker(encoder: ChunkEncoder):
-    global _worker_encoder
-    # Ctrl-C and SIGTERM are handled once, by the main process, which then terminates the pool (SIGTERM keeps its
-    # default action here so that works, and a worker killed that way exits without a traceback).
+class WorkerError(RuntimeError):
+    """A worker process died, or gave no result within the deadline: the run fails with one line (nothing written,
+    the workers stopped) instead of waiting forever."""
+
+
+def _start_method() -> str:
+    """``fork`` (fast; the loaded tokenizer is inherited) when the forking thread is this process's only Python
+    thread; ``spawn`` otherwise, and off Linux. A fork copies every lock other threads hold (stderr's, logging's, a
+    progress bar's) as it is at that moment, and a worker that then takes one waits forever."""
+    if sys.platform.startswith("linux") and threading.active_count() == 1:
+        return "fork"
+    return "spawn"
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    """``n`` bytes from a blocking pipe, or None at end of file (the writer is gone)."""
+    parts = []
+    while n:
+        part = os.read(fd, min(n, _PIPE_BYTES))
+        if not part:
+            return None
+        parts.append(part)
+        n -= len(part)
+    return b"".join(parts)
+
+
+def _worker_main(encoder: ChunkEncoder, tasks, results, inherited: Sequence = ()) -> None:
+    """A worker: reads ``(seq, chunk)`` messages, answers ``(seq, encoded, error)``, until its task pipe ends."""
+    # Ctrl-C and SIGTERM are handled once, by the main process, which then stops the workers (SIGTERM keeps its
+    # default action here so that works, and a worker killed that way exits without a traceback). Both signals were
+    # blocked across the fork, so none can reach a handler inherited from the main process first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _worker_encoder = encoder
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    for conn in inherited:  # a forked worker's copies of the main process's pipe ends
+        conn.close()
+    task_fd, result_fd = tasks.fileno(), results.fileno()
+    while True:
+        header = _read_exact(task_fd, _FRAME.size)
+        payload = header and _read_exact(task_fd, _FRAME.unpack(header)[0])
+        if not payload:
+            return  # the main process closed the pipe (done) or is gone
+        seq, chunk = pickle.loads(payload)
+        try:
+            reply = (seq, encoder(chunk), None)
+        except Exception as e:  # re-raised by the main process, in input order
+            reply = (seq, None, _portable_error(e))
+        data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+        view = memoryview(_FRAME.pack(len(data)) + data)
+        try:
+            while view:
+                view = view[os.write(result_fd, view):]
+        except OSError:  # BrokenPipeError: the main process is gone
+            return
 
 
-def _encode_in_worker(chunk: Chunk) -> EncodedChunk:
-    return _worker_encoder(chunk)
+def _portable_error(error: Exception) -> Exception:
+    """``error`` if it survives pickling (with the worker's traceback as a note, shown when it is a bug), else a
+    RuntimeError carrying its text."""
+    import traceback
+
+    text = "".join(traceback.format_exception(error)).rstrip()
+    try:
+        error.add_note(f"(raised in a preprocess worker process)\n{text}")
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}\n{text}")
 
 
-class _InFlightLimit:
-    """Pool.imap reads its input as fast as it can; ``feed`` makes it wait for a free slot, so at most ``slots``
-    chunks are read but not yet written (memory stays flat). ``close`` unblocks it for shutdown."""
+class _Worker:
+    def __init__(self, process, task_conn, result_conn):
+        self.process, self.task_conn, self.result_conn = process, task_conn, result_conn
+        self.outgoing = bytearray()  # framed tasks not yet in the pipe
+        self.incoming = bytearray()  # result bytes not yet a whole frame
+        self.queued: deque = deque()  # (seq, "file:line") of the tasks sent to it, oldest (the one it works on) first
+        self.busy_since = 0.0  # when it started on the oldest queued task
 
-    def __init__(self, slots: int):
-        self._slots = threading.Semaphore(slots)
-        self._closed = False
+    def doing(self) -> str:
+        return f"while encoding {self.queued[0][1]}" if self.queued else "while idle"
 
-    def feed(self, items: Iterable) -> Iterator:
-        for item in items:
-            self._slots.acquire()
-            if self._closed:
+
+class _WorkerPool:
+    """``workers`` processes encoding chunks; ``imap`` gives the results in input order.
+
+    Built to never wait forever: each worker has its own two pipes (no queue lock shared between processes that a
+    dying worker could take with it), workers are started once, from the calling thread, with SIGINT and SIGTERM
+    blocked until their own handlers are set, and never silently replaced (a task a dead worker held would never
+    be answered); the main process waits only in poll() with a timeout, so a worker that dies is seen at once and
+    one that holds a chunk longer than ``timeout_s`` is a WorkerError, like a failed start. ``close`` bounds the
+    workers' exit; ``kill`` ends them at once (errors, Ctrl-C, SIGTERM)."""
+
+    def __init__(self, encoder: ChunkEncoder, workers: int, max_in_flight: int,
+                 timeout_s: float = DEFAULT_WORKER_TIMEOUT_S):
+        self.timeout_s = timeout_s
+        self.max_in_flight = max(max_in_flight, workers)
+        self.per_worker = -(-self.max_in_flight // workers)
+        self.method = _start_method()
+        context = multiprocessing.get_context(self.method)
+        self.workers: list[_Worker] = []
+        inherited = []  # this process's ends of the pipes so far
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            for i in range(workers):
+                task_r, task_w = context.Pipe(duplex=False)
+                result_r, result_w = context.Pipe(duplex=False)
+                # A forked worker closes its copies of this process's pipe ends (its own and earlier workers'):
+                # while it holds one, the end of its task pipe never comes.
+                process = context.Process(target=_worker_main, name=f"preprocess-worker-{i}", daemon=True,
+                                          args=(encoder, task_r, result_w,
+                                                inherited + [task_w, result_r] if self.method == "fork" else []))
+                self.workers.append(_Worker(process, task_w, result_r))
+                try:
+                    process.start()
+                finally:
+                    task_r.close()
+                    result_w.close()
+                for conn in (task_w, result_r):
+                    os.set_blocking(conn.fileno(), False)
+                    _grow_pipe(conn.fileno())
+                inherited += [task_w, result_r]
+        except BaseException:
+            self.kill()
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    # ------------------------------------------------------------------ results
+    def imap(self, chunks: Iterable[Chunk]) -> Iterator[EncodedChunk]:
+        """Encoded ``chunks``, in order; at most ``max_in_flight`` read but not yet handed back (memory stays flat).
+        A worker's exception is raised here, at its chunk's turn."""
+        chunks = iter(chunks)
+        done: dict[int, tuple] = {}
+        sent = given = 0
+        exhausted = False
+        while True:
+            while not exhausted and sent - given < self.max_in_flight:
+                worker = min(self.workers, key=lambda w: len(w.queued))
+                if len(worker.queued) >= self.per_worker:
+                    break
+                chunk = next(chunks, None)
+                if chunk is None:
+                    exhausted = True
+                    break
+                self._send(worker, sent, chunk)
+                sent += 1
+            if given in done:
+                encoded, error = done.pop(given)
+                given += 1
+                if error is not None:
+                    raise error
+                yield encoded
+            elif exhausted and given == sent:
                 return
-            yield item
+            else:
+                self._wait(done)
 
-    def chunk_written(self):
-        self._slots.release()
+    def _send(self, worker: _Worker, seq: int, chunk: Chunk):
+        data = pickle.dumps((seq, chunk), protocol=pickle.HIGHEST_PROTOCOL)
+        if not worker.queued:
+            worker.busy_since = time.monotonic()
+        worker.queued.append((seq, f"{chunk.source}:{chunk.first_line}"))
+        worker.outgoing += _FRAME.pack(len(data))
+        worker.outgoing += data
+        self._flush(worker)
 
-    def close(self):
-        self._closed = True
-        self._slots.release()
+    def _flush(self, worker: _Worker):
+        try:
+            while worker.outgoing:
+                written = os.write(worker.task_conn.fileno(), worker.outgoing[:_PIPE_BYTES])
+                del worker.outgoing[:written]
+        except BlockingIOError:
+            pass  # the pipe is full: the rest goes when poll() says it can
+        except OSError:  # BrokenPipeError: the worker is gone
+            self._died(worker)
+
+    def _wait(self, done: dict):
+        """Until a result arrives (into ``done``), a worker exits, or a poll interval passes; then the deadline."""
+        poller = select.poll()
+        by_fd = {}
+        for worker in self.workers:
+            result_fd, sentinel = worker.result_conn.fileno(), worker.process.sentinel
+            poller.register(result_fd, select.POLLIN)
+            poller.register(sentinel, select.POLLIN)
+            by_fd[result_fd] = by_fd[sentinel] = worker
+            if worker.outgoing:
+                poller.register(worker.task_conn.fileno(), select.POLLOUT)
+                by_fd[worker.task_conn.fileno()] = worker
+        exited = []
+        for fd, _ in poller.poll(_POLL_S * 1000):
+            worker = by_fd[fd]
+            if fd == worker.result_conn.fileno():
+                self._receive(worker, done)
+            elif fd == worker.process.sentinel:
+                exited.append(worker)
+            else:
+                self._flush(worker)
+        for worker in exited:  # its last result (if any) was read above
+            self._receive(worker, done)
+            self._died(worker)
+        now = time.monotonic()
+        for worker in self.workers:
+            if worker.queued and now - worker.busy_since > self.timeout_s:
+                raise WorkerError(f"worker process {worker.process.pid} has been encoding {worker.queued[0][1]} for "
+                                  f"{now - worker.busy_since:.0f} s without a result (--worker-timeout "
+                                  f"{self.timeout_s:g}): it is stuck, or a record there is enormous; nothing "
+                                  f"written")
+
+    def _receive(self, worker: _Worker, done: dict):
+        fd = worker.result_conn.fileno()
+        while True:
+            try:
+                data = os.read(fd, _PIPE_BYTES)
+            except BlockingIOError:
+                break
+            if not data:  # end of file: the worker is gone
+                self._died(worker)
+            worker.incoming += data
+        while len(worker.incoming) >= _FRAME.size:
+            size = _FRAME.unpack_from(worker.incoming)[0]
+            if len(worker.incoming) < _FRAME.size + size:
+                break
+            seq, encoded, error = pickle.loads(worker.incoming[_FRAME.size:_FRAME.size + size])
+            del worker.incoming[:_FRAME.size + size]
+            worker.queued.popleft()
+            worker.busy_since = time.monotonic()
+            done[seq] = (encoded, error)
+
+    def _died(self, worker: _Worker):
+        worker.process.join(1.0)  # end of file can come a moment before the exit status
+        code = worker.process.exitcode
+        if code is None:
+            how = "closed its pipe"
+        elif code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            how = f"killed by {name}" + (": out of memory?" if -code == signal.SIGKILL else "")
+        else:
+            how = f"exit status {code}"
+        raise WorkerError(f"worker process {worker.process.pid} died ({how}) {worker.doing()}; nothing written")
+
+    # ------------------------------------------------------------------ shutdown
+    def close(self, timeout_s: float = _STOP_TIMEOUT_S):
+        """Every result is in: close the task pipes (a worker exits at their end), wait ``timeout_s`` at most for
+        the exits, kill what is left."""
+        for worker in self.workers:
+            worker.task_conn.close()
+        deadline = time.monotonic() + timeout_s
+        for worker in self.workers:
+            if worker.process.pid is not None:
+                worker.process.join(max(0.0, deadline - time.monotonic()))
+        self.kill()
+
+    def kill(self):
+        """End every worker now (SIGKILL: they write no files) and reap it, each wait bounded."""
+        for worker in self.workers:
+            if worker.process.pid is not None and worker.process.exitcode is None:
+                worker.process.kill()
+        for worker in self.workers:
+            if worker.process.pid is not None:
+                worker.process.join(5.0)
+            worker.task_conn.close()
+            worker.result_conn.close()
 
 
-def _shut_down(pool, timeout_s: float = 20.0) -> None:
-    """Pool.terminate(), bounded. A worker killed by the same signal as this process (SIGTERM to the process group)
-    can die holding the task queue's lock, and terminate() then waits on that lock forever (seen as a preprocess
-    that never exited). The workers are gone either way: kill what is left and stop waiting."""
-    stopper = threading.Thread(target=pool.terminate, daemon=True)
-    stopper.start()
-    stopper.join(timeout_s)
-    if stopper.is_alive():
-        for worker in pool._pool:
-            worker.kill()
-        pool._terminate.cancel()  # multiprocessing's exit hook would run the same blocked terminate() again
-        return
-    pool.join()
+def _grow_pipe(fd: int):
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+    except (ImportError, AttributeError, OSError):  # not Linux, or over /proc/sys/fs/pipe-max-size: keep the default
+        pass
 
 
 def _raise_terminated(signum, frame):
@@ -436,10 +700,15 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_model:
                max_chunks_in_flight: int | None = None, log_interval: int = 1000, progress: bool = True,
                split_sentences: bool = False, keep_newlines: bool = False, lang: str = "english",
                partitions: int = 1, keep_sequential_samples: bool = False, vocab_file: str | None = None,
-               merge_file: str | None = None) -> PreprocessResult:
+               merge_file: str | None = None, strict_utf8: bool = False,
+               worker_timeout_s: float = DEFAULT_WORKER_TIMEOUT_S) -> PreprocessResult:
     """Tokenize ``inputs`` into indexed datasets (see the module docstring). Raises FileNotFoundError / ValueError /
     OSError with one-line messages for bad paths, arguments, data that yields nothing, or a failed write
-    (the previous dataset at the prefix is then unchanged); ``Terminated`` on SIGTERM."""
+    (the previous dataset at the prefix is then unchanged); ``WorkerError`` when a worker process dies or holds a
+    chunk longer than ``worker_timeout_s``; ``Terminated`` on SIGTERM.
+
+    Lines that are not valid UTF-8 are dropped and counted (``invalid_utf8``); with ``strict_utf8`` the first one
+    is a ValueError naming its file and line."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     if split_sentences and mode != "pretrain":
@@ -448,10 +717,13 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_model:
         raise ValueError(f"--partitions must be >= 1, got {partitions}")
     if len(set(json_keys)) != len(json_keys):
         raise ValueError(f"--json-keys has a key twice: {' '.join(json_keys)}")
+    if not worker_timeout_s > 0:
+        raise ValueError(f"--worker-timeout must be > 0 seconds, got {worker_timeout_s}")
+    check_output_prefix(output_prefix)
     sources = expand_inputs(inputs)
     tokenizer = Tokenizer.load(tokenizer_model, tokenizer_type, vocab_file=vocab_file, merge_file=merge_file)
     splitter = SentenceSplitter(lang, keep_newlines) if split_sentences else None
-    encoder = ChunkEncoder(tokenizer, tokenizer_type, mode, json_keys, append_eod, system, splitter)
+    encoder = ChunkEncoder(tokenizer, tokenizer_type, mode, json_keys, append_eod, system, splitter, strict_utf8)
     level = "sentence" if split_sentences else "document"
     result = PreprocessResult(output_prefixes(output_prefix, mode, json_keys, level))
     # Sequential partitions concatenate back to the input order: one part gives the same files.
@@ -462,20 +734,17 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_model:
     if threading.current_thread() is threading.main_thread():
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     start = time.perf_counter()
-    pool = in_flight = outputs = bar = None
+    pool = outputs = bar = None
     lines_read = 0
     try:
-        outputs = _AtomicOutputs(result.prefixes, encoder.dtype, round_robin)
         chunks = iter_chunks(sources, chunk_size, list(json_keys) if mode == "pretrain" else None)
         if workers <= 1:
             encoded_chunks = map(encoder, chunks)
-        else:
-            in_flight = _InFlightLimit(max_chunks_in_flight or 4 * workers)
-            context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-            pool = context.Pool(workers, initializer=_init_worker, initargs=(encoder,))
-            encoded_chunks = pool.imap(_encode_in_worker, in_flight.feed(chunks))
-        # The bar's monitor thread starts only now: forking workers while another thread may hold a lock (stderr's,
-        # tqdm's) can leave a worker waiting on it forever.
+        else:  # started before the outputs are opened: a forked worker holds no copy of them
+            pool = _WorkerPool(encoder, workers, max_chunks_in_flight or 4 * workers, worker_timeout_s)
+            encoded_chunks = pool.imap(chunks)
+        outputs = _AtomicOutputs(result.prefixes, encoder.dtype, round_robin)
+        # The bar comes after the workers (and has no monitor thread): they were forked while this was the only thread.
         bar = _progress_bar(progress, log_interval)
         for encoded in encoded_chunks:  # in input order: the output is deterministic
             outputs.add(encoded)
@@ -484,10 +753,11 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_model:
                 for prefix, per_doc in zip(result.prefixes, encoded.sequences_per_document):
                     result.empty_documents[prefix] += int((per_doc == 0).sum())
             lines_read += encoded.documents + len(encoded.skipped)
-            if in_flight is not None:
-                in_flight.chunk_written()
             bar.update(encoded.documents + len(encoded.skipped))
             bar.set_postfix_str(_rates(result, start), refresh=False)
+        if pool is not None:  # every result is in: the workers exit (bounded) before the parts are merged
+            pool.close()
+            pool = None
         sidecars = []
         for i, prefix in enumerate(result.prefixes):
             totals = outputs.totals(i)
@@ -510,9 +780,8 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_model:
             outputs.discard()
         raise
     finally:
-        if pool is not None:
-            in_flight.close()
-            _shut_down(pool)
+        if pool is not None:  # an error, Ctrl-C or SIGTERM: the workers are ended now
+            pool.kill()
         if bar is not None:
             bar.close()
         if previous_sigterm is not None:
@@ -557,6 +826,11 @@ def _rates(result: PreprocessResult, start: float) -> str:
 
 
 def _progress_bar(enabled: bool, log_interval: int):
+    """A tqdm bar without tqdm's monitor thread (tqdm starts one even for a disabled bar, and it outlives the bar: the
+    next run in this process would then fork its workers beside it, or fall back to spawn)."""
     from tqdm import tqdm
 
-    return tqdm(unit=" lines", disable=not enabled, miniters=log_interval, mininterval=1.0, dynamic_ncols=True)
+    class Bar(tqdm):
+        monitor_interval = 0
+
+    return Bar(unit=" lines", disable=not enabled, miniters=log_interval, mininterval=1.0, dynamic_ncols=True)

@@ -161,7 +161,7 @@ class Tokenizer(ChatFormat):
                  chat_prefix_tokens: Sequence[str]):
         self.model_path = str(model_path)
         self.kind = kind
-        self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        self.sp = _load_sentencepiece(self.model_path)
         self.special_tokens = dict(special_tokens)  # text -> id, for tokens outside plain-text encoding
         self._special_by_id = {i: t for t, i in self.special_tokens.items()}
         self.chat_prefix_ids = [self.token_to_id(t) for t in chat_prefix_tokens]
@@ -209,11 +209,15 @@ class Tokenizer(ChatFormat):
             special = {t: CHATGLM3_BASE_VOCAB + i for i, t in enumerate(CHATGLM3_APPENDED_TOKENS)}
             return cls(model_path, kind, special, chat_prefix_tokens=("[gMASK]", "sop"))
         if kind == "added_tokens":
-            with open(added_tokens_file, encoding="utf-8") as f:
-                special = {str(t): int(i) for t, i in json.load(f).items()}
+            try:
+                with open(added_tokens_file, encoding="utf-8") as f:
+                    special = {str(t): int(i) for t, i in json.load(f).items()}
+            except (ValueError, TypeError, AttributeError) as e:  # bad JSON, not an object, a non-integer id
+                raise ValueError(f"{added_tokens_file}: not a {{token: id}} JSON object "
+                                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
             return cls(model_path, kind, special, chat_prefix_tokens=("<s>",))
         # Our own models: the role markers are control pieces of the model.
-        sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        sp = _load_sentencepiece(model_path)
         special = {t: sp.piece_to_id(t) for t in ROLE_TOKENS if _has_piece(sp, t)}
         return cls(model_path, kind, special, chat_prefix_tokens=("<s>",))
 
@@ -304,10 +308,22 @@ def _has_piece(sp: spm.SentencePieceProcessor, piece: str) -> bool:
     return i != sp.unk_id() or piece == sp.id_to_piece(sp.unk_id())
 
 
+def _load_sentencepiece(model_path: str | os.PathLike) -> spm.SentencePieceProcessor:
+    """A SentencePiece model file, or ValueError (one line naming it) when it cannot be parsed: sentencepiece raises
+    a bare RuntimeError ("could not parse ModelProto") for a truncated or foreign file."""
+    try:
+        return spm.SentencePieceProcessor(model_file=str(model_path))
+    except (RuntimeError, OSError) as e:
+        size = os.path.getsize(model_path) if os.path.isfile(model_path) else 0
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"tokenizer model {model_path} ({size} bytes) is not a loadable SentencePiece model "
+                         f"(truncated or not a tokenizer.model?): {detail}") from None
+
+
 def _detect_kind(model_path: Path, added_tokens_file: Path) -> str:
     if added_tokens_file.is_file():
         return "added_tokens"
-    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    sp = _load_sentencepiece(model_path)
     if all(_has_piece(sp, t) for t in ROLE_TOKENS[:3]):
         return "sentencepiece"
     if sp.get_piece_size() == CHATGLM3_BASE_VOCAB:
