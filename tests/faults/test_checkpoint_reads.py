@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.cli import one_error_line
 from tests.harness.text_data import tiny_tokenizer_dir, write_text_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,16 +24,6 @@ def run(module, *args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def one_error_line(proc, *fragments):
-    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 def succeeded(proc):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.harness.cli import one_error_line
 from tests.harness.text_data import tiny_tokenizer_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,16 +28,6 @@ def pretrain(args, timeout=300, **popen):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "tinyllm_mcore.stages.pretrain", *BASE, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, **popen)
-
-
-def one_error_line(proc, *fragments):
-    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

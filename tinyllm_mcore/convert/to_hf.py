@@ -79,7 +79,7 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
     must be the one the checkpoint was trained with (checkpoint.io.check_tokenizer), unless
     ``allow_tokenizer_change``: an export ships its tokenizer, and a wrong one would be a silently wrong release."""
     from tinyllm_mcore.checkpoint.io import (
-        check_tokenizer, inspect_checkpoint, load_checkpoint, saved_tensor_shapes, verify_checkpoint,
+        check_tokenizer, inspect_checkpoint, load_checkpoint, resolve_load_dir, saved_tensor_shapes, verify_checkpoint,
     )
 
     t0 = time.perf_counter()
@@ -89,9 +89,10 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
         raise ValueError(QWEN2_REFUSED)
     if hf_arch is not None and hf_arch not in EXPORT_ARCHS:
         raise ValueError(f"unsupported --hf-arch {hf_arch!r}; choose one of {', '.join(EXPORT_ARCHS)}")
-    path, preset, saved_args, common = inspect_checkpoint(load)
-    if verify:
+    path = resolve_load_dir(load)
+    if verify:  # the files first (checksums), then what they hold
         verify_checkpoint(path, require_manifest=require_manifest)
+    path, preset, saved_args, common = inspect_checkpoint(path)
     hf_arch = hf_arch or default_hf_arch(preset)
     if hf_arch != default_hf_arch(preset):
         raise MappingError(f"--hf-arch {hf_arch} does not fit this {'MoE' if preset.num_experts else 'dense'} "
