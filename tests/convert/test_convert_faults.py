@@ -152,7 +152,7 @@ def test_failed_export_leaves_no_directory_and_keeps_an_earlier_one(tmp_path, ca
     (tmp_path / "not_a_model").write_bytes(b"nonsense")
     assert mcore_to_hf.main(["--load", str(root / "mc"), "--save", str(out), "--quiet",
                              "--tokenizer-model", str(tmp_path / "not_a_model")]) == 2
-    assert "not_a_model: not a SentencePiece model" in one_error_line(capsys)
+    assert "not_a_model (8 bytes) is not a loadable SentencePiece model" in one_error_line(capsys)
     # A failure while writing (here: a NaN found after half the tensors were written) keeps the earlier export.
     _, tensors = source
     poisoned = {**tensors, "lm_head.weight": torch.full_like(tensors["lm_head.weight"], float("nan"))}

@@ -55,16 +55,6 @@ def _check_checkpoint_shapes(path, preset, saved_shapes: dict) -> int:
     return padded
 
 
-def _load_tokenizer(tokenizer_model: str, tokenizer_type: str):
-    from tinyllm_mcore.tokenizer.core import Tokenizer
-
-    try:
-        return Tokenizer.load(tokenizer_model, tokenizer_type)
-    except RuntimeError as e:  # sentencepiece's parse error names no flag
-        raise ValueError(f"--tokenizer-model {tokenizer_model}: not a SentencePiece model "
-                         f"({str(e).splitlines()[0]})") from None
-
-
 def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype: str = "fp32",
                         tokenizer_model: str | None = None, hf_arch: str | None = None, prompt_prefix: bool = True,
                         max_shard_bytes: int = 2 * 1024**3, log=print, allow_non_finite: bool = False,
@@ -78,6 +68,7 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
     ``verify`` checks the checkpoint's files against its manifest first. The tokenizer (given, or the one recorded)
     must be the one the checkpoint was trained with (checkpoint.io.check_tokenizer), unless
     ``allow_tokenizer_change``: an export ships its tokenizer, and a wrong one would be a silently wrong release."""
+    from tinyllm_mcore.tokenizer.core import Tokenizer
     from tinyllm_mcore.checkpoint.io import (
         check_tokenizer, inspect_checkpoint, load_checkpoint, resolve_load_dir, saved_tensor_shapes, verify_checkpoint,
     )
@@ -98,7 +89,8 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
         raise MappingError(f"--hf-arch {hf_arch} does not fit this {'MoE' if preset.num_experts else 'dense'} "
                            f"checkpoint; use {default_hf_arch(preset)}")
     tokenizer_model = tokenizer_model or saved_args.get("tokenizer_model")
-    tokenizer = _load_tokenizer(tokenizer_model, saved_args.get("tokenizer_type", "auto")) if tokenizer_model else None
+    # an unreadable file is the loader's one line, naming it
+    tokenizer = Tokenizer.load(tokenizer_model, saved_args.get("tokenizer_type", "auto")) if tokenizer_model else None
     if tokenizer is not None:
         check_tokenizer(path, saved_args, tokenizer.vocab_size, tokenizer.identity,
                         allow_change=allow_tokenizer_change)
