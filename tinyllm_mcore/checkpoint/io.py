@@ -10,7 +10,6 @@ torch.load's weights_only default, so only plain Python values are stored there.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import shutil
@@ -225,43 +224,6 @@ def _init_distributed_optimizer_state(optimizer) -> None:
                 opt.optimizer.state[param].setdefault("step", torch.tensor(0.0))
 
 
-@contextlib.contextmanager
-def _distributed_optimizer_load_fixes(optimizer):
-    """While loading: the distributed optimizer copies only the state tensors the checkpoint has.
-
-    megatron 0.16 restores torch Adam's per-parameter `step` from the saved param groups, then copies every key of
-    the live state from what it read: fully_reshardable did not read a `step` (KeyError), and dp_reshardable hands
-    back the placeholder `step` of the state built for loading, which would reset Adam's bias correction. So: copy
-    the tensors that were read, never `step`. It also hands every parameter the *same* step tensor, which torch Adam
-    then increments once per parameter per update (resume diverged from the second step on): each gets its own.
-    Scoped to these optimizer instances for the duration of the load.
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    patched = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt, DistributedOptimizer) and isinstance(opt.optimizer, torch.optim.Optimizer):
-            def copy_loaded(model_param, tensors, _opt=opt):
-                group_index, group_order = _opt.model_param_group_index_map[model_param]
-                main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
-                live = {"param": main_param, **_opt.optimizer.state[main_param]}
-                for key, value in tensors.items():
-                    if key in live and key != "step":
-                        live[key].copy_(value)
-
-            opt._set_main_param_and_optimizer_states = copy_loaded
-            patched.append(opt)
-    try:
-        yield
-    finally:
-        for opt in patched:
-            del opt._set_main_param_and_optimizer_states
-    for opt in patched:
-        for param_state in opt.optimizer.state.values():
-            if "step" in param_state:
-                param_state["step"] = param_state["step"].clone()
-
-
 def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler, *, consumed_samples: int,
                     args=None) -> Path:
     from megatron.core import dist_checkpointing
@@ -457,7 +419,7 @@ def _load(path: Path, models, optimizer, scheduler, *, finetune: bool, load_opti
                                   f"{unexpected[:3]}")
     if with_optim:
         compat.match_saved_param_groups_by_structure()
-        with torch.no_grad(), _distributed_optimizer_load_fixes(optimizer):
+        with torch.no_grad(), compat.distributed_optimizer_load_fixes(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
     elif optimizer is not None:
         # Mixed precision keeps fp32 main weights inside the optimizer, copied from the model when it was built

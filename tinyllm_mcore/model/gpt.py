@@ -22,13 +22,9 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from tinyllm_mcore.model.losses import linear_cross_entropy
 from tinyllm_mcore.model.presets import ModelPreset, padded_vocab_size
+from tinyllm_mcore.runtime import compat
 
-# megatron-core 0.16.1's MoE router tests `te_general_gemm is not None` but only defines the name when Transformer
-# Engine imports; without TE the router's gating linear raises NameError. None selects its plain torch.mm path.
-from megatron.core.transformer.moe import moe_utils as _moe_utils  # noqa: E402
-
-if not hasattr(_moe_utils, "te_general_gemm"):
-    _moe_utils.te_general_gemm = None
+compat.define_te_general_gemm()  # megatron-core 0.16's MoE router without Transformer Engine
 
 
 def transformer_engine_usable() -> bool:

@@ -4,6 +4,8 @@ megatron-core assumes a GPU: it asks `torch.cuda.current_device()` for where to 
 RNG for tensor-parallel initialisation and dropout, and some of its optimizer/clip-grad code builds `device="cuda"`
 tensors or asserts `torch.cuda.FloatTensor`. On a CPU-only machine we redirect exactly those points, at
 import-time patch sites, instead of intercepting every torch op (a global TorchFunctionMode costs time on every op).
+Each goes through runtime/compat.py's patch mechanism, declared for the megatron-core and torch releases it was
+checked against.
 
 Call `activate()` once, before building models; it returns whether the CPU adapter is in use.
 Only runtime/distributed.py asks whether it is active (to pick gloo); other code asks torch.cuda.is_available().
@@ -17,7 +19,11 @@ import types
 
 import torch
 
+from tinyllm_mcore.runtime import compat
+
 _ACTIVE = False
+# The CPU adapter's patches replace torch attributes or hand megatron torch stand-ins: checked for both packages.
+_VERSIONS = (compat.MEGATRON_CORE, compat.TORCH)
 
 
 def cuda_usable() -> bool:
@@ -135,32 +141,27 @@ class _TorchOnCpu(types.ModuleType):
         return getattr(torch, name)
 
 
-@contextlib.contextmanager
-def _cuda_type_names():
-    """Within the block, `tensor.type()` reports CPU float tensors under their CUDA names.
+_TENSOR_TYPE = torch.Tensor.type
 
-    megatron's optimizers sort parameters by `param.type() == 'torch.cuda.FloatTensor'` (and Half/BFloat16) and
-    raise for anything else; only their constructors and clip-grad ask, so only those run inside this block.
-    """
-    original = torch.Tensor.type
 
-    def type_(self, dtype=None, *args, **kwargs):
-        if dtype is None and not args and not kwargs:
-            name = original(self)
-            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
-        return original(self, dtype, *args, **kwargs)
-
-    torch.Tensor.type = type_
-    try:
-        yield
-    finally:
-        torch.Tensor.type = original
+def _type_with_cuda_names(self, dtype=None, *args, **kwargs):
+    """`Tensor.type()` reporting a CPU tensor under its CUDA name ("torch.cuda.FloatTensor"); conversions as usual."""
+    if dtype is None and not args and not kwargs:
+        name = _TENSOR_TYPE(self)
+        return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+    return _TENSOR_TYPE(self, dtype, *args, **kwargs)
 
 
 def _with_cuda_type_names(fn):
+    """`fn`, inside which `tensor.type()` reports CPU float tensors under their CUDA names.
+
+    megatron's optimizers sort parameters by `param.type() == 'torch.cuda.FloatTensor'` (and Half/BFloat16) and
+    raise for anything else; only their constructors and clip-grad ask, so only those run with the CUDA names.
+    """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _cuda_type_names():
+        with compat.patched(torch.Tensor, "type", _type_with_cuda_names, versions=_VERSIONS,
+                            why="megatron's optimizers accept only CUDA tensor type names"):
             return fn(*args, **kwargs)
 
     return wrapper
@@ -192,41 +193,46 @@ def activate() -> bool:
         return _ACTIVE
     _ACTIVE = True
 
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.tensor_parallel import random as mp_random
 
     # 1. The model-parallel RNG tracker: CPU generator states instead of CUDA ones.
-    mp_random.CudaRNGStatesTracker = CpuRNGStatesTracker  # type: ignore[misc]
-    mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
-    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-    mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    rng_why = "megatron's tensor-parallel RNG tracker keeps CUDA generator states"
+    compat.patch(mp_random, "CudaRNGStatesTracker", CpuRNGStatesTracker, versions=_VERSIONS, why=rng_why)
+    compat.patch(mp_random, "_CUDA_RNG_STATE_TRACKER", CpuRNGStatesTracker(), versions=_VERSIONS, why=rng_why)
+    compat.patch(mp_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True, versions=_VERSIONS, why=rng_why)
+    compat.patch(mp_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state(), versions=_VERSIONS,
+                 why=rng_why)
+    compat.patch(mp_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state),
+                 versions=_VERSIONS, why=rng_why)
 
     # 2. "Which GPU am I on?" -> the CPU. Megatron passes the answer as a factory `device=`.
-    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
-    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
-    torch.cuda.manual_seed = lambda *a, **k: None  # type: ignore[assignment]
+    compat.patch(torch.cuda, "current_device", lambda: torch.device("cpu"), versions=_VERSIONS,
+                 why="megatron places buffers on the current CUDA device")
+    compat.patch(torch.cuda, "synchronize", lambda *a, **k: None, versions=_VERSIONS, why="nothing to wait for")
+    compat.patch(torch.cuda, "manual_seed", lambda *a, **k: None, versions=_VERSIONS, why="no CUDA generator")
     # megatron-core 0.19's DDP makes the current CUDA stream wait for CUDA-graph events in every gradient sync
     # (and MoE/pipeline helpers order work on streams): on CPU there is one stream, so there is nothing to wait for.
-    torch.cuda.current_stream = lambda *a, **k: _CPU_STREAM  # type: ignore[assignment]
+    compat.patch(torch.cuda, "current_stream", lambda *a, **k: _CPU_STREAM, versions=_VERSIONS,
+                 why="megatron orders work on CUDA streams")
     # Tensor.cuda() can only fail on a machine without CUDA; megatron calls it on buffers that must stay put.
-    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
+    compat.patch(torch.Tensor, "cuda", lambda self, *a, **k: self, versions=_VERSIONS,
+                 why="megatron moves buffers to the GPU")
 
     # 3. Literal device="cuda" factories, module by module.
     cpu_torch = _TorchOnCpu()
     for module_name in _MODULES_WITH_CUDA_FACTORIES:
-        importlib.import_module(module_name).torch = cpu_torch
+        compat.patch(importlib.import_module(module_name), "torch", cpu_torch, versions=_VERSIONS,
+                     why='the module builds tensors with device="cuda"')
 
     # 4. Type-name checks in the optimizer constructors and clip-grad.
-    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
-
-    optimizer.Float16OptimizerWithFloat16Params.__init__ = _with_cuda_type_names(
-        optimizer.Float16OptimizerWithFloat16Params.__init__
-    )
-    build_groups = distrib_optimizer.DistributedOptimizer.__dict__["_build_model_and_main_param_groups"].__func__
-    distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups = classmethod(
-        _with_cuda_type_names(build_groups)
-    )
-    clipped = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
-    clip_grads.clip_grad_by_total_norm_fp32 = clipped
-    optimizer.clip_grad_by_total_norm_fp32 = clipped
+    type_why = "megatron's optimizers accept only CUDA tensor type names"
+    compat.wrap(optimizer.Float16OptimizerWithFloat16Params, "__init__", _with_cuda_type_names, versions=_VERSIONS,
+                why=type_why)
+    compat.wrap(distrib_optimizer.DistributedOptimizer, "_build_model_and_main_param_groups",
+                lambda built: classmethod(_with_cuda_type_names(built.__func__)), versions=_VERSIONS, why=type_why)
+    compat.wrap(clip_grads, "clip_grad_by_total_norm_fp32", _with_cuda_type_names, versions=_VERSIONS,
+                why=type_why)
+    compat.patch(optimizer, "clip_grad_by_total_norm_fp32", clip_grads.clip_grad_by_total_norm_fp32,
+                 versions=_VERSIONS, why=type_why + " (the optimizer's own import of clip-grad)")
     return True
