@@ -10,7 +10,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.harness.progression_data import progression_datasets
 from tinyllm_mcore.runtime import compat, cpu

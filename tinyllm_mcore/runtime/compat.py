@@ -65,9 +65,15 @@ COMMON_STATE_IN_TORCH_DIST_SINCE = (0, 19)
 VERSION_KEY = "megatron_core_version"
 
 
+@functools.lru_cache(maxsize=None)
+def installed_version(package: str) -> str:
+    """The installed version of `package` ("0.19.2", "2.13.0+cpu"), from its metadata (no import)."""
+    return metadata.version(package)
+
+
 def megatron_core_version() -> str:
     """The installed megatron-core version ("0.19.2"), read from the package metadata (no megatron import)."""
-    return metadata.version("megatron-core")
+    return installed_version("megatron-core")
 
 
 def is_supported(version: str) -> bool:
@@ -100,12 +106,6 @@ class Patch:
 _APPLIED: dict[str, Patch] = {}  # every patch this process applied (scoped ones: entered at least once)
 _INSTALLED: dict[str, object] = {}  # target -> the replacement put there (process-wide patches)
 _MISSING = object()
-
-
-@functools.lru_cache(maxsize=None)
-def installed_version(package: str) -> str:
-    """The installed version of `package` ("0.19.2", "2.13.0+cpu"), from its metadata (no import)."""
-    return metadata.version(package)
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,7 +170,7 @@ def patch(owner, name: str, replacement, *, versions: str | tuple[str, ...], why
 def wrap(owner, name: str, wrapper, *, versions: str | tuple[str, ...], why: str) -> None:
     """Set `owner.name` to `wrapper(original)`, where original is the attribute as `owner` stores it (a class's
     classmethod/staticmethod object, not the bound function) or, if inherited, as looked up. Idempotent: the
-    original is wrapped once. Raises PatchVersionError outside `versions`."""
+    original is wrapped once (while the replacement is in place). Raises PatchVersionError outside `versions`."""
     target = _declare(owner, name, versions, why, scoped=False)
     if target in _INSTALLED and _own_value(owner, name) is _INSTALLED[target]:
         return
