@@ -26,11 +26,12 @@ asks which megatron-core is installed:
 from __future__ import annotations
 
 import logging
-import os
 from importlib import metadata
 from pathlib import Path
 
 from packaging.version import Version
+
+from tinyllm_mcore.runtime import files
 
 # The range setup.py declares: the oldest and the newest release line tested (CI runs both ends).
 OLDEST_TESTED = "0.16.1"
@@ -107,9 +108,8 @@ def write_common_state_file(path: Path) -> None:
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(str(path))
-    tmp = path / f".{COMMON_STATE_FILE}.tmp"
-    torch.save(common, tmp)
-    os.replace(tmp, target)
+    with files.atomic_output(target) as tmp:
+        torch.save(common, tmp)
 
 
 # --- optimizer state ---------------------------------------------------------------------------------------------
