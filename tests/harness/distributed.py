@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from tinyllm_mcore.runtime.files import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER_MODULE = "tests.harness.worker"
@@ -44,12 +45,6 @@ current_test_is_marked = None
 
 class RanksFailed(AssertionError):
     """A rank exited with an error or the run timed out; the message carries the output tail."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(target: str | None, nproc: int = 1, *, cases: dict[str, dict | tuple[str, dict]] | None = None,

@@ -15,6 +15,8 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+from tinyllm_mcore.runtime.files import atomic_write_text
+
 
 def resolve(target: str):
     module, _, function = target.partition(":")
@@ -50,9 +52,7 @@ def main(spec_path: str) -> None:
             reset_parallel_state()
             dist.barrier()
     out = Path(spec["out_dir"]) / f"rank{rank}.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result))  # a value that is not JSON-able fails here, in the rank that returned it
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(result))  # a value that is not JSON-able fails here, in the rank that returned it
     dist.barrier()
     dist.destroy_process_group()
 

@@ -1,4 +1,5 @@
-"""Launch detection, layout validation, and a single-process world that leaves the environment alone."""
+"""Launch detection, layout validation, a single-process world that leaves the environment alone, and rank 0's
+result or error reaching every rank."""
 import os
 
 import pytest
@@ -43,3 +44,60 @@ def test_single_process_world_does_not_leak_rendezvous_env(monkeypatch):
         assert "MASTER_PORT" not in os.environ and "MASTER_ADDR" not in os.environ
     finally:
         rt.destroy()
+
+
+class Refused(ValueError):
+    """An error type of this module: a rank that did not raise it can still name it."""
+
+
+def share_from_rank0() -> dict:
+    """Run on each rank: what on_rank0_then_share gives this rank for a value, an error, a rank-0-only value."""
+    import torch.distributed as dist
+
+    rank, calls = dist.get_rank(), []
+
+    def value():
+        calls.append("value")
+        return {"from": rank, "ids": [1, 2, 3]}
+
+    def refuse():
+        calls.append("refuse")
+        raise Refused(f"{rank}: refused, one line")
+
+    def local_error():
+        class Local(ValueError):  # not importable on another rank: arrives as RuntimeError with its line
+            pass
+        raise Local("made inside a function")
+
+    out = {"value": rt.on_rank0_then_share(value)}
+    for name, fn in (("error", refuse), ("local_error", local_error)):
+        try:
+            rt.on_rank0_then_share(fn)
+        except Exception as e:
+            out[name] = [type(e).__name__, isinstance(e, Refused), str(e)]
+    out["kept"] = rt.on_rank0_then_share(lambda: "lock", share_value=False)
+    out["calls"] = calls
+    return out
+
+
+@pytest.mark.distributed
+def test_rank0_result_or_error_reaches_every_rank():
+    from tests.harness.distributed import run_ranks
+
+    rank0, rank1 = run_ranks("tests.runtime.test_distributed:share_from_rank0", nproc=2, timeout=120)
+    for out in (rank0, rank1):
+        assert out["value"] == {"from": 0, "ids": [1, 2, 3]}
+        assert out["error"] == ["Refused", True, "0: refused, one line"]
+    assert rank0["local_error"] == ["Local", False, "made inside a function"]  # rank 0 raises the original
+    assert rank1["local_error"] == ["RuntimeError", False, "made inside a function"]
+    assert (rank0["kept"], rank1["kept"]) == ("lock", None)
+    assert (rank0["calls"], rank1["calls"]) == (["value", "refuse"], [])  # fn runs on rank 0 only
+
+
+def test_rank0_helper_without_a_process_group_just_calls():
+    def refuse():
+        raise Refused("alone")
+
+    assert rt.on_rank0_then_share(lambda: 7) == 7
+    with pytest.raises(Refused, match="alone"):
+        rt.on_rank0_then_share(refuse)

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 from tinyllm_mcore.runtime import compat
+from tinyllm_mcore.runtime import distributed as rt
+from tinyllm_mcore.runtime import files
 from tinyllm_mcore.checkpoint import safety as safety
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -317,25 +319,20 @@ def verify_checkpoint(path: Path, *, require_manifest: bool = False) -> None:
 
     A checkpoint without a manifest (written before checksums, or by hand) cannot be verified: one warning line, or
     an error with `require_manifest` (--require-manifest)."""
-    error = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    def verify() -> None:
         try:
-            if not safety.verify(path):
-                if require_manifest:
-                    error = (f"{path} has no manifest.json, so its files cannot be verified (--require-manifest); "
-                             "re-save it with this version to add one")
-                else:
-                    print(f"warning: {path} has no manifest.json (saved before checksums, or by hand): its files "
-                          "cannot be verified, a damaged file may load silently (--require-manifest refuses it)",
-                          file=sys.stderr, flush=True)
+            verified = safety.verify(path)
         except safety.CheckpointIntegrityError as e:
-            error = str(e)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise CheckpointError(error)
+            raise CheckpointError(str(e)) from None
+        if not verified:
+            if require_manifest:
+                raise CheckpointError(f"{path} has no manifest.json, so its files cannot be verified "
+                                      "(--require-manifest); re-save it with this version to add one")
+            print(f"warning: {path} has no manifest.json (saved before checksums, or by hand): its files "
+                  "cannot be verified, a damaged file may load silently (--require-manifest refuses it)",
+                  file=sys.stderr, flush=True)
+
+    rt.on_rank0_then_share(verify)
 
 
 def _check_model_keys(path: Path, model_states: list[dict], saved: dict[str, tuple[int, ...]]) -> None:
@@ -491,9 +488,7 @@ def _complete(path: Path) -> None:
 
 def publish_checkpoint(save_dir: str | os.PathLike, iteration: int) -> None:
     """Point ``save_dir``'s tracker file at ``iteration`` (atomically; call once that checkpoint is complete)."""
-    tmp = Path(save_dir) / f".{TRACKER}.tmp"
-    tmp.write_text(str(iteration))
-    os.replace(tmp, Path(save_dir) / TRACKER)
+    files.atomic_write_text(Path(save_dir) / TRACKER, str(iteration))
 
 
 def saved_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:

@@ -21,6 +21,8 @@ import socket
 import zlib
 from pathlib import Path
 
+from tinyllm_mcore.runtime.files import atomic_write_text
+
 MANIFEST = "manifest.json"
 LOCK = ".run.lock"
 _CHUNK = 16 << 20
@@ -42,9 +44,7 @@ def write_manifest(checkpoint_dir: Path) -> None:
     files = sorted(p for p in checkpoint_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {"format": 1, "files": {str(p.relative_to(checkpoint_dir)): {"size": p.stat().st_size,
                                                                           "crc32": _crc32(p)} for p in files}}
-    tmp = checkpoint_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, checkpoint_dir / MANIFEST)
+    atomic_write_text(checkpoint_dir / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def has_manifest(checkpoint_dir: Path) -> bool:

@@ -84,19 +84,15 @@ class ChatSession:
 
 def _read_line(prompt: str) -> str | None:
     """Rank 0 reads a line; every rank gets it (None at EOF)."""
-    import torch.distributed as dist
+    from tinyllm_mcore.runtime import distributed as rt
 
-    line = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    def read() -> str | None:
         try:
-            line = input(prompt)
+            return input(prompt)
         except EOFError:
-            line = None
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [line]
-        dist.broadcast_object_list(box, src=0)
-        line = box[0]
-    return line
+            return None
+
+    return rt.on_rank0_then_share(read)
 
 
 def run(args, out=sys.stdout) -> ChatSession:

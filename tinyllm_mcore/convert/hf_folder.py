@@ -11,6 +11,7 @@ from typing import Iterable
 
 from torch import Tensor
 
+from tinyllm_mcore.runtime.files import publish
 from tinyllm_mcore.tokenizer.hf_folder import write_json, write_tokenizer_folder
 
 
@@ -44,13 +45,13 @@ def write_safetensors(tensors: Iterable[tuple[str, Tensor]], out_dir: str | os.P
     flush()
     if len(shards) == 1:
         final = out / "model.safetensors"
-        os.replace(shards[0][0], final)
+        publish(shards[0][0], final)
         return [final]
     n = len(shards)
     files, weight_map = [], {}
     for i, (path, names) in enumerate(shards, 1):
         final = out / f"model-{i:05d}-of-{n:05d}.safetensors"
-        os.replace(path, final)
+        publish(path, final)
         files.append(final)
         weight_map.update({k: final.name for k in names})
     files.append(write_json(out / "model.safetensors.index.json",

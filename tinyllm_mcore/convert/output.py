@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from tinyllm_mcore.convert.mapping import MappingError
-from tinyllm_mcore.tokenizer.hf_folder import new_folder_beside
+from tinyllm_mcore.runtime.files import new_dir_beside, publish_dir
 
 
 def add_conversion_flags(parser, verb: str) -> None:
@@ -57,16 +55,10 @@ def staged_output_dir(target, replaceable=lambda existing: True):
         raise ValueError(f"output {target} is a non-empty directory that is not an earlier output; "
                          "choose a new or empty directory")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staged = new_folder_beside(target)  # not mkdtemp: its 0700 mode would become the output's
+    staged = new_dir_beside(target)  # not mkdtemp: its 0700 mode would become the output's
     try:
         yield staged
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "dir")
-            os.replace(staged, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staged, target)
+        publish_dir(staged, target)
     except BaseException as e:
         out_of_space = _is_out_of_space(e, staged)
         shutil.rmtree(staged, ignore_errors=True)

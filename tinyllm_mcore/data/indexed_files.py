@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyllm_mcore.runtime.files import publish
+
 BLOCK = 1 << 20  # index entries per streamed block
 
 
@@ -254,10 +256,10 @@ def merge_datasets(prefixes: list[str], output_prefix: str, created_by: str = "t
         elif known:
             log(f"note: {len(prefixes) - len(known)} of {len(prefixes)} inputs have no vocabulary sidecar (made by "
                 f"Megatron-LM's tools?): tokenizers not verified, no sidecar written")
-        os.replace(temp + ".bin", output_prefix + ".bin")
-        os.replace(temp + ".idx", output_prefix + ".idx")
+        publish(temp + ".bin", output_prefix + ".bin")
+        publish(temp + ".idx", output_prefix + ".idx")
         if sidecar_temp is not None:
-            os.replace(sidecar_temp, output_prefix + ".json")
+            publish(sidecar_temp, output_prefix + ".json")
         elif os.path.exists(output_prefix + ".json"):
             os.unlink(output_prefix + ".json")  # an older sidecar would describe other data
     except BaseException:

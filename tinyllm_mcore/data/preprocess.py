@@ -63,6 +63,7 @@ from tinyllm_mcore.data.corpus import Chunk, expand_inputs, iter_chunks
 from tinyllm_mcore.data.indexed_files import IndexSummary, check_output_prefix, make_builder, merge_indexed
 from tinyllm_mcore.data.sentences import SentenceSplitter, split_document
 from tinyllm_mcore.data.vocab_contract import tokenizer_record, write_sidecar
+from tinyllm_mcore.runtime.files import publish
 from tinyllm_mcore.tokenizer.core import HFTokenizer, Tokenizer, messages_from_record
 
 MODES = ("pretrain", "sft", "preference")
@@ -370,8 +371,8 @@ class _AtomicOutputs:
             temp_prefix = prefix + self.tag
             if self.partitions == 1:
                 parts[0].finalize(prefix + ".idx" + self.tag)
-                os.replace(prefix + ".bin" + self.tag, temp_prefix + ".bin")  # name it as a prefix for the sidecar
-                os.replace(prefix + ".idx" + self.tag, temp_prefix + ".idx")
+                publish(prefix + ".bin" + self.tag, temp_prefix + ".bin")  # name it as a prefix for the sidecar
+                publish(prefix + ".idx" + self.tag, temp_prefix + ".idx")
             else:
                 for p, builder in enumerate(parts):
                     builder.finalize(self._part(prefix, p) + ".idx")
@@ -382,9 +383,9 @@ class _AtomicOutputs:
                         os.unlink(self._part(prefix, p) + suffix)
             staged.append((prefix, temp_prefix, write_sidecar(temp_prefix, info, final_prefix=prefix)))
         for prefix, temp_prefix, sidecar in staged:  # the .json last: a complete sidecar describes a complete pair
-            os.replace(temp_prefix + ".bin", prefix + ".bin")
-            os.replace(temp_prefix + ".idx", prefix + ".idx")
-            os.replace(sidecar, prefix + ".json")
+            publish(temp_prefix + ".bin", prefix + ".bin")
+            publish(temp_prefix + ".idx", prefix + ".idx")
+            publish(sidecar, prefix + ".json")
 
     def discard(self):
         for parts in self.builders:

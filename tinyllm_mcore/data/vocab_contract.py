@@ -24,6 +24,8 @@ import json
 import os
 from pathlib import Path
 
+from tinyllm_mcore.runtime.files import publish
+
 FORMAT = "tinyllm-mcore-indexed-dataset"
 VERSION = 1
 
@@ -44,8 +46,7 @@ def write_sidecar(prefix: str | os.PathLike, info: dict, *, final_prefix: str | 
     temp.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     if final_prefix is not None:
         return temp
-    os.replace(temp, target)
-    return target
+    return publish(temp, target)
 
 
 def read_sidecar(prefix: str | os.PathLike) -> dict | None:

@@ -19,13 +19,14 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tinyllm_mcore.runtime.files import atomic_write_text, free_port
 
 
 MARKER = ".tinyllm_quickstart"  # marks a folder the quickstart made (only such a folder is ever wiped)
@@ -100,19 +101,11 @@ class Run:
     def save(self) -> None:
         state = {"settings": dataclasses.asdict(self.settings), "corpus": self.corpus, "corpus_used": self.corpus_used,
                  "steps": [dataclasses.asdict(s) for s in self.steps], "started": self.started}
-        tmp = self.path("run.json.tmp")
-        tmp.write_text(json.dumps(state, ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(tmp, self.path("run.json"))
+        atomic_write_text(self.path("run.json"), json.dumps(state, ensure_ascii=False, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Running one step
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -190,7 +183,7 @@ def python(*args: str) -> list[str]:
 
 def torchrun(nproc: int, module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", module, *args]
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", module, *args]
 
 
 # ---------------------------------------------------------------------------------------------------------------

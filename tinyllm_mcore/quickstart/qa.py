@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from tinyllm_mcore.quickstart.corpus import fact_correct, preferred_style
+from tinyllm_mcore.runtime.files import atomic_write_text
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -249,9 +249,7 @@ def pick_chat_questions(records: list[dict], n: int, seed: int = 0) -> list[dict
 
 def write_json(path: str | Path, value) -> None:
     """Atomically (temp + rename): a reader never sees half a file."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(value, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(value, ensure_ascii=False, indent=1))
 
 
 def build_parser() -> argparse.ArgumentParser:

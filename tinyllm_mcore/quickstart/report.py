@@ -7,9 +7,10 @@ Works on any finished (or partial) run folder:
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
+
+from tinyllm_mcore.runtime.files import atomic_write_text
 
 STAGES = ("pretrain", "sft", "dpo", "reward")
 MODELS = ("pretrained", "sft", "dpo")
@@ -220,10 +221,7 @@ def write_report(root: str | Path) -> Path:
               f"Chat: `tinyllm-chat --load {root / 'checkpoints' / 'dpo'} --tokenizer-model {root / 'tokenizer'}`",
               ""]
     out = root / "report.md"
-    tmp = root / "report.md.tmp"
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(out, "\n".join(lines))
 
 
 def summary_line(root: str | Path) -> str:

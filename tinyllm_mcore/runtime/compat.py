@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -48,6 +47,8 @@ from types import ModuleType
 
 from packaging.requirements import Requirement
 from packaging.version import Version
+
+from tinyllm_mcore.runtime import files
 
 # The range setup.py declares: the oldest and the newest release line tested (CI runs both ends).
 OLDEST_TESTED = "0.16.1"
@@ -248,9 +249,8 @@ def write_common_state_file(path: Path) -> None:
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(str(path))
-    tmp = path / f".{COMMON_STATE_FILE}.tmp"
-    torch.save(common, tmp)
-    os.replace(tmp, target)
+    with files.atomic_output(target) as tmp:
+        torch.save(common, tmp)
 
 
 # --- optimizer state ---------------------------------------------------------------------------------------------

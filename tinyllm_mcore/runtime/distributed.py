@@ -7,16 +7,20 @@ Launchers: `torchrun` (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT), Slur
 from __future__ import annotations
 
 import os
+import pickle
 import random
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from tinyllm_mcore.runtime import cpu
+from tinyllm_mcore.runtime.files import free_port
+
+T = TypeVar("T")
 
 
 class ParallelConfigError(ValueError):
@@ -37,12 +41,6 @@ def launch_from_env() -> Launch:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun, one task per GPU
         return Launch(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
     return Launch(0, 1, 0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_parallel_layout(world_size: int, tp: int, pp: int, num_attention_heads: int, num_layers: int,
@@ -93,7 +91,7 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int | None = None, ep: int = 1, se
             # alone (child processes must not inherit a MASTER_ADDR/MASTER_PORT that belongs to this process).
             # Under a launcher, even with one process, its address is the rendezvous: torchrun serves the store
             # there itself (TORCHELASTIC_USE_AGENT_STORE), and a private port would wait for a server forever.
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
+            init_method = f"tcp://127.0.0.1:{free_port()}"
         else:
             missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
             if missing:
@@ -144,6 +142,46 @@ def is_logging_rank() -> bool:
     return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
             and parallel_state.get_tensor_model_parallel_rank() == 0
             and parallel_state.get_data_parallel_rank() == 0)
+
+
+def on_rank0_then_share(fn: Callable[[], T], *, share_value: bool = True) -> T | None:
+    """Call ``fn`` on rank 0 only; every rank then returns its value or raises its error.
+
+    An exception on rank 0 reaches every rank as the same type with the same one line (rank 0 raises the original),
+    so all ranks stop alike instead of the others waiting in their next collective. ``share_value=False`` keeps the
+    value on rank 0 (one that belongs to that process, such as a lock) and gives the others None; otherwise the value
+    must pickle. Without a process group (or in a world of one) it is just ``fn()``.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    value, error, failure = None, None, None
+    if dist.get_rank() == 0:
+        try:
+            value = fn()
+        except Exception as e:
+            error, failure = e, (_shareable_type(e), str(e))
+    box = [(value if share_value else None, failure)]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[0][1] is not None:
+        raise _rebuilt_error(*box[0][1])
+    return value if dist.get_rank() == 0 else box[0][0]
+
+
+def _shareable_type(error: Exception) -> type:
+    try:  # a class pickles by reference: one defined inside a function cannot be named on another rank
+        pickle.dumps(type(error))
+        return type(error)
+    except Exception:
+        return RuntimeError
+
+
+def _rebuilt_error(kind: type, message: str) -> Exception:
+    try:
+        return kind(message)
+    except Exception:  # a type that needs more than its message (UnicodeDecodeError...)
+        return RuntimeError(message)
 
 
 def print_rank0(*args, **kwargs) -> None:

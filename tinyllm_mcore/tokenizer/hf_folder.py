@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 from pathlib import Path
 from typing import Sequence
 
+from tinyllm_mcore.runtime.files import staged_dir
 from tinyllm_mcore.tokenizer.core import ANSWER_ROLE, CHAT_TURNS, DEFAULT_SYSTEM, Tokenizer
 
 # Written after the first character of a special token found in chat content, removed by the normalizer (module
@@ -64,22 +64,11 @@ def write_tokenizer_folder(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged = new_folder_beside(out)
-    try:
+    with staged_dir(out, merge=True) as staged:
         if tokenizer.kind == "huggingface":
             _copy_hf_tokenizer_files(tokenizer, staged)
         else:
             _write_sentencepiece_files(tokenizer, staged, model_max_length or UNLIMITED_LENGTH, prompt_prefix)
-        if out.exists():
-            for path in staged.iterdir():
-                os.replace(path, out / path.name)
-            staged.rmdir()
-        else:
-            os.replace(staged, out)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
 
 
 def chat_template(prefix: str, special_tokens: Sequence[str] = ()) -> str:
@@ -285,15 +274,3 @@ def _literal(text: str, quoted: bool = False) -> str:
 def write_json(path: Path, obj) -> Path:
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return path
-
-
-def new_folder_beside(out: Path) -> Path:
-    """An empty folder next to ``out`` (same file system, so it can be renamed into place), created with the usual
-    permissions (mkdtemp's 0700 would become the final folder's mode)."""
-    while True:
-        staged = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            staged.mkdir()
-            return staged
-        except FileExistsError:
-            continue

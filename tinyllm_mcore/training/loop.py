@@ -430,19 +430,13 @@ def _claim_save_folder(save: str):
     """Rank 0 locks --save for this run and clears saves that died midway; every rank fails alike if it is taken."""
     from tinyllm_mcore.checkpoint import safety as safety
 
-    lock, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            lock = safety.SaveFolderLock(save)
-            for removed in safety.remove_incomplete(Path(save)):
-                print(f"removed {removed}: an incomplete checkpoint (a save that did not finish)", flush=True)
-        except ValueError as e:
-            error = str(e)
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0]:
-        raise ValueError(box[0])
-    return lock
+    def claim():
+        lock = safety.SaveFolderLock(save)
+        for removed in safety.remove_incomplete(Path(save)):
+            print(f"removed {removed}: an incomplete checkpoint (a save that did not finish)", flush=True)
+        return lock
+
+    return rt.on_rank0_then_share(claim, share_value=False)  # the lock is rank 0's
 
 
 def train(stage: Stage, args, tokenizer=None) -> dict:
