@@ -13,6 +13,8 @@ vocab-parallel cross-entropy combines the partial softmaxes).
 Also the loop's loss convention, which every stage's loss function follows: (loss_sum, count, {name: [sum, count]}).
 The loop sets megatron's `calculate_per_token_loss`, so gradients are divided by the count summed over all
 micro-batches and data-parallel ranks: an exact global mean, independent of how the batch is split.
+
+And GRPO's math (the last section): group-relative advantages and the clipped policy-gradient loss with the k3 KL.
 """
 from __future__ import annotations
 
@@ -109,7 +111,8 @@ TIE_TOLERANCE = 1e-6
 
 class GroupAdvantages:
     """Advantages of G samples per prompt: A = (r − mean) / (std + eps) within each group (std with Bessel's
-    correction, as TRL and verl compute it; G ≥ 2). A group whose rewards all tie gets advantage 0 and is flagged
+    correction, as TRL and verl compute it; Megatron-LM's RL and minimind divide by the population std, which makes
+    advantages √(G/(G−1)) larger; G ≥ 2). A group whose rewards all tie gets advantage 0 and is flagged
     ``tied``: the stage leaves its tokens out of the loss (``sequence_keep``) and reports the share of such groups
     (small models fail silently by producing all-zero rewards — this is where it shows)."""
 
