@@ -13,6 +13,8 @@ vocab-parallel cross-entropy combines the partial softmaxes).
 Also the loop's loss convention, which every stage's loss function follows: (loss_sum, count, {name: [sum, count]}).
 The loop sets megatron's `calculate_per_token_loss`, so gradients are divided by the count summed over all
 micro-batches and data-parallel ranks: an exact global mean, independent of how the batch is split.
+
+And GRPO's math (the last section): group-relative advantages and the clipped policy-gradient loss with the k3 KL.
 """
 from __future__ import annotations
 
@@ -96,3 +98,92 @@ def pair_loss_report(losses: torch.Tensor, stats: dict[str, torch.Tensor]):
     pairs = torch.tensor(float(losses.numel()), device=losses.device)
     reports = {k: torch.stack([v.detach().float(), pairs]) for k, v in stats.items()}
     return loss_sum, pairs.to(torch.int), reports
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GRPO (Shao et al. 2024, DeepSeekMath): group-relative advantages, the clipped policy-gradient loss and the k3 KL
+# to a frozen reference. Pure tensor math on per-token log-probs (−the per-token cross-entropy the model returns),
+# so it is the same at every parallel layout; the stage computes the log-probs and owns the rollouts.
+
+# A group's rewards tie when max − min is at most this: such a group has no learning signal (every advantage 0).
+TIE_TOLERANCE = 1e-6
+
+
+class GroupAdvantages:
+    """Advantages of G samples per prompt: A = (r − mean) / (std + eps) within each group (std with Bessel's
+    correction, as TRL and verl compute it; Megatron-LM's RL and minimind divide by the population std, which makes
+    advantages √(G/(G−1)) larger; G ≥ 2). A group whose rewards all tie gets advantage 0 and is flagged
+    ``tied``: the stage leaves its tokens out of the loss (``sequence_keep``) and reports the share of such groups
+    (small models fail silently by producing all-zero rewards — this is where it shows)."""
+
+    def __init__(self, rewards: torch.Tensor, group_size: int, eps: float = 1e-6):
+        if group_size < 2:
+            raise ValueError(f"group-relative advantages need at least 2 samples per group, got {group_size}")
+        if rewards.numel() % group_size:
+            raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+        grouped = rewards.detach().float().reshape(-1, group_size)
+        self.group_size = group_size
+        self.mean = grouped.mean(dim=1)
+        self.std = grouped.std(dim=1)
+        self.tied = (grouped.max(dim=1).values - grouped.min(dim=1).values) <= TIE_TOLERANCE
+        advantages = (grouped - self.mean[:, None]) / (self.std[:, None] + eps)
+        self.advantages = torch.where(self.tied[:, None], 0.0, advantages).reshape(-1)  # [groups · G], sample order
+
+    @property
+    def sequence_keep(self) -> torch.Tensor:
+        """[groups · G] bool: the samples whose group has a learning signal."""
+        return (~self.tied).repeat_interleave(self.group_size)
+
+    @property
+    def tied_groups(self) -> int:
+        return int(self.tied.sum())
+
+
+def grpo_loss(logps: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, clip_eps: float, kl_beta: float,
+              old_logps: torch.Tensor | None = None, reference_logps: torch.Tensor | None = None,
+              clip_eps_high: float | None = None):
+    """The GRPO loss of a micro-batch in the loop's convention: (loss_sum, token count, {name: [sum, count]}).
+
+    Per response token t of sequence i (``mask`` 1: the sampled response tokens of sequences that train, i.e. the
+    response mask times ``GroupAdvantages.sequence_keep``)::
+
+        ratio = exp(logp − old_logp)                                   (1 when old_logps is None: on-policy)
+        pg    = −min(ratio · A_i, clip(ratio, 1 − clip_eps, 1 + clip_eps_high) · A_i)      (PPO's clip)
+        kl    = exp(ref_logp − logp) − (ref_logp − logp) − 1                             (k3: ≥ 0, unbiased)
+        loss  = pg + kl_beta · kl
+
+    summed over tokens and counted, so the loop's per-token reduction makes it a token mean over the whole global
+    batch (every response token weighs the same, however long its sequence — DAPO's token-level mean).
+    ``logps``, ``old_logps``, ``reference_logps``: [b, s] log-probs of the sampled tokens; ``advantages`` [b].
+    ``old_logps`` are the rollout policy's (detached); with one update per rollout batch they equal ``logps``
+    and may be left out. ``reference_logps`` are needed when ``kl_beta`` > 0; the KL is reported whenever they are
+    given. Reports: the loss and its policy-gradient and KL parts, the clip fraction (tokens whose clipped term
+    is the minimum, i.e. whose gradient the clip removes) and the mean ratio.
+    """
+    if kl_beta and reference_logps is None:
+        raise ValueError("a KL penalty (kl_beta > 0) needs the reference model's log-probs")
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    mask = mask.float()
+    logps = logps.float()
+    old = logps.detach() if old_logps is None else old_logps.detach().float()
+    advantage = advantages.detach().float().reshape(-1, 1)
+
+    ratio = torch.exp(logps - old)
+    unclipped = ratio * advantage
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high) * advantage
+    policy_loss = -torch.minimum(unclipped, clipped)
+    clip_active = (clipped < unclipped).float()
+    per_token = policy_loss
+    reports = {"policy loss": policy_loss, "clip fraction": clip_active, "ratio": ratio.detach()}
+    if reference_logps is not None:
+        log_ratio = reference_logps.detach().float() - logps
+        kl = torch.exp(log_ratio) - log_ratio - 1.0
+        reports["kl"] = kl
+        if kl_beta:
+            per_token = per_token + kl_beta * kl
+
+    loss_sum = (per_token * mask).sum()
+    count = mask.sum()
+    out = {"grpo loss": torch.stack([loss_sum.detach(), count])}
+    out.update({name: torch.stack([(value.detach() * mask).sum(), count]) for name, value in reports.items()})
+    return loss_sum, count.to(torch.int), out
