@@ -39,3 +39,17 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         assert not (ckpt.iteration_dir(root, 3) / "__0_0.distcp").read_bytes() == b"partial"
     finally:
         rt.destroy()
+
+
+def test_the_latest_pointer_is_parsed_in_one_place(tmp_path):
+    from tinyllm_mcore.checkpoint import safety
+
+    assert safety.read_tracker(tmp_path) is None
+    for text, value in (("7\n", 7), ("release", "release")):
+        (tmp_path / ckpt.TRACKER).write_text(text)
+        assert safety.read_tracker(tmp_path) == value
+    (tmp_path / ckpt.TRACKER).write_text("x7")
+    with pytest.raises(ckpt.CheckpointError, match="holds 'x7', not an iteration number"):
+        ckpt.resolve_load_dir(tmp_path)
+    (tmp_path / "iter_0000001").mkdir()  # a save that died: a garbled pointer vouches for nothing, as before
+    assert safety.remove_incomplete(tmp_path) == [tmp_path / "iter_0000001"]
