@@ -41,12 +41,12 @@ def main() -> None:
         save_s, manifest_s, load_s, verify_s = [], [], [], []
         for i in range(cli.repeats):
             path = ckpt.iteration_dir(tmp, i)
-            total = timed(lambda: ckpt.save_checkpoint(tmp, i, chunks, optimizer, scheduler, consumed_samples=0,
-                                                       args=args))
+            total = timed(lambda: ckpt.save_checkpoint(tmp, i, chunks, optimizer, scheduler, consumed_samples=0))
             manifest_s.append(timed(lambda: safety.write_manifest(path)))  # the same pass the save just made
             save_s.append(total - manifest_s[-1])
             verify_s.append(timed(lambda: safety.verify(path)))
-            load_s.append(timed(lambda: ckpt.load_checkpoint(str(path), chunks, optimizer, scheduler, verify=False)))
+            load_s.append(timed(lambda: ckpt.load_checkpoint(ckpt.read_checkpoint(path, verify=False), chunks,
+                                                             optimizer, scheduler)))
         size = sum(f.stat().st_size for f in Path(tmp, "iter_0000000").rglob("*") if f.is_file())
         rt.destroy()
     med = statistics.median

@@ -24,6 +24,7 @@ AREAS = {
     "examples": ["examples", "README.md"],
     "harness": None,
     "faults": None,  # fault injection across areas: real processes and files (issue 27)
+    "fixtures": None,  # committed files older versions wrote (each folder's README says how it was made)
 }
 TOP_LEVEL_FILES = {"__init__.py", "conftest.py", "test_layout.py"}
 # Python code that must import through the installed package or the `tests` package, never by editing the path.
@@ -58,7 +59,9 @@ def test_tests_run_commands_without_pythonpath():
 
 
 def test_every_test_folder_is_a_package():
-    missing = [str(d.relative_to(REPO)) for d in folders_with_files() if not (d / "__init__.py").is_file()]
+    """Fixture data (a checkpoint's folders) is not code: there only the folders with Python files are packages."""
+    missing = [str(d.relative_to(REPO)) for d in folders_with_files() if not (d / "__init__.py").is_file()
+               and ("fixtures" not in d.relative_to(TESTS).parts or any(d.glob("*.py")))]
     assert not missing, f"no __init__.py: {missing}"
 
 

@@ -27,15 +27,29 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
         monkeypatch.setattr(dist_checkpointing, "save", dies_midway)
         with pytest.raises(KeyboardInterrupt):
-            ckpt.save_checkpoint(str(root), 3, out["chunks"], None, None, consumed_samples=6, args=args)
+            ckpt.save_checkpoint(str(root), 3, out["chunks"], None, None, consumed_samples=6)
         assert (root / ckpt.TRACKER).read_text() == "2"
         assert ckpt.resolve_load_dir(root) == ckpt.iteration_dir(root, 2)
         with pytest.raises(ckpt.CheckpointError, match="not a checkpoint directory"):
             ckpt.resolve_load_dir(ckpt.iteration_dir(root, 3))  # the partial directory is never taken for one
 
         monkeypatch.setattr(dist_checkpointing, "save", real_save)  # the next save of that iteration replaces it
-        ckpt.save_checkpoint(str(root), 3, out["chunks"], None, None, consumed_samples=6, args=args)
+        ckpt.save_checkpoint(str(root), 3, out["chunks"], None, None, consumed_samples=6)
         assert ckpt.resolve_load_dir(root) == ckpt.iteration_dir(root, 3)
         assert not (ckpt.iteration_dir(root, 3) / "__0_0.distcp").read_bytes() == b"partial"
     finally:
         rt.destroy()
+
+
+def test_the_latest_pointer_is_parsed_in_one_place(tmp_path):
+    from tinyllm_mcore.checkpoint import safety
+
+    assert safety.read_tracker(tmp_path) is None
+    for text, value in (("7\n", 7), ("release", "release")):
+        (tmp_path / ckpt.TRACKER).write_text(text)
+        assert safety.read_tracker(tmp_path) == value
+    (tmp_path / ckpt.TRACKER).write_text("x7")
+    with pytest.raises(ckpt.CheckpointError, match="holds 'x7', not an iteration number"):
+        ckpt.resolve_load_dir(tmp_path)
+    (tmp_path / "iter_0000001").mkdir()  # a save that died: a garbled pointer vouches for nothing, as before
+    assert safety.remove_incomplete(tmp_path) == [tmp_path / "iter_0000001"]

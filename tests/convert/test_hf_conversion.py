@@ -100,15 +100,16 @@ def test_round_trip_is_bit_identical(qwen2_source, converted, tok_dir, tmp_path,
 
 
 def test_written_checkpoint_has_trainer_layout(converted):
-    from tinyllm_mcore.checkpoint.io import inspect_checkpoint, read_common, resolve_load_dir
+    from tinyllm_mcore.checkpoint.io import read_checkpoint, resolve_load_dir
 
     path = resolve_load_dir(converted["pp2"])
     assert path.name == "iter_0000000"
-    _, preset, args, _ = inspect_checkpoint(converted["pp2"])
+    saved = read_checkpoint(path)
     # tiny's shapes with GQA: not a named preset, so it keeps the generic name
-    assert preset == get_preset("tiny", vocab_size=1024, num_query_groups=2).replace(name="hf")
-    assert (args["tensor_model_parallel_size"], args["pipeline_model_parallel_size"]) == (1, 2)
-    assert args["make_vocab_size_divisible_by"] == 128 and read_common(path)["iteration"] == 0
+    assert saved.preset == get_preset("tiny", vocab_size=1024, num_query_groups=2).replace(name="hf")
+    run = saved.metadata
+    assert (run.tensor_model_parallel_size, run.pipeline_model_parallel_size) == (1, 2)
+    assert run.make_vocab_size_divisible_by == 128 and run.stage == "hf_to_mcore" and saved.common["iteration"] == 0
 
 
 @pytest.mark.distributed

@@ -1,8 +1,6 @@
 """Runs in every rank (2) for tests/evaluation/conftest.py, through tests.harness.distributed.run_ranks: save a
 random tiny checkpoint at TP2, then evaluate it in ppl (and gen) mode at several parallel layouts, one case each.
 """
-import argparse
-import dataclasses
 
 
 def save_random_checkpoint(save: str, vocab_size: int) -> None:
@@ -11,14 +9,14 @@ def save_random_checkpoint(save: str, vocab_size: int) -> None:
     from tinyllm_mcore.model.presets import get_preset, transformer_config
     from tinyllm_mcore.runtime import distributed as rt
     from tinyllm_mcore.checkpoint.io import save_checkpoint
+    from tinyllm_mcore.checkpoint.metadata import CheckpointMetadata
 
     rt.initialize(tp=2, pp=1, seed=7)
     preset = get_preset("tiny", vocab_size=vocab_size)
     config = transformer_config(preset, tensor_model_parallel_size=2, use_cpu_initialization=True, init_method_std=0.3)
     model = build_model(preset, config)
-    args = argparse.Namespace(preset=dataclasses.asdict(preset), tensor_model_parallel_size=2,
-                              pipeline_model_parallel_size=1, make_vocab_size_divisible_by=128)
-    save_checkpoint(save, 1, [model], None, None, consumed_samples=0, args=args)
+    metadata = CheckpointMetadata(preset=preset, tensor_model_parallel_size=2, pipeline_model_parallel_size=1)
+    save_checkpoint(save, 1, [model], None, None, consumed_samples=0, metadata=metadata)
 
 
 def evaluate_layout(save: str, tokenizer: str, benchmark_dir: str, shots: int, tp: int, pp: int) -> dict:

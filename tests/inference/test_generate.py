@@ -71,10 +71,11 @@ def test_bad_sampling_params_and_vocab_mismatch(tmp_path):
     class OtherVocab:
         vocab_size = 64798
 
-    from tinyllm_mcore.checkpoint.io import inspect_checkpoint
+    from tinyllm_mcore.checkpoint import io as ckpt
 
+    saved = ckpt.read_checkpoint(ckpt.resolve_load_dir(data.checkpoints()["sft"]))
     with pytest.raises(ValueError, match="-token vocabulary and this run's tokenizer 64798"):
-        inspect_checkpoint(str(data.checkpoints()["sft"]), OtherVocab())
+        ckpt.check_tokenizer(saved, OtherVocab.vocab_size, None)
 
 
 @pytest.fixture(scope="module")

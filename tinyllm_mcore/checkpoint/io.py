@@ -5,8 +5,13 @@ The pointer file is replaced atomically only after every rank finished writing, 
 leaves the pointer on the previous complete checkpoint; the half-written iter dir is ignored and overwritten.
 
 Contents: model (each virtual-pipeline chunk), optimizer, LR scheduler, RNG states (per TP/PP rank; skipped when
-the layout changes), iteration, consumed samples and the run's arguments. Common (non-tensor) state is read with
-torch.load's weights_only default, so only plain Python values are stored there.
+the layout changes), iteration, consumed samples and the run's metadata (checkpoint/metadata.py, a versioned
+schema). Common (non-tensor) state is read with torch.load's weights_only default, so only plain Python values are
+stored there.
+
+Reading one: `resolve_load_dir` (once per --load), then `read_checkpoint` (the files verified, the common state read
+once, the metadata parsed) gives the SavedCheckpoint that `check_matches_run`, `check_tokenizer` and
+`load_checkpoint` take.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import os
 import random
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +29,11 @@ import torch.distributed as dist
 from tinyllm_mcore.runtime import compat
 from tinyllm_mcore.runtime import distributed as rt
 from tinyllm_mcore.runtime import files
+from tinyllm_mcore.checkpoint import CheckpointError, formats
 from tinyllm_mcore.checkpoint import safety as safety
-
-TRACKER = "latest_checkpointed_iteration.txt"
-
-
-class CheckpointError(ValueError):
-    """A --load path that is not a usable checkpoint (reported as one line by the CLIs)."""
+from tinyllm_mcore.checkpoint.metadata import KEY as METADATA_KEY
+from tinyllm_mcore.checkpoint.metadata import CheckpointMetadata
+from tinyllm_mcore.checkpoint.safety import TRACKER
 
 
 def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
@@ -52,20 +56,42 @@ def resolve_load_dir(load: str | os.PathLike) -> Path:
     if not root.exists():
         raise CheckpointError(f"checkpoint path does not exist: {root}")
     tracker = root / TRACKER
-    if tracker.is_file():
-        text = tracker.read_text().strip()
-        if text == "release":
-            path = root / "release"
-        elif text.isdigit():
-            path = iteration_dir(root, int(text))
-        else:
-            raise CheckpointError(f"{tracker} holds {text!r}, not an iteration number")
+    try:
+        latest = safety.read_tracker(root)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if latest is not None:
+        path = root / "release" if latest == "release" else iteration_dir(root, latest)
         if not _is_dist_checkpoint(path):
             raise CheckpointError(f"{tracker} points at {path}, which is not a complete dist checkpoint")
         return path
     if _is_dist_checkpoint(root):
         return root
     raise CheckpointError(f"not a checkpoint directory (no {TRACKER} and no dist-checkpoint metadata): {root}")
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """One checkpoint directory as read once: what every check and the load take."""
+    path: Path  # the iter_* directory --load resolved to
+    common: dict  # its common (non-tensor) state
+    metadata: CheckpointMetadata  # the run that wrote it
+
+    @property
+    def preset(self):
+        """The ModelPreset it was trained with; one line where it recorded none."""
+        if self.metadata.preset is None:
+            raise CheckpointError(f"{self.path} has no model preset in its metadata (not a tinyllm-mcore checkpoint?)")
+        return self.metadata.preset
+
+
+def read_checkpoint(path: Path, *, verify: bool = True, require_manifest: bool = False) -> SavedCheckpoint:
+    """The checkpoint in `path` (a directory resolve_load_dir gave): its files checked against the manifest first
+    (`verify`, verify_checkpoint), then its common state read and its metadata parsed, once."""
+    if verify:
+        verify_checkpoint(path, require_manifest=require_manifest)
+    common = read_common(path)
+    return SavedCheckpoint(path=path, common=common, metadata=CheckpointMetadata.from_common(common, path))
 
 
 def unwrap(model):
@@ -107,7 +133,7 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_rng(state) -> "ShardedObject":
+def _sharded_rng(state):
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -117,17 +143,12 @@ def _sharded_rng(state) -> "ShardedObject":
                          replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
 
 
-def _plain_args(metadata) -> dict:
-    """The run metadata stored under "args": a dict (RunContext.checkpoint_metadata) or a namespace of flags."""
-    items = metadata.items() if isinstance(metadata, dict) else vars(metadata).items()
-    return {k: v for k, v in items if isinstance(v, (str, int, float, bool, list, tuple, dict, type(None)))}
-
-
-def _state_dict(models, optimizer, scheduler, *, iteration: int, consumed_samples: int, args, rng: bool,
-                is_loading: bool, optimizer_metadata: dict | None = None) -> dict:
+def _state_dict(models, optimizer, scheduler, *, iteration: int, consumed_samples: int,
+                metadata: CheckpointMetadata | None, rng: bool, is_loading: bool,
+                optimizer_metadata: dict | None = None) -> dict:
     state = {"iteration": iteration, "consumed_samples": consumed_samples}
-    if args is not None:
-        state["args"] = _plain_args(args)
+    if metadata is not None:
+        state[METADATA_KEY] = metadata.to_dict()
     model_state = {}
     for i, m in enumerate(models):
         state[_model_key(i, len(models))] = unwrap(m).sharded_state_dict()
@@ -142,92 +163,13 @@ def _state_dict(models, optimizer, scheduler, *, iteration: int, consumed_sample
     return state
 
 
-# The distributed optimizer's checkpoint formats (megatron-core's names), as Megatron-LM chooses them:
-# - dp_reshardable (default): each DP rank writes its own bucket shards, no communication at save or load. Loads at
-#   any DP size, but only at the TP/PP it was saved with.
-# - fully_reshardable (--dist-ckpt-optim-fully-reshardable): gathered into model space at save (param-shaped
-#   exp_avg/exp_avg_sq/fp32 param), so it loads at any TP/PP/DP. Costs a gather of the optimizer state per save.
-# Either loads only into a distributed optimizer (megatron's plain optimizer reads another layout); the weights of
-# any checkpoint load anywhere (--no-load-optim / --finetune).
-# megatron 0.16's default, fully_sharded_model_space, needs flattened ShardedTensors that torch_dist no longer writes:
-# it crashes at DP >= 2 ("ShardedTensor.flattened_range is not supported").
-DP_RESHARDABLE = "dp_reshardable"
-FULLY_RESHARDABLE = "fully_reshardable"
-LEGACY_SHARDING = "fully_sharded_model_space"  # what checkpoints without content metadata were written with
-
-
-def is_distributed_optimizer(optimizer) -> bool:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def optimizer_save_metadata(optimizer, args) -> dict:
-    """The sharding metadata megatron's optimizer.sharded_state_dict is given at save (also stored in the checkpoint)."""
-    if optimizer is None or not is_distributed_optimizer(optimizer):
-        return {}
-    flags = _plain_args(args) if args is not None else {}
-    if flags.get("dist_ckpt_optim_fully_reshardable", False):
-        return {"distrib_optim_sharding_type": FULLY_RESHARDABLE,
-                "distrib_optim_fully_reshardable_mem_efficient":
-                    bool(flags.get("distrib_optim_fully_reshardable_mem_efficient", False))}
-    return {"distrib_optim_sharding_type": DP_RESHARDABLE}
-
-
-def optimizer_load_metadata(path: Path, optimizer, saved_args: dict) -> dict:
-    """The metadata to load this checkpoint's optimizer state with; CheckpointError where it cannot be loaded here."""
-    from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
-
-    saved = dist_checkpointing.load_content_metadata(str(path)) or {}
-    saved_type = saved.get("distrib_optim_sharding_type")
-    if saved_type is None and saved_args.get("use_distributed_optimizer"):
-        saved_type = LEGACY_SHARDING
-    here_distributed = is_distributed_optimizer(optimizer)
-    saved_layout = (saved_args.get("tensor_model_parallel_size"), saved_args.get("pipeline_model_parallel_size"))
-    layout = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
-    hint = "load the weights only with --no-load-optim (or --finetune)"
-    if saved_type is not None and not here_distributed:
-        raise CheckpointError(
-            f"{path}: optimizer state was saved by the distributed optimizer ({saved_type}), which only the "
-            f"distributed optimizer can read: add --use-distributed-optimizer, or {hint}")
-    if saved_type in (DP_RESHARDABLE, LEGACY_SHARDING):
-        if saved_layout != layout:
-            raise CheckpointError(
-                f"{path}: distributed-optimizer state ({saved_type}) was saved at TP={saved_layout[0]} "
-                f"PP={saved_layout[1]} and loads only there (any DP); this run is TP={layout[0]} PP={layout[1]}: "
-                f"{hint}, or save with --dist-ckpt-optim-fully-reshardable")
-        return {"distrib_optim_sharding_type": saved_type}
-    if saved_type == FULLY_RESHARDABLE:
-        return {"distrib_optim_sharding_type": FULLY_RESHARDABLE}
-    if here_distributed:
-        raise CheckpointError(
-            f"{path}: optimizer state was saved without the distributed optimizer, which cannot read it: drop "
-            f"--use-distributed-optimizer for this run, or {hint}")
-    return {}
-
-
-def _init_distributed_optimizer_state(optimizer) -> None:
-    """Give a fresh distributed optimizer the state entries its sharded_state_dict expects before loading.
-
-    Without apex/TE (CPU, or a GPU without them) megatron's DistributedOptimizer.state_dict() reads the Adam step from
-    the per-parameter state, which a freshly built torch Adam does not have yet; the values are placeholders that the
-    load replaces.
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(opt, DistributedOptimizer) or not isinstance(opt.optimizer, torch.optim.Optimizer):
-            continue
-        if opt.init_state_fn is not None:
-            opt.init_state_fn(opt.optimizer, opt.config)
-        for group in opt.optimizer.param_groups:
-            for param in group["params"]:
-                opt.optimizer.state[param].setdefault("step", torch.tensor(0.0))
 
 
 def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler, *, consumed_samples: int,
-                    args=None) -> Path:
+                    metadata: CheckpointMetadata | None = None, dist_ckpt_optim_fully_reshardable: bool = False,
+                    distrib_optim_fully_reshardable_mem_efficient: bool = False) -> Path:
+    """Save and publish iteration `iteration` into `save_dir` (every rank calls it); `metadata`: the run's record
+    (RunContext.checkpoint_metadata); the two flags choose a distributed optimizer's format (checkpoint/formats.py)."""
     from megatron.core import dist_checkpointing
 
     compat.write_checkpoints_in_process()  # megatron's writer would fork per save (runtime/compat.py)
@@ -239,9 +181,11 @@ def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler,
             shutil.rmtree(path)
         path.mkdir(parents=True)
     dist.barrier()
-    optimizer_metadata = optimizer_save_metadata(optimizer, args)
+    optimizer_metadata = formats.optimizer_save_metadata(
+        optimizer, fully_reshardable=dist_ckpt_optim_fully_reshardable,
+        mem_efficient=distrib_optim_fully_reshardable_mem_efficient)
     state = _state_dict(models, optimizer, scheduler, iteration=iteration, consumed_samples=consumed_samples,
-                        args=args, rng=True, is_loading=False, optimizer_metadata=optimizer_metadata)
+                        metadata=metadata, rng=True, is_loading=False, optimizer_metadata=optimizer_metadata)
     state.update(compat.checkpoint_stamp())
     dist_checkpointing.save(state, str(path), content_metadata=optimizer_metadata)
     dist.barrier()
@@ -273,44 +217,40 @@ def add_load_check_flags(group) -> None:
                             "change only, since ids would mean other pieces")
 
 
-def check_tokenizer(path: Path, saved: dict, vocab_size: int | None, identity: str | None, *,
+def check_tokenizer(saved: SavedCheckpoint, vocab_size: int | None, identity: str | None, *,
                     allow_change: bool = False, allow_vocab_change: bool = False) -> None:
     """The one tokenizer check of every command that reads a checkpoint: the tokenizer (its `vocab_size` and
-    `identity`, Tokenizer.identity) is the one the checkpoint (run metadata `saved`) was trained with, or one line
-    says what differs. `allow_change` accepts another tokenizer of the same size (--allow-tokenizer-change); only
+    `identity`, Tokenizer.identity) is the one the checkpoint `saved` was trained with, or one line says what
+    differs. `allow_change` accepts another tokenizer of the same size (--allow-tokenizer-change); only
     training may also change the size (`allow_vocab_change`). A checkpoint that recorded no identity (converted from
     HF without a tokenizer, or older) is checked by size only."""
-    vocab = (saved.get("preset") or {}).get("vocab_size")
-    recorded = saved.get("tokenizer_model")
+    path, recorded = saved.path, saved.metadata.tokenizer_model
+    vocab = saved.metadata.preset.vocab_size if saved.metadata.preset is not None else None
     if None not in (vocab, vocab_size) and vocab != vocab_size and not (allow_change and allow_vocab_change):
         use = f"the checkpoint's tokenizer ({recorded})" if recorded else "the tokenizer the model was trained with"
         raise CheckpointError(f"{path} has a {vocab}-token vocabulary and this run's tokenizer "
                               f"{vocab_size}: use {use}")
-    saved_identity = saved.get("tokenizer_identity")
+    saved_identity = saved.metadata.tokenizer_identity
     if saved_identity and identity and saved_identity != identity and not allow_change:
         raise CheckpointError(f"{path} was trained with another tokenizer ({recorded}) than --tokenizer-model: use "
                               "that one, or --allow-tokenizer-change for a deliberate change of a same-size "
                               "vocabulary")
 
 
-def check_matches_run(load: str, preset, tokenizer_identity: str | None, allow_tokenizer_change: bool) -> None:
+def check_matches_run(saved: SavedCheckpoint, preset, tokenizer_identity: str | None,
+                      allow_tokenizer_change: bool) -> None:
     """The checkpoint was trained as this run's model with this run's tokenizer, or one line says what differs."""
-    import dataclasses
-
-    path = resolve_load_dir(load)
-    saved = read_common(path).get("args", {})
-    saved_preset = saved.get("preset")
+    saved_preset = saved.metadata.preset
     if saved_preset is not None:
-        current = dataclasses.asdict(preset)
         # only what decides tensor shapes: routing choices (top-k) may change between stages on the same weights
         shape_fields = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "num_query_groups",
                         "num_experts", "moe_shared_expert_ffn_hidden_size")
-        differs = [k for k in shape_fields if saved_preset.get(k, current[k]) != current[k]]
+        differs = [k for k in shape_fields if getattr(saved_preset, k) != getattr(preset, k)]
         if differs:
-            shown = ", ".join(f"{k} {saved_preset[k]} vs {current[k]}" for k in differs[:3])
-            raise CheckpointError(f"{path} is a {saved_preset.get('name')} model and this run builds "
-                                  f"{current['name']} ({shown}): pass --model-size {saved_preset.get('name')}")
-    check_tokenizer(path, saved, preset.vocab_size, tokenizer_identity, allow_change=allow_tokenizer_change,
+            shown = ", ".join(f"{k} {getattr(saved_preset, k)} vs {getattr(preset, k)}" for k in differs[:3])
+            raise CheckpointError(f"{saved.path} is a {saved_preset.name} model and this run builds "
+                                  f"{preset.name} ({shown}): pass --model-size {saved_preset.name}")
+    check_tokenizer(saved, preset.vocab_size, tokenizer_identity, allow_change=allow_tokenizer_change,
                     allow_vocab_change=True)
 
 
@@ -360,47 +300,43 @@ def _check_model_keys(path: Path, model_states: list[dict], saved: dict[str, tup
                                   f"{shape} in this model (another --model-size or vocabulary?)")
 
 
-def load_checkpoint(load: str, models, optimizer=None, scheduler=None, *, finetune: bool = False,
-                    load_optim: bool = True, load_rng: bool = True, verify: bool = True,
-                    require_manifest: bool = False, skip_prefixes: tuple[str, ...] = (),
-                    common: dict | None = None) -> tuple[int, int]:
-    """Load into the (already built) models/optimizer/scheduler; return (iteration, consumed_samples).
+def load_checkpoint(saved: SavedCheckpoint, models, optimizer=None, scheduler=None, *, finetune: bool = False,
+                    load_optim: bool = True, load_rng: bool = True,
+                    skip_prefixes: tuple[str, ...] = ()) -> tuple[int, int]:
+    """Load the checkpoint `saved` (read_checkpoint: already verified) into the (already built)
+    models/optimizer/scheduler; return (iteration, consumed_samples).
 
     `finetune` loads model weights only and restarts counting from zero. RNG states are restored only when the
-    parallel layout is unchanged (they are per TP/PP rank). `verify` checks the files against the manifest first.
+    parallel layout is unchanged (they are per TP/PP rank).
     `skip_prefixes`: model parameters left as built (reward: its new head, from an LM checkpoint's trunk).
-    `common`: the checkpoint's common state, when the caller has already read it.
     """
     from megatron.core import parallel_state as ps
 
-    path = resolve_load_dir(load)
-    if verify:
-        verify_checkpoint(path, require_manifest=require_manifest)
     try:
-        return _load(path, models, optimizer, scheduler, finetune=finetune, load_optim=load_optim, load_rng=load_rng,
-                     skip_prefixes=skip_prefixes, common=common if common is not None else read_common(path), ps=ps)
+        return _load(saved, models, optimizer, scheduler, finetune=finetune, load_optim=load_optim,
+                     load_rng=load_rng, skip_prefixes=skip_prefixes, ps=ps)
     except CheckpointError:
         raise
     except Exception as e:  # a damaged file the manifest could not vouch for: one line, not a multi-rank dump
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {first})") from e
+        raise CheckpointError(f"{saved.path}: cannot be loaded ({type(e).__name__}: {first})") from e
 
 
-def _load(path: Path, models, optimizer, scheduler, *, finetune: bool, load_optim: bool, load_rng: bool,
-          skip_prefixes: tuple[str, ...], common: dict, ps):
+def _load(saved: SavedCheckpoint, models, optimizer, scheduler, *, finetune: bool, load_optim: bool,
+          load_rng: bool, skip_prefixes: tuple[str, ...], ps):
     from megatron.core import dist_checkpointing
 
-    saved = common.get("args", {})
-    same_layout = (saved.get("tensor_model_parallel_size") == ps.get_tensor_model_parallel_world_size()
-                   and saved.get("pipeline_model_parallel_size") == ps.get_pipeline_model_parallel_world_size())
+    path, run = saved.path, saved.metadata
+    same_layout = (run.tensor_model_parallel_size == ps.get_tensor_model_parallel_world_size()
+                   and run.pipeline_model_parallel_size == ps.get_pipeline_model_parallel_world_size())
     saved_shapes = saved_tensor_shapes(path)
     has_optimizer = any(k.split(".")[0] == "optimizer" for k in saved_shapes)
     with_optim = optimizer is not None and load_optim and not finetune and has_optimizer
-    optimizer_metadata = optimizer_load_metadata(path, optimizer, saved) if with_optim else None
+    optimizer_metadata = formats.optimizer_load_metadata(path, saved.common, optimizer, run) if with_optim else None
     if with_optim:
-        _init_distributed_optimizer_state(optimizer)
+        formats.init_distributed_optimizer_state(optimizer)
     state = _state_dict(models, optimizer if with_optim else None, scheduler if not finetune else None,
-                        iteration=0, consumed_samples=0, args=None,
+                        iteration=0, consumed_samples=0, metadata=None,
                         rng=load_rng and not finetune and same_layout, is_loading=True,
                         optimizer_metadata=optimizer_metadata)
     keys = [_model_key(i, len(models)) for i in range(len(models))]
@@ -432,36 +368,15 @@ def _load(path: Path, models, optimizer, scheduler, *, finetune: bool, load_opti
     return int(loaded["iteration"]), int(loaded["consumed_samples"])
 
 
-def inspect_checkpoint(load: str, tokenizer=None, *, allow_tokenizer_change: bool = False):
-    """(path, preset, saved run metadata, common state) of a checkpoint whose tokenizer is `tokenizer` (None: not
-    checked); reads metadata only (no megatron process groups needed)."""
-    from tinyllm_mcore.model.presets import ModelPreset
-
-    path = resolve_load_dir(load)
-    common = read_common(path)
-    saved = common.get("args", {})
-    if "preset" not in saved:
-        raise CheckpointError(f"{path} has no model preset in its metadata (not a tinyllm-mcore checkpoint?)")
-    if tokenizer is not None:
-        check_tokenizer(path, saved, tokenizer.vocab_size, getattr(tokenizer, "identity", None),
-                        allow_change=allow_tokenizer_change)
-    return path, ModelPreset(**saved["preset"]), saved, common
-
-
-def saved_model_head(saved_args: dict) -> str:
-    """"lm" or "reward"; checkpoints from before the head was recorded are reward models if they have --init-from."""
-    return saved_args.get("model_head") or ("reward" if "init_from" in saved_args else "lm")
-
-
 # ==================================================================================================================
 # Model-only checkpoints written by one process for a TP x PP run (the HF -> mcore converter, tinyllm_mcore/convert).
 # Dist checkpoints hold global arrays, so one process with the whole (TP1/PP1) model writes what any layout loads; only
 # the RNG entries are per (PP, TP) rank: one is written for every rank of the target layout, so a plain --load (no
 # --finetune) at that layout finds what load_checkpoint asks for.
-def write_model_checkpoint(path: str | os.PathLike, model, *, args: dict, tensor_model_parallel_size: int = 1,
-                           pipeline_model_parallel_size: int = 1) -> Path:
+def write_model_checkpoint(path: str | os.PathLike, model, *, metadata: CheckpointMetadata,
+                           tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1) -> Path:
     """Write ``model`` as a complete iteration-0 checkpoint into the iteration directory ``path`` (created; not
-    published: see publish_checkpoint). ``args`` (plain values) become the checkpoint's run arguments."""
+    published: see publish_checkpoint), recording ``metadata`` as the run that wrote it."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -470,7 +385,8 @@ def write_model_checkpoint(path: str | os.PathLike, model, *, args: dict, tensor
     path.mkdir(parents=True, exist_ok=True)
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     rng = _rng_state()
-    state = {"iteration": 0, "consumed_samples": 0, "args": dict(args), "model": unwrap(model).sharded_state_dict(),
+    state = {"iteration": 0, "consumed_samples": 0, METADATA_KEY: metadata.to_dict(),
+             "model": unwrap(model).sharded_state_dict(),
              "rng_state": [ShardedObject("rng_state", rng, (pp, tp), (p, t), replica_id=0)
                            for p in range(pp) for t in range(tp)],
              **compat.checkpoint_stamp()}

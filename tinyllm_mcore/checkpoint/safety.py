@@ -8,6 +8,8 @@ no half-written leftovers.
   releases it however the process dies, so a second run on the same `--save` is refused, never interleaved.
 - Writers: no save starts a process (megatron's writer runs in threads: runtime/compat.write_checkpoints_in_process),
   so a `kill -9` of a trainer mid-save leaves nothing running and no forked child can deadlock a save.
+- Pointer: `SAVE/latest_checkpointed_iteration.txt` names the latest complete save (`read_tracker`, the one parse of
+  it); it moves only after that save's manifest is written.
 - Leftovers: `iter_*` folders past the latest pointer without a manifest (a save that died) are removed at the
   next start, and reported.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 from tinyllm_mcore.runtime.files import atomic_write_text
 
 MANIFEST = "manifest.json"
+TRACKER = "latest_checkpointed_iteration.txt"  # the latest pointer of a save root: moved only onto complete saves
 LOCK = ".run.lock"
 _CHUNK = 16 << 20
 
@@ -73,13 +76,29 @@ def verify(checkpoint_dir: Path) -> bool:
     return True
 
 
-def remove_incomplete(save_dir: Path, tracker: str = "latest_checkpointed_iteration.txt") -> list[Path]:
+def read_tracker(save_dir: str | os.PathLike) -> int | str | None:
+    """What the latest pointer of a save root holds: an iteration number, "release", or None without a pointer;
+    ValueError (one line naming it) for anything else."""
+    pointer = Path(save_dir) / TRACKER
+    if not pointer.is_file():
+        return None
+    text = pointer.read_text().strip()
+    if text == "release":
+        return text
+    if text.isdigit():
+        return int(text)
+    raise ValueError(f"{pointer} holds {text!r}, not an iteration number")
+
+
+def remove_incomplete(save_dir: Path) -> list[Path]:
     """Delete `iter_*` folders past the latest pointer that never got a manifest (saves that died midway, since the
     pointer moves only after the manifest is written); return what was removed. Checkpoints up to the pointer,
     including ones written before manifests existed, are never touched."""
-    pointer = Path(save_dir) / tracker
-    text = pointer.read_text().strip() if pointer.is_file() else ""
-    latest = int(text) if text.isdigit() else -1
+    try:
+        latest = read_tracker(save_dir)
+    except ValueError:  # a garbled pointer vouches for no iteration
+        latest = None
+    latest = latest if isinstance(latest, int) else -1
     removed = []
     for path in sorted(Path(save_dir).glob("iter_*")):
         number = path.name[len("iter_"):]

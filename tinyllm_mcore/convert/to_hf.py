@@ -70,7 +70,7 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
     ``allow_tokenizer_change``: an export ships its tokenizer, and a wrong one would be a silently wrong release."""
     from tinyllm_mcore.tokenizer.core import Tokenizer
     from tinyllm_mcore.checkpoint.io import (
-        check_tokenizer, inspect_checkpoint, load_checkpoint, resolve_load_dir, saved_tensor_shapes, verify_checkpoint,
+        check_tokenizer, load_checkpoint, read_checkpoint, resolve_load_dir, saved_tensor_shapes,
     )
 
     t0 = time.perf_counter()
@@ -80,29 +80,27 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
         raise ValueError(QWEN2_REFUSED)
     if hf_arch is not None and hf_arch not in EXPORT_ARCHS:
         raise ValueError(f"unsupported --hf-arch {hf_arch!r}; choose one of {', '.join(EXPORT_ARCHS)}")
-    path = resolve_load_dir(load)
-    if verify:  # the files first (checksums), then what they hold
-        verify_checkpoint(path, require_manifest=require_manifest)
-    path, preset, saved_args, common = inspect_checkpoint(path)
+    # the files first (checksums), then what they hold
+    saved = read_checkpoint(resolve_load_dir(load), verify=verify, require_manifest=require_manifest)
+    path, preset, run = saved.path, saved.preset, saved.metadata
     hf_arch = hf_arch or default_hf_arch(preset)
     if hf_arch != default_hf_arch(preset):
         raise MappingError(f"--hf-arch {hf_arch} does not fit this {'MoE' if preset.num_experts else 'dense'} "
                            f"checkpoint; use {default_hf_arch(preset)}")
-    tokenizer_model = tokenizer_model or saved_args.get("tokenizer_model")
+    tokenizer_model = tokenizer_model or run.tokenizer_model
     # an unreadable file is the loader's one line, naming it
-    tokenizer = Tokenizer.load(tokenizer_model, saved_args.get("tokenizer_type", "auto")) if tokenizer_model else None
+    tokenizer = Tokenizer.load(tokenizer_model, run.tokenizer_type) if tokenizer_model else None
     if tokenizer is not None:
-        check_tokenizer(path, saved_args, tokenizer.vocab_size, tokenizer.identity,
-                        allow_change=allow_tokenizer_change)
+        check_tokenizer(saved, tokenizer.vocab_size, tokenizer.identity, allow_change=allow_tokenizer_change)
     out = Path(save)
 
     with single_process_megatron():
         padded = _check_checkpoint_shapes(path, preset, saved_tensor_shapes(path))
-        log(f"[mcore_to_hf] {path} (saved at TP{saved_args.get('tensor_model_parallel_size', '?')} "
-            f"PP{saved_args.get('pipeline_model_parallel_size', '?')}; {preset.name}, vocab {preset.vocab_size} of "
+        log(f"[mcore_to_hf] {path} (saved at TP{run.tensor_model_parallel_size or '?'} "
+            f"PP{run.pipeline_model_parallel_size or '?'}; {preset.name}, vocab {preset.vocab_size} of "
             f"{padded} rows) -> {out} as {hf_arch}, {dtype}")
         model = whole_model(preset, padded)
-        load_checkpoint(str(path), [model], finetune=True, verify=False, common=common)  # verified above
+        load_checkpoint(saved, [model], finetune=True)
         state = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
         del model
 

@@ -10,7 +10,6 @@ stream from the (memory-mapped) HF files into the whole model, which training.ch
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import time
@@ -56,6 +55,7 @@ def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, tensor
     and renamed at the end, so a failure leaves nothing behind."""
     from tinyllm_mcore.runtime.distributed import check_parallel_layout
     from tinyllm_mcore.checkpoint.io import iteration_dir, publish_checkpoint, write_model_checkpoint
+    from tinyllm_mcore.checkpoint.metadata import CheckpointMetadata
 
     t0 = time.perf_counter()
     hf_dir = Path(load)
@@ -91,18 +91,12 @@ def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, tensor
             for name, tensor, sources in hf_to_megatron(table, read_hf):
                 params[name].copy_(tensor)
                 log(f"  {' + '.join(sources)} -> {name} {tuple(tensor.shape)}")
-        args = {
-            "model_size": preset.name,
-            "vocab_size": preset.vocab_size,
-            "preset": dataclasses.asdict(preset),
-            "tensor_model_parallel_size": tp,
-            "pipeline_model_parallel_size": pp,
-            "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
-            "converted_from": str(hf_dir.resolve()),
-            "hf_model_type": facts.model_type,
-        }
+        metadata = CheckpointMetadata(
+            preset=preset, stage="hf_to_mcore", make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            flags={"load": str(hf_dir.resolve()), "hf_model_type": facts.model_type})
         with _quiet_writer_errors():  # a failed write is reported once, as one line, by staged_output_dir / run_cli
-            write_model_checkpoint(iteration_dir(staged, 0) if new_root else staged, model, args=args,
+            write_model_checkpoint(iteration_dir(staged, 0) if new_root else staged, model, metadata=metadata,
                                    tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         if new_root:
             publish_checkpoint(staged, 0)

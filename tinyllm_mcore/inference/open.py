@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 
 from tinyllm_mcore.checkpoint import io as ckpt
+from tinyllm_mcore.checkpoint.metadata import CheckpointMetadata
 
 
 @dataclass
 class OpenedCheckpoint:
     path: Path  # the iter_* directory --load resolved to
     preset: object  # the ModelPreset the checkpoint was trained with
-    saved: dict  # its run metadata
+    metadata: CheckpointMetadata  # the run that wrote it
     chunks: list  # this rank's model chunks, eval mode, unwrapped
 
     @property
@@ -41,8 +42,11 @@ def open_checkpoint(load: str, tokenizer=None, *, tensor_parallel_size: int = 1,
 
     from tinyllm_mcore.runtime import distributed as rt
 
-    path, preset, saved, common = ckpt.inspect_checkpoint(load, tokenizer,
-                                                          allow_tokenizer_change=allow_tokenizer_change)
+    saved = ckpt.read_checkpoint(ckpt.resolve_load_dir(load), verify=False)  # verified at step 3
+    preset = saved.preset
+    if tokenizer is not None:
+        ckpt.check_tokenizer(saved, tokenizer.vocab_size, getattr(tokenizer, "identity", None),
+                             allow_change=allow_tokenizer_change)
     if not ps.model_parallel_is_initialized():
         launch = rt.launch_from_env()
         rt.check_parallel_layout(launch.world_size, tensor_parallel_size, pipeline_parallel_size,
@@ -50,14 +54,14 @@ def open_checkpoint(load: str, tokenizer=None, *, tensor_parallel_size: int = 1,
                                  num_query_groups=preset.num_query_groups)
         rt.initialize(tp=tensor_parallel_size, pp=pipeline_parallel_size)
     if verify:
-        ckpt.verify_checkpoint(path, require_manifest=require_manifest)
-    model = build_inference_model(preset, saved, bf16=bf16, use_te=use_te)
-    ckpt.load_checkpoint(str(path), [model], finetune=True, verify=False, common=common)
+        ckpt.verify_checkpoint(saved.path, require_manifest=require_manifest)
+    model = build_inference_model(preset, saved.metadata, bf16=bf16, use_te=use_te)
+    ckpt.load_checkpoint(saved, [model], finetune=True)
     model.eval()
-    return OpenedCheckpoint(path=path, preset=preset, saved=saved, chunks=[model])
+    return OpenedCheckpoint(path=saved.path, preset=preset, metadata=saved.metadata, chunks=[model])
 
 
-def build_inference_model(preset, saved: dict, *, bf16: bool = False, use_te: bool | None = None):
+def build_inference_model(preset, saved: CheckpointMetadata, *, bf16: bool = False, use_te: bool | None = None):
     """This rank's model for the saved preset and head at the current parallel layout (weights not loaded)."""
     from megatron.core import parallel_state as ps
 
@@ -69,6 +73,6 @@ def build_inference_model(preset, saved: dict, *, bf16: bool = False, use_te: bo
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
         params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
         use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=False)
-    model = build_model(preset, config, use_te=use_te, head=ckpt.saved_model_head(saved),
-                        make_vocab_size_divisible_by=saved.get("make_vocab_size_divisible_by", 128))
+    model = build_model(preset, config, use_te=use_te, head=saved.model_head,
+                        make_vocab_size_divisible_by=saved.make_vocab_size_divisible_by)
     return model.cuda() if torch.cuda.is_available() else model

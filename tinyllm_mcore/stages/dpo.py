@@ -147,7 +147,7 @@ def build_references(ctx) -> None:
             reference = Float16Module(config, reference)
         references.append(reference)
     if args.ref_load:
-        ckpt.load_checkpoint(args.ref_load, references, finetune=True)
+        ckpt.load_checkpoint(ckpt.read_checkpoint(ckpt.resolve_load_dir(args.ref_load)), references, finetune=True)
     else:
         for reference, chunk in zip(references, ctx.chunks):
             ckpt.unwrap(reference).load_state_dict(ckpt.unwrap(chunk).state_dict(), strict=True)

@@ -41,11 +41,10 @@ def load_trunk(ctx, model) -> None:
         return
     from tinyllm_mcore.checkpoint import io as ckpt
 
-    path = ckpt.resolve_load_dir(args.init_from)
-    if not args.no_verify_checkpoint:
-        ckpt.verify_checkpoint(path, require_manifest=args.require_manifest)
-    ckpt.check_matches_run(str(path), ctx.preset, ctx.tokenizer_identity, args.allow_tokenizer_change)
-    ckpt.load_checkpoint(str(path), [model], finetune=True, verify=False, skip_prefixes=("reward_head.",))
+    trunk = ckpt.read_checkpoint(ckpt.resolve_load_dir(args.init_from), verify=not args.no_verify_checkpoint,
+                                 require_manifest=args.require_manifest)
+    ckpt.check_matches_run(trunk, ctx.preset, ctx.tokenizer_identity, args.allow_tokenizer_change)
+    ckpt.load_checkpoint(trunk, [model], finetune=True, skip_prefixes=("reward_head.",))
 
 
 def last_token_index(loss_mask: torch.Tensor) -> torch.Tensor:

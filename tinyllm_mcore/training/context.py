@@ -2,14 +2,15 @@
 
 The parsed flags (`args`) are kept as parsed; everything computed from them — the model preset, the parallel layout,
 the batch arithmetic, the report names — lives here, typed, together with the run's model chunks and (DPO) their
-frozen references. Checkpoints record `checkpoint_metadata()`: the flags plus these derived values.
+frozen references. Checkpoints record `checkpoint_metadata()` (checkpoint/metadata.py's schema): these derived
+values, with the flags for information only.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass, field
 
+from tinyllm_mcore.checkpoint.metadata import CheckpointMetadata, plain_flags
 from tinyllm_mcore.model.presets import ModelPreset
 
 
@@ -61,14 +62,17 @@ class RunContext:
                 return reference
         raise LookupError("no reference model was built for this model chunk")
 
-    def checkpoint_metadata(self) -> dict:
-        """What a checkpoint records of the run: the flags (checkpoint.py keeps the plain values) plus the derived
-        values: the preset and head (converters, evaluation and chat rebuild the model from them), the tokenizer's
-        identity (checked on load) and the batch arithmetic (for whoever reads a checkpoint's run)."""
-        return {**vars(self.args),
-                "preset": dataclasses.asdict(self.preset),
-                "model_head": self.model_head,
-                "tokenizer_identity": self.tokenizer_identity,
-                "global_batch_size": self.batch.global_batch_size,
-                "num_microbatches": self.batch.num_microbatches,
-                "data_parallel_size": self.layout.data}
+    def checkpoint_metadata(self) -> CheckpointMetadata:
+        """What a checkpoint records of the run (checkpoint/metadata.py): the preset and head (converters,
+        evaluation and chat rebuild the model from them), the tokenizer (checked on load), the layout, the batch
+        arithmetic, and the flags as information."""
+        args = self.args
+        return CheckpointMetadata(
+            preset=self.preset, model_head=self.model_head, stage=self.stage_name,
+            tokenizer_model=args.tokenizer_model, tokenizer_type=args.tokenizer_type,
+            tokenizer_identity=self.tokenizer_identity, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            tensor_model_parallel_size=self.layout.tensor, pipeline_model_parallel_size=self.layout.pipeline,
+            use_distributed_optimizer=args.use_distributed_optimizer, seq_length=self.batch.seq_length,
+            micro_batch_size=self.batch.micro_batch_size, global_batch_size=self.batch.global_batch_size,
+            num_microbatches=self.batch.num_microbatches, data_parallel_size=self.layout.data,
+            flags=plain_flags(args))

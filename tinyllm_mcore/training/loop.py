@@ -390,8 +390,8 @@ def setup(stage: Stage, args, tokenizer=None, cleanup: contextlib.ExitStack | No
     if stage.check_args is not None:
         stage.check_args(args)
     ctx = run_context(stage, args, tokenizer)
-    if args.load:
-        ckpt.resolve_load_dir(args.load)  # fail fast, before building anything
+    # --load is resolved once, here (fail fast, before building anything), and its common state read once below
+    load_path = ckpt.resolve_load_dir(args.load) if args.load else None
 
     layout = ctx.layout
     rt.initialize(layout.tensor, layout.pipeline, layout.virtual_pipeline, layout.expert, seed=args.seed)
@@ -400,10 +400,11 @@ def setup(stage: Stage, args, tokenizer=None, cleanup: contextlib.ExitStack | No
         save_lock = _claim_save_folder(args.save)
         if save_lock is not None and cleanup is not None:
             cleanup.callback(save_lock.release)
-    if args.load:  # the files first (checksums), then what they hold (model shape, tokenizer)
-        if not args.no_verify_checkpoint:
-            ckpt.verify_checkpoint(ckpt.resolve_load_dir(args.load), require_manifest=args.require_manifest)
-        ckpt.check_matches_run(args.load, ctx.preset, ctx.tokenizer_identity, args.allow_tokenizer_change)
+    loaded = None
+    if load_path is not None:  # the files first (checksums), then what they hold (model shape, tokenizer)
+        loaded = ckpt.read_checkpoint(load_path, verify=not args.no_verify_checkpoint,
+                                      require_manifest=args.require_manifest)
+        ckpt.check_matches_run(loaded, ctx.preset, ctx.tokenizer_identity, args.allow_tokenizer_change)
     config = build_config(args, ctx.preset)
     ctx.chunks = build_model_chunks(stage, ctx, config)
     optimizer, scheduler = build_optimizer(args, ctx.chunks, config, ctx.batch, stage.default_warmup_fraction)
@@ -413,12 +414,11 @@ def setup(stage: Stage, args, tokenizer=None, cleanup: contextlib.ExitStack | No
     model_config.finalize_model_grads_func = finalize_model_grads
 
     iteration, consumed = 0, 0
-    if args.load:
-        iteration, consumed = ckpt.load_checkpoint(args.load, ctx.chunks, optimizer, scheduler,
+    if loaded is not None:
+        iteration, consumed = ckpt.load_checkpoint(loaded, ctx.chunks, optimizer, scheduler,
                                                    finetune=args.finetune,
                                                    load_optim=not (args.no_load_optim or args.skip_train),
-                                                   load_rng=not args.no_load_rng,
-                                                   verify=False)  # verified above
+                                                   load_rng=not args.no_load_rng)
         rt.print_rank0(f"loaded {args.load} at iteration {iteration} ({consumed} samples consumed)")
     if stage.after_load is not None:
         stage.after_load(ctx)
@@ -495,8 +495,10 @@ def _train(stage: Stage, args, tokenizer, exit_conditions: ExitConditions, clean
                    f" = {batch.micro_batch_size} x {ctx.layout.data} x {batch.num_microbatches} micro-batches")
 
     def save(at: int) -> None:
-        path = ckpt.save_checkpoint(args.save, at, chunks, optimizer, scheduler, consumed_samples=consumed,
-                                    args=ctx.checkpoint_metadata())
+        path = ckpt.save_checkpoint(
+            args.save, at, chunks, optimizer, scheduler, consumed_samples=consumed, metadata=ctx.checkpoint_metadata(),
+            dist_ckpt_optim_fully_reshardable=args.dist_ckpt_optim_fully_reshardable,
+            distrib_optim_fully_reshardable_mem_efficient=args.distrib_optim_fully_reshardable_mem_efficient)
         rt.print_rank0(f"saved checkpoint {path}")
 
     if args.skip_train:
