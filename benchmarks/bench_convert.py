@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     print(f"{args.preset}: HF checkpoint {size_mib:.0f} MiB (fp32) in {work}")
 
     imports = [sys.executable, "-c", "import torch, safetensors, tinyllm_mcore.convert, "
-               "tinyllm_mcore.model.gpt, megatron.core.dist_checkpointing"]
+               "tinyllm_mcore.model.build, tinyllm_mcore.model.gpt, megatron.core.dist_checkpointing"]
     base_s, base_rss = run(imports)
     to_mc = [sys.executable, str(REPO / "checkpoint_convert" / "hf_to_mcore.py"), "--load", str(work / "hf"),
              "--save", str(work / "mc"), "--tensor-model-parallel-size", "2", "--quiet"]

@@ -53,7 +53,7 @@ distributed tinyllm_mcore.stages.pretrain \
   --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-fraction 0.05 \
   --weight-decay 0.01 --clip-grad 1.0 \
   --tokenizer-model "$TOKENIZER" --data-path "${DATA_BLEND[@]}" --split 990,9,1 \
-  --data-cache-path "$WORK_DIR/cache" --num-workers 2 \
+  --data-cache-path "$WORK_DIR/cache" \
   --save "$SAVE" --save-interval "$SAVE_INTERVAL" ${LOAD_ARGS[@]+"${LOAD_ARGS[@]}"} \
   --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS" --log-interval "$LOG_INTERVAL" \
   --tensorboard-dir "$RUN_DIR/tensorboard" --metrics-jsonl "$RUN_DIR/metrics.jsonl" \

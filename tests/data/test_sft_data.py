@@ -216,8 +216,8 @@ def test_build_sft_datasets_split_and_several_sources(tmp_path):
 
 def test_packed_and_unpacked_losses_match_with_the_megatron_model(tmp_path):
     """The same check through the project's megatron-core GPTModel (RoPE positions, SDPA with the bool mask)."""
-    from tinyllm_mcore.model.gpt import build_model
-    from tinyllm_mcore.model.presets import get_preset, transformer_config
+    from tinyllm_mcore.model.build import build_model, transformer_config
+    from tinyllm_mcore.model.presets import get_preset
     from tinyllm_mcore.runtime import distributed as rt
 
     tok = tiny_tokenizer()

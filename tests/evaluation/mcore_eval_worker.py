@@ -5,8 +5,8 @@ random tiny checkpoint at TP2, then evaluate it in ppl (and gen) mode at several
 
 def save_random_checkpoint(save: str, vocab_size: int) -> None:
     """At TP2, with a wide init: option scores then differ clearly (a 0.02-std random model scores all nearly alike)."""
-    from tinyllm_mcore.model.gpt import build_model
-    from tinyllm_mcore.model.presets import get_preset, transformer_config
+    from tinyllm_mcore.model.build import build_model, transformer_config
+    from tinyllm_mcore.model.presets import get_preset
     from tinyllm_mcore.runtime import distributed as rt
     from tinyllm_mcore.checkpoint.io import save_checkpoint
     from tinyllm_mcore.checkpoint.metadata import CheckpointMetadata

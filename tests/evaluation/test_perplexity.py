@@ -73,5 +73,6 @@ def test_indexed_data_equals_jsonl(tmp_path, lm, texts):
         lm, ([*tokenizer.tokenize(t), tokenizer.eod] for t in texts), seq_length=50)
     assert indexed["tokens"] == plain["tokens"]
     assert indexed["loss"] == pytest.approx(plain["loss"], rel=1e-6)
-    with pytest.raises(FileNotFoundError, match="not found"):
-        list(perplexity.indexed_documents([str(tmp_path / "missing")]))
+    missing = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=f"^--data-path {missing}: {missing}.bin and .idx not found"):
+        list(perplexity.indexed_documents([prefix, missing]))  # named before the first prefix is read

@@ -141,7 +141,7 @@ def test_full_chain_parses_with_real_parsers_and_paths_connect(slurm):
 
     pretrain, world, _ = check_training_launch(run_script("pretrain_92m_multinode", env)[0], "tinyllm_mcore.stages.pretrain")
     assert world == 16 and pretrain.model_size == "92m" and pretrain.load is None  # fresh run
-    from tinyllm_mcore.data.pretrain import parse_blend
+    from tinyllm_mcore.data.prefixes import parse_blend
 
     prefixes, weights = parse_blend(pretrain.data_path)
     assert prefixes == outputs["pretrain"] and weights and abs(sum(weights) - 1) < 1e-9

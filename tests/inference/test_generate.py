@@ -150,8 +150,7 @@ def test_moe_layers_generate_as_recomputation(sft_generator):
     """MoE layers go through CachedDecoder's module path (megatron's MoELayer): same greedy tokens as recomputing."""
     from dataclasses import replace
 
-    from tinyllm_mcore.model.gpt import build_model
-    from tinyllm_mcore.model.presets import transformer_config
+    from tinyllm_mcore.model.build import build_model, transformer_config
 
     _, preset = sft_generator  # its runtime (TP1) is initialised
     preset = replace(preset, num_experts=4, moe_router_topk=2)

@@ -1,7 +1,8 @@
 """Presets equal the seed's shapes: parameter counts from the formula and from a real megatron GPTModel."""
 import pytest
 
-from tinyllm_mcore.model.presets import PRESETS, get_preset, padded_vocab_size, transformer_config
+from tinyllm_mcore.model.build import transformer_config
+from tinyllm_mcore.model.presets import PRESETS, get_preset, padded_vocab_size
 
 SEED_PARAMS = {  # tiny-llm-zh at vocab 64798, counted from the seed's model code
     "16m": 16_730_280, "42m": 43_304_544, "92m": 92_064_256,
@@ -25,7 +26,7 @@ def single_process():
 
 @pytest.mark.parametrize("name", ["16m", "42m", "92m"])
 def test_megatron_model_has_seed_parameter_count(single_process, name):
-    from tinyllm_mcore.model.gpt import build_model
+    from tinyllm_mcore.model.build import build_model
 
     preset = get_preset(name)
     config = transformer_config(preset, use_cpu_initialization=True, perform_initialization=False)

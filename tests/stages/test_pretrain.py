@@ -19,8 +19,10 @@ BASE = ["--model-size", "tiny", "--seq-length", "32", "--micro-batch-size", "2",
 
 
 @pytest.mark.parametrize("args,env,message", [
-    (["--data-path", "/nonexistent/corpus_text_document"], None, "data prefix '/nonexistent/corpus_text_document'"),
-    (["--data-path", "0.3", "/nope/a", "0.7", "/nope/b"], None, "/nope/a.bin not found"),
+    (["--data-path", "/nonexistent/corpus_text_document"], None,
+     "--data-path /nonexistent/corpus_text_document: /nonexistent/corpus_text_document.bin and .idx not found"),
+    (["--data-path", "0.3", "/nope/a", "0.7", "/nope/b"], None, "--data-path /nope/a: /nope/a.bin and .idx not found"),
+    (["--data-path", "0.3", "/nope/a", "/nope/b"], None, "'weight prefix' pairs"),
     (["--mock-data", "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
      {"RANK": "0", "WORLD_SIZE": "6", "LOCAL_RANK": "0"}, "world size 6 is not divisible by tensor-parallel 2 x pipeline-parallel 2"),
     (["--mock-data", "--model-size", "16m", "--tensor-model-parallel-size", "4"],

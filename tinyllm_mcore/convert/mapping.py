@@ -45,7 +45,7 @@ f = moe_intermediate_size (preset.ffn_hidden_size), s = shared_expert_intermedia
 SequentialMLP (one megatron MLP per expert; grouped GEMM needs CUDA), so their layouts are the dense MLP's. Without a
 shared expert megatron has none; Qwen2-MoE always builds one, so the export writes it with s = 0 (empty tensors and a
 zero gate: it adds exactly 0) and the import ignores an empty one (``HFOnly`` entries). Routing is Qwen2-MoE's:
-softmax over all E router logits in fp32, top k, renormalised iff ``norm_topk_prob`` — presets.transformer_config
+softmax over all E router logits in fp32, top k, renormalised iff ``norm_topk_prob`` — build.transformer_config
 sets megatron's router to match (``moe_router_pre_softmax = not norm_topk_prob``).
 
 Dist checkpoints (``GPTModel.sharded_state_dict()``, measured on megatron-core 0.16.1) store the same tensors as

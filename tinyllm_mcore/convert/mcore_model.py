@@ -1,9 +1,9 @@
 """The megatron side of a conversion: one CPU process, the whole model.
 
 The converters run as one ordinary process whatever the TP/PP of source or target: they build the *global* (TP1/PP1)
-GPTModel with model.build_model, whose sharded_state_dict() names every tensor with its dist-checkpoint key and global
+GPTModel with model.build, whose sharded_state_dict() names every tensor with its dist-checkpoint key and global
 shape. Dist checkpoints are reshardable, so a global write loads at any TP/PP and a global read accepts any saved
-layout. Checkpoints are read and written through training.checkpoint only.
+layout. Checkpoints are read and written through checkpoint.io only.
 """
 from __future__ import annotations
 
@@ -33,11 +33,11 @@ def single_process_megatron():
 
 
 def whole_model(preset: ModelPreset, padded_vocab: int):
-    """The whole LM (TP1, one pipeline stage, local spec) with uninitialised fp32 weights and ``padded_vocab`` rows."""
-    from tinyllm_mcore.model.gpt import build_model
-    from tinyllm_mcore.model.presets import transformer_config
+    """The whole LM (TP1, one pipeline stage, local spec) with uninitialised fp32 weights and ``padded_vocab`` rows,
+    on the CPU; under single_process_megatron."""
+    from tinyllm_mcore.model.build import build_chunks, transformer_config
 
     config = transformer_config(preset, use_cpu_initialization=True, perform_initialization=False)
     # padded_vocab_size(v, 1, padded) == padded: the rows the target (or source) TP layout uses
-    return build_model(preset, config, pre_process=True, post_process=True, use_te=False,
-                       make_vocab_size_divisible_by=padded_vocab)
+    (model,) = build_chunks(preset, config, use_te=False, make_vocab_size_divisible_by=padded_vocab, device="cpu")
+    return model

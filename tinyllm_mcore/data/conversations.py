@@ -16,6 +16,7 @@ from collections import Counter
 import numpy as np
 
 from tinyllm_mcore.data.corpus import expand_inputs, iter_chunks
+from tinyllm_mcore.data.prefixes import check_prefix, is_prefix
 from tinyllm_mcore.data.preprocess import ChunkEncoder
 from tinyllm_mcore.tokenizer.core import Tokenizer
 
@@ -54,7 +55,7 @@ def load_conversations(source: str | os.PathLike, tokenizer: Tokenizer, mode: st
                        system: str | None = None) -> ConversationStore:
     """``source``: an indexed prefix (``.idx``/``.bin`` beside it) or jsonl file(s). ``mode``: sft | preference."""
     source = str(source)
-    if os.path.isfile(source + ".idx"):
+    if is_prefix(source):
         return _load_indexed(source, tokenizer, mode)
 
     encoder = ChunkEncoder(tokenizer, "auto", mode, ["text"], False, system)
@@ -85,8 +86,7 @@ def _load_indexed(prefix: str, tokenizer: Tokenizer, mode: str) -> ConversationS
 
     from tinyllm_mcore.data.vocab_contract import check_prefix_vocab, read_sidecar
 
-    if not os.path.isfile(prefix + ".bin"):
-        raise FileNotFoundError(f"data prefix {prefix}: {prefix}.bin not found")
+    check_prefix(prefix, f"--{mode}-data")
     # The sidecar (when preprocessing wrote one) names the mode and the tokenizer; the layout check below also
     # catches data without one.
     written_as = (read_sidecar(prefix) or {}).get("mode", mode)

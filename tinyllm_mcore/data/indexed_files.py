@@ -32,7 +32,8 @@ def _megatron():
     return indexed_dataset
 
 
-def make_builder(bin_path: str, dtype) -> "ChunkedIndexedDatasetBuilder":
+def make_builder(bin_path: str, dtype):
+    """A ChunkedIndexedDatasetBuilder writing `bin_path`."""
     return _builder_class()(bin_path, dtype)
 
 

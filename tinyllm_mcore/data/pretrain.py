@@ -6,30 +6,10 @@ Samples are GPTDataset's: ``tokens``, ``labels`` (next tokens), ``loss_mask``, `
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
+from tinyllm_mcore.data.prefixes import checked_blend
 from tinyllm_mcore.tokenizer.core import Tokenizer
-
-
-def parse_blend(data_path: Sequence[str]) -> tuple[list[str], list[float] | None]:
-    """Megatron's ``--data-path`` syntax: ``p1 p2 ...`` or ``w1 p1 w2 p2 ...`` -> (prefixes, weights or None)."""
-    from megatron.core.datasets.utils import get_blend_from_list
-
-    if not data_path:
-        raise ValueError("no --data-path given (or pass mock=True)")
-    try:
-        return get_blend_from_list(list(data_path))
-    except (AssertionError, ValueError) as e:
-        raise ValueError(f"bad --data-path {' '.join(data_path)!r}: expected 'prefix ...' or 'weight prefix ...' ({e})")
-
-
-def check_prefixes_exist(prefixes: Sequence[str]) -> None:
-    for prefix in prefixes:
-        for suffix in (".idx", ".bin"):
-            if not os.path.isfile(prefix + suffix):
-                raise FileNotFoundError(f"data prefix {prefix}: {prefix}{suffix} not found (written by "
-                                        f"tools/preprocess_data.py as {{output_prefix}}_{{key}}_document)")
 
 
 def check_splits_not_empty(prefixes: Sequence[str], split_matrix, num_samples: Sequence[int]) -> None:
@@ -63,8 +43,7 @@ def build_pretrain_datasets(data_path: list[str] | None, split: str, seq_length:
 
     blend = None
     if not mock:
-        blend = parse_blend(data_path)
-        check_prefixes_exist(blend[0])
+        blend = checked_blend(data_path)  # (prefixes, weights or None), as GPTDatasetConfig takes it
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,

@@ -22,9 +22,10 @@ def indexed_documents(prefixes: Sequence[str]) -> Iterator[np.ndarray]:
     """Token arrays of every sequence in megatron IndexedDatasets (``prefix.bin`` / ``prefix.idx``)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from tinyllm_mcore.data.pretrain import check_prefixes_exist
+    from tinyllm_mcore.data.prefixes import check_prefix
 
-    check_prefixes_exist(prefixes)
+    for prefix in prefixes:  # all of them before the first is read
+        check_prefix(prefix, "--data-path")
     for prefix in prefixes:
         dataset = IndexedDataset(prefix)
         for i in range(len(dataset)):

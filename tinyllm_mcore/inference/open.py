@@ -55,24 +55,25 @@ def open_checkpoint(load: str, tokenizer=None, *, tensor_parallel_size: int = 1,
         rt.initialize(tp=tensor_parallel_size, pp=pipeline_parallel_size)
     if verify:
         ckpt.verify_checkpoint(saved.path, require_manifest=require_manifest)
-    model = build_inference_model(preset, saved.metadata, bf16=bf16, use_te=use_te)
-    ckpt.load_checkpoint(saved, [model], finetune=True)
-    model.eval()
-    return OpenedCheckpoint(path=saved.path, preset=preset, metadata=saved.metadata, chunks=[model])
+    chunks = build_inference_chunks(preset, saved.metadata, bf16=bf16, use_te=use_te)
+    ckpt.load_checkpoint(saved, chunks, finetune=True)
+    for chunk in chunks:
+        chunk.eval()
+    return OpenedCheckpoint(path=saved.path, preset=preset, metadata=saved.metadata, chunks=chunks)
 
 
-def build_inference_model(preset, saved: CheckpointMetadata, *, bf16: bool = False, use_te: bool | None = None):
-    """This rank's model for the saved preset and head at the current parallel layout (weights not loaded)."""
+def build_inference_chunks(preset, saved: CheckpointMetadata, *, bf16: bool = False,
+                           use_te: bool | None = None) -> list:
+    """This rank's chunks of the saved preset and head at the current parallel layout, weights not loaded (and not
+    initialised: the checkpoint's overwrite them); bare modules, so bf16 logits stay bf16."""
     from megatron.core import parallel_state as ps
 
-    from tinyllm_mcore.model.gpt import build_model
-    from tinyllm_mcore.model.presets import transformer_config
+    from tinyllm_mcore.model.build import build_chunks, transformer_config
 
     config = transformer_config(
         preset, tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(), bf16=bf16,
         use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=False)
-    model = build_model(preset, config, use_te=use_te, head=saved.model_head,
-                        make_vocab_size_divisible_by=saved.make_vocab_size_divisible_by)
-    return model.cuda() if torch.cuda.is_available() else model
+    return build_chunks(preset, config, head=saved.model_head, use_te=use_te,
+                        make_vocab_size_divisible_by=saved.make_vocab_size_divisible_by,
+                        half_precision_wrapper=False)

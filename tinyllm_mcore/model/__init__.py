@@ -1,1 +1,2 @@
-"""The model: presets (the size table), gpt (megatron GPTModel, layer specs, the LM and reward heads), losses."""
+"""The model: presets (the size table), build (the one assembly: config, chunks), gpt (megatron GPTModel, layer
+specs, the LM and reward heads), losses."""

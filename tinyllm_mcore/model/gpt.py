@@ -1,4 +1,5 @@
-"""build_model(): the one place a tiny-llm GPTModel is made, for every stage and for the converters.
+"""The tiny-llm GPT's modules: layer specs, SDPA core attention, a sequence-parallel RMSNorm, the LM and reward
+heads (model/build.py assembles them into chunks), and flops_per_token for MFU.
 
 Layer spec: Transformer Engine's when TE imports and CUDA is present (fused kernels, packed THD attention), else
 megatron-core's local spec with its core attention swapped for PyTorch's scaled_dot_product_attention (flash /
@@ -7,6 +8,8 @@ and builds its causal mask with device="cuda"). Both specs share dist-checkpoint
 between them.
 """
 from __future__ import annotations
+
+import importlib
 
 import torch
 
@@ -21,7 +24,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from tinyllm_mcore.model.losses import linear_cross_entropy
-from tinyllm_mcore.model.presets import ModelPreset, padded_vocab_size
+from tinyllm_mcore.model.presets import ModelPreset
 from tinyllm_mcore.runtime import compat
 
 compat.define_te_general_gemm()  # megatron-core 0.16's MoE router without Transformer Engine
@@ -31,15 +34,10 @@ def transformer_engine_usable() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        import transformer_engine.pytorch  # noqa: F401
+        importlib.import_module("transformer_engine.pytorch")
     except Exception:
         return False
     return True
-
-
-def use_te_for(transformer_impl: str) -> bool | None:
-    """--transformer-impl to build_model's use_te: auto (None: TE when usable), local, transformer_engine."""
-    return {"auto": None, "local": False, "transformer_engine": True}[transformer_impl]
 
 
 class SDPAttention(DotProductAttention):
@@ -180,51 +178,6 @@ def block_spec(preset: ModelPreset, config, vp_stage: int | None, use_te: bool |
         return spec  # TE: megatron picks TENorm for the final norm
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)
-
-
-def build_model(
-    preset: ModelPreset,
-    config,
-    *,
-    pre_process: bool | None = None,
-    post_process: bool | None = None,
-    vp_stage: int | None = None,
-    use_te: bool | None = None,
-    parallel_output: bool = True,
-    make_vocab_size_divisible_by: int = 128,
-    head: str = "lm",
-    seed: int = 0,
-) -> GPTModel:
-    """One pipeline chunk of the tiny-llm GPT for this rank (the whole model at PP1).
-
-    `config` is the TransformerConfig from `presets.transformer_config`; the parallel state must be initialised.
-    The embedding is padded to a multiple of `make_vocab_size_divisible_by × TP` rows (see presets.padded_vocab_size).
-    `head` is "lm" (the vocabulary output layer) or "reward" (a scalar per position, see RewardModel, whose head is
-    initialised from `seed`).
-    """
-    if head not in HEADS:
-        raise ValueError(f"unknown model head {head!r}: use one of {sorted(HEADS)}")
-    if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-    if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    vocab = padded_vocab_size(preset.vocab_size, config.tensor_model_parallel_size, make_vocab_size_divisible_by)
-    return HEADS[head](
-        config=config,
-        transformer_layer_spec=block_spec(preset, config, vp_stage, use_te),
-        vocab_size=vocab,
-        max_sequence_length=preset.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=parallel_output,
-        share_embeddings_and_output_weights=False,  # the seed unties input/output embeddings
-        position_embedding_type="rope",
-        rotary_base=int(preset.rope_theta),
-        rotary_percent=1.0,
-        vp_stage=vp_stage,
-        **({"head_init_seed": seed} if head == "reward" else {}),
-    )
-
 
 
 def flops_per_token(preset: ModelPreset, seq_length: int, vocab_size: int | None = None) -> float:

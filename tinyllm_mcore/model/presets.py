@@ -2,16 +2,14 @@
 
 The seed (wdndev/tiny-llm-zh) defines six sizes. Its architecture is exactly Hugging Face's Qwen2 layout:
 pre-norm RMSNorm (eps 1e-6), rotate-half RoPE (theta 1e4), multi-head attention (kv heads = heads), SwiGLU MLP,
-bias on q/k/v only, untied input/output embeddings. Everything here is consumed by `model.py` (to build the
-megatron-core GPTModel) and by `convert/mapping.py` (to name and shape HF tensors), so shapes are never restated.
+bias on q/k/v only, untied input/output embeddings. Everything here is consumed by `model/build.py` (the
+megatron-core config and GPTModel) and by `convert/mapping.py` (to name and shape HF tensors), so shapes are never
+restated.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
 
 # The seed's vocabulary: ChatGLM3's 64789 sentencepiece pieces + 9 appended special tokens.
 SEED_VOCAB_SIZE = 64798
@@ -108,94 +106,3 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: 
     """
     multiple = divisible_by * tensor_parallel_size
     return ((vocab_size + multiple - 1) // multiple) * multiple
-
-
-def transformer_config(
-    preset: ModelPreset,
-    *,
-    tensor_model_parallel_size: int = 1,
-    pipeline_model_parallel_size: int = 1,
-    virtual_pipeline_model_parallel_size: int | None = None,
-    expert_model_parallel_size: int = 1,
-    sequence_parallel: bool = False,
-    params_dtype: torch.dtype = torch.float32,
-    bf16: bool = False,
-    fp16: bool = False,
-    use_cpu_initialization: bool = False,
-    init_method_std: float = 0.02,
-    attention_dropout: float = 0.0,
-    hidden_dropout: float = 0.0,
-    recompute: bool = False,
-    moe_aux_loss_coeff: float = 1e-2,
-    moe_expert_capacity_factor: float | None = None,
-    **extra,
-):
-    """The megatron-core TransformerConfig for a preset and a parallel layout.
-
-    MoE training knobs (not part of the architecture, so not preset fields): `moe_aux_loss_coeff` (switch-transformer
-    load-balancing loss, 0 = off) and `moe_expert_capacity_factor` (token dropping: an expert takes at most
-    factor x tokens x topk / experts tokens per micro-batch, lowest router probability dropped first; None = no dropping).
-    """
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    pipeline_dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
-    kwargs = dict(
-        num_layers=preset.num_layers,
-        hidden_size=preset.hidden_size,
-        num_attention_heads=preset.num_attention_heads,
-        num_query_groups=preset.kv_heads,
-        ffn_hidden_size=preset.ffn_hidden_size,
-        kv_channels=preset.head_dim,
-        normalization="RMSNorm",
-        layernorm_epsilon=preset.norm_eps,
-        gated_linear_unit=True,  # SwiGLU: fc1 = [gate; up], act(gate) * up
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=True,
-        # CPU / no-apex safe choices; correct everywhere (fusions are a speed detail, not numerics we rely on)
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        attention_dropout=attention_dropout,
-        hidden_dropout=hidden_dropout,
-        init_method_std=init_method_std,
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
-        expert_model_parallel_size=expert_model_parallel_size,
-        sequence_parallel=sequence_parallel and tensor_model_parallel_size > 1,
-        params_dtype=params_dtype,
-        pipeline_dtype=pipeline_dtype,
-        bf16=bf16,
-        fp16=fp16,
-        use_cpu_initialization=use_cpu_initialization,
-    )
-    if recompute:
-        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    if preset.num_experts:
-        kwargs.update(
-            num_moe_experts=preset.num_experts,
-            moe_router_topk=preset.moe_router_topk,
-            moe_ffn_hidden_size=preset.ffn_hidden_size,
-            # Qwen2-MoE's router: p = softmax(x W_gate^T) over all experts in fp32, take the top k, optionally
-            # renormalise. megatron's pre-softmax path is exactly the un-normalised variant; its post-softmax path
-            # (top-k logits, then softmax over those k) equals the renormalised one: p_i / sum_topk p_j.
-            moe_router_score_function="softmax",
-            moe_router_pre_softmax=not preset.moe_norm_topk_prob,
-            moe_router_dtype="fp32",
-            moe_shared_expert_intermediate_size=preset.moe_shared_expert_ffn_hidden_size,
-            moe_shared_expert_gate=bool(preset.moe_shared_expert_ffn_hidden_size),  # Qwen2-MoE's shared_expert_gate
-            moe_token_dispatcher_type="alltoall",  # the CPU adapter switches to the all-gather dispatcher
-            moe_router_load_balancing_type="aux_loss",
-            moe_aux_loss_coeff=moe_aux_loss_coeff,
-            moe_expert_capacity_factor=moe_expert_capacity_factor,
-            moe_token_drop_policy="probs",
-        )
-    from tinyllm_mcore.runtime import cpu
-
-    kwargs.update(cpu.config_overrides())
-    kwargs.update(extra)
-    return TransformerConfig(**kwargs)

@@ -107,7 +107,7 @@ def model_table(evaluation: dict) -> list[str]:
 
 
 def pairs_table(summary: dict, score_name: str) -> list[str]:
-    lines = [f"| pairs | " + " | ".join(SPLIT_TITLES[s] for s in (*SPLITS, "all")) + " |",
+    lines = ["| pairs | " + " | ".join(SPLIT_TITLES[s] for s in (*SPLITS, "all")) + " |",
              "|---|" + "---|" * (len(SPLITS) + 1)]
     for kind in ("style", "fact", "all"):
         if kind not in summary:

@@ -126,26 +126,16 @@ def dpo_forward_step(ctx, data_iterator, model):
 
 def build_references(ctx) -> None:
     """One frozen copy per policy chunk, same layout; weights from --ref-load, else copied from the policy as loaded."""
-    from megatron.core.transformer.module import Float16Module
     from megatron.core.utils import get_model_config
 
-    from tinyllm_mcore.model.gpt import build_model, use_te_for
+    from tinyllm_mcore.model.build import build_chunks, use_te_for
     from tinyllm_mcore.checkpoint import io as ckpt
 
     args = ctx.args
-    references = []
-    for chunk in ctx.chunks:
-        policy = ckpt.unwrap(chunk)
-        config = get_model_config(policy)
-        reference = build_model(ctx.preset, config, pre_process=policy.pre_process,
-                                post_process=policy.post_process, vp_stage=getattr(policy, "vp_stage", None),
-                                use_te=use_te_for(args.transformer_impl),
-                                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
-        if torch.cuda.is_available():
-            reference.cuda(torch.cuda.current_device())
-        if args.bf16 or args.fp16:
-            reference = Float16Module(config, reference)
-        references.append(reference)
+    # the policy's config: the same layout, virtual-pipeline chunks and precision
+    references = build_chunks(ctx.preset, get_model_config(ckpt.unwrap(ctx.chunks[0])), head=ctx.model_head,
+                              seed=args.seed, use_te=use_te_for(args.transformer_impl),
+                              make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
     if args.ref_load:
         ckpt.load_checkpoint(ckpt.read_checkpoint(ckpt.resolve_load_dir(args.ref_load)), references, finetune=True)
     else:

@@ -5,8 +5,7 @@ MockGPTDataset) and a forward step whose loss is the masked next-token cross-ent
 """
 from __future__ import annotations
 
-import os
-
+from tinyllm_mcore.data.prefixes import checked_blend, parse_blend
 from tinyllm_mcore.training.loop import Stage, run_stage
 from tinyllm_mcore.training.batches import lm_forward_step
 
@@ -39,7 +38,7 @@ def pretrain_datasets(ctx):
     if not args.mock_data:  # data whose vocabulary sidecar says it does not fit is refused before training
         from tinyllm_mcore.data.vocab_contract import check_prefix_vocab
 
-        for prefix in _prefixes(args.data_path):
+        for prefix in parse_blend(args.data_path)[0]:
             check_prefix_vocab(prefix, ctx.preset.vocab_size, ctx.tokenizer_identity, mode="pretrain")
 
     return build_pretrain_datasets(
@@ -48,26 +47,9 @@ def pretrain_datasets(ctx):
 
 
 def check_data_paths(args) -> None:
-    """Every --data-path prefix must have its .bin and .idx (weights are the numbers between prefixes)."""
-    if args.mock_data or not args.data_path:
-        return
-    for prefix in _prefixes(args.data_path):
-        for ext in (".bin", ".idx"):
-            if not os.path.isfile(prefix + ext):
-                raise FileNotFoundError(f"data prefix {prefix!r}: {prefix + ext} not found")
-
-
-def _prefixes(data_path: list[str]) -> list[str]:
-    """The prefixes of a megatron --data-path ('w1 p1 w2 p2' or 'p1 p2')."""
-    return data_path[1::2] if len(data_path) > 1 and _is_number(data_path[0]) else data_path
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+    """Every --data-path prefix has its .bin and .idx (weights are the numbers between prefixes)."""
+    if not args.mock_data and args.data_path:
+        checked_blend(args.data_path)
 
 
 STAGE = Stage(name="pretrain", datasets_provider=pretrain_datasets, forward_step=lm_forward_step,

@@ -1,6 +1,6 @@
 """Reward-model stage: `torchrun ... -m tinyllm_mcore.stages.reward --init-from SFT_CKPT --preference-data PREFIX ...`.
 
-The GPT trunk with a scalar head (`build_model(..., head="reward")`, model.RewardModel): the last pipeline stage,
+The GPT trunk with a scalar head (`model.build` with head="reward", model.RewardModel): the last pipeline stage,
 instead of the vocab-parallel output layer, applies a [hidden -> 1] linear head to the final-norm hidden states. The reward of a
 sequence is the head's value at its last non-pad token (the eos closing the answer). Loss (Bradley-Terry):
 −logsigmoid(r_chosen − r_rejected); accuracy = share of pairs with r_chosen > r_rejected. Pairs share a micro-batch

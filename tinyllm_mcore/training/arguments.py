@@ -79,7 +79,6 @@ def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-model", default=None, help="sentencepiece model (or tokenizer dir)")
     g.add_argument("--tokenizer-type", default="auto")
     g.add_argument("--data-cache-path", default=None, help="where megatron caches dataset indices")
-    g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None)

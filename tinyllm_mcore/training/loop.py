@@ -1,7 +1,7 @@
 """The generic training loop: every stage (pretrain, SFT, reward, DPO) is a `Stage` handed to `train()`.
 
-A stage is Megatron-LM's trio — a model (the one builder, `model.build_model`, with the stage's head), a forward
-step returning (output, loss function), and a datasets provider — plus its own flags. The loop derives a typed
+A stage is Megatron-LM's trio — a model (the one assembly, `model.build.build_chunks`, with the stage's head), a
+forward step returning (output, loss function), and a datasets provider — plus its own flags. The loop derives a typed
 `RunContext` (training/context.py) from the flags once and hands it to the stage's datasets provider, forward step
 and hooks; it writes nothing back into the parsed flags. The loop owns everything else: runtime init, model chunks (virtual pipeline), mixed
 precision, megatron DDP, optimizer (distributed or not), LR schedule, megatron's pipeline schedules, gradient
@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tinyllm_mcore.model.presets import ModelPreset, get_preset, transformer_config
+from tinyllm_mcore.model.build import transformer_config
+from tinyllm_mcore.model.presets import ModelPreset, get_preset
 from tinyllm_mcore.runtime import distributed as rt
 from tinyllm_mcore.checkpoint import io as ckpt
 from tinyllm_mcore.training.arguments import build_parser, validate
@@ -89,7 +90,6 @@ def virtual_pipeline_stages(args, preset: ModelPreset) -> int | None:
 
 def build_config(args, preset: ModelPreset):
     vpp = virtual_pipeline_stages(args, preset)
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     config = transformer_config(
         preset,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -98,7 +98,6 @@ def build_config(args, preset: ModelPreset):
         expert_model_parallel_size=args.expert_model_parallel_size,
         # megatron's MoE layer refuses to train under TP without sequence parallelism
         sequence_parallel=args.sequence_parallel or bool(preset.num_experts),
-        params_dtype=dtype,
         bf16=args.bf16,
         fp16=args.fp16,
         use_cpu_initialization=not torch.cuda.is_available(),
@@ -113,30 +112,17 @@ def build_config(args, preset: ModelPreset):
     return config
 
 
-def build_model_chunks(stage: Stage, ctx: RunContext, config, wrap: bool = True):
-    """This rank's model chunks (one per virtual pipeline stage), in mixed precision and megatron DDP."""
+def build_model_chunks(stage: Stage, ctx: RunContext, config):
+    """This rank's model chunks (model.build.build_chunks, the stage's head and init hook) in megatron DDP."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.transformer.module import Float16Module
 
-    from tinyllm_mcore.model.gpt import build_model, use_te_for
+    from tinyllm_mcore.model.build import build_chunks, use_te_for
 
     args = ctx.args
-    vpp = config.virtual_pipeline_model_parallel_size or 1
-    chunks = []
-    for vp_stage in range(vpp):
-        vp = vp_stage if vpp > 1 else None
-        model = build_model(ctx.preset, config, vp_stage=vp, head=stage.model_head, seed=args.seed,
-                            use_te=use_te_for(args.transformer_impl),
-                            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
-        if stage.init_weights is not None:
-            stage.init_weights(ctx, model)
-        if torch.cuda.is_available():
-            model.cuda(torch.cuda.current_device())
-        if args.bf16 or args.fp16:
-            model = Float16Module(config, model)
-        chunks.append(model)
-    if not wrap:
-        return chunks
+    chunks = build_chunks(ctx.preset, config, head=stage.model_head, seed=args.seed,
+                          use_te=use_te_for(args.transformer_impl),
+                          make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                          init_weights=partial(stage.init_weights, ctx) if stage.init_weights is not None else None)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.bf16 or args.fp16,
         overlap_grad_reduce=False,
@@ -481,7 +467,6 @@ def _train(stage: Stage, args, tokenizer, exit_conditions: ExitConditions, clean
     writer = MetricsWriter(args.tensorboard_dir, args.metrics_jsonl) if logging_rank else None
     if writer is not None:
         cleanup.callback(writer.close)
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     flops_token = flops_per_token(preset, batch.seq_length)
     peak = None
     world = dist.get_world_size()
@@ -531,7 +516,7 @@ def _train(stage: Stage, args, tokenizer, exit_conditions: ExitConditions, clean
         window["records"].append(measured)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             if peak is None:
-                peak = peak_tflops(dtype, args.peak_tflops)
+                peak = peak_tflops(run.config.params_dtype, args.peak_tflops)
             iters = len(window["records"])
             tokens_per_s = batch.tokens_per_iteration * iters / window["time"]
             mfu = tokens_per_s * flops_token / (peak * 1e12 * world)
