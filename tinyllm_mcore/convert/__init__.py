@@ -4,7 +4,7 @@ mapping       the parameter table: each megatron tensor, the HF tensors it is ma
 hf_config     HF config.json <-> ModelPreset; generation_config.json
 hf_weights    reading HF safetensors / pytorch_model.bin safely
 hf_folder     writing an HF model directory (weights, configs, tokenizer files)
-mcore_model   the whole model in one CPU process (checkpoints go through training.checkpoint)
+mcore_model   the whole model in one CPU process (checkpoints go through checkpoint.io)
 output        staged (all-or-nothing) output directories, the progress printer
 to_mcore      convert_hf_to_mcore;  to_hf: convert_mcore_to_hf  (CLIs: tinyllm_mcore.cli.hf_to_mcore / mcore_to_hf)
 """

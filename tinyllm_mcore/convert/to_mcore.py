@@ -3,7 +3,7 @@
 Accepts our own exports (Llama with zero o_proj bias; Qwen2-MoE for MoE models), Qwen2, Qwen2-MoE (every layer MoE),
 Llama (with or without attention bias) and the seed's released ``tinyllm`` layout (Qwen2 weight names; fp16
 ``pytorch_model.bin`` or safetensors) — remote code is never run: only config.json and the tensors are read. Tensors
-stream from the (memory-mapped) HF files into the whole model, which training.checkpoint writes as
+stream from the (memory-mapped) HF files into the whole model, which checkpoint.io writes as
 ``SAVE/iter_0000000`` + ``latest_checkpointed_iteration.txt``; load it with ``--load SAVE --finetune``
 (pretrain/SFT/DPO) or ``inference.open.open_checkpoint``. Weights are stored in fp32 (the trainer's master dtype).
 """
