@@ -54,7 +54,10 @@ setup(
         "accelerate",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pyarrow"],
+        # verifiable tasks and answer checking for RL with verifiable rewards (data/verifiable_prompts.py)
+        "rl": ["reasoning-gym>=0.1.25,<0.2", "math-verify>=0.9,<1"],
+        # the tests cover the RL data sources too
+        "dev": ["pytest>=7", "pyarrow", "reasoning-gym>=0.1.25,<0.2", "math-verify>=0.9,<1"],
         # GPU only: needs CUDA to build. Selected at run time when it imports and CUDA is present.
         "te": ["transformer-engine[pytorch]"],
         # lm-eval 0.4.x imports accelerate in its hf model but does not require it
