@@ -33,6 +33,7 @@ from tinyllm_mcore.training.loop import Stage, run_stage
 from tinyllm_mcore.data.preference import preference_datasets
 from tinyllm_mcore.model.losses import pair_loss_report
 from tinyllm_mcore.training.batches import attention_mask, batch_to_device, flatten_pairs
+from tinyllm_mcore.training.references import build_references, pipeline_message, run_policy_and_reference
 
 REPORT_NAMES = ("dpo loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
                 "logps/chosen", "logps/rejected")
@@ -85,26 +86,7 @@ def dpo_loss(reference_nll: torch.Tensor, loss_mask: torch.Tensor, beta: float, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Forward step: policy and frozen reference on the same micro-batch
-
-
-def run_policy_and_reference(model, reference, tokens, position_ids, mask, labels):
-    """Forward this pipeline stage of the policy (with grad) and the reference (without).
-
-    Returns (policy_output, reference_output): per-token −log p on the last stage, hidden states elsewhere.
-    """
-    from tinyllm_mcore.checkpoint.io import unwrap
-
-    policy = unwrap(model)
-    if not policy.pre_process:  # split what the previous stage sent: [s, policy rows ‖ reference rows, h]
-        received = policy.decoder.input_tensor
-        rows = received.size(1) // 2
-        policy.set_input_tensor(received[:, :rows])
-        unwrap(reference).set_input_tensor(received[:, rows:].detach())
-    policy_out = model(tokens, position_ids, mask, labels=labels)
-    with torch.no_grad():
-        reference_out = reference(tokens, position_ids, mask, labels=labels)
-    return policy_out, reference_out
+# Forward step: policy and frozen reference on the same micro-batch (training/references.py)
 
 
 def dpo_forward_step(ctx, data_iterator, model):
@@ -116,42 +98,16 @@ def dpo_forward_step(ctx, data_iterator, model):
         batch["labels"])
     if not unwrap(model).post_process:
         # both go to the next stage in one tensor (the stage declares models_per_pipeline_message=2)
-        return torch.cat([policy_out, reference_out.to(policy_out.dtype)], dim=1), None
+        return pipeline_message(policy_out, reference_out), None
     return policy_out, partial(dpo_loss, reference_out, batch["loss_mask"], ctx.args.beta, ctx.args.label_smoothing)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reference model
-
-
-def build_references(ctx) -> None:
-    """One frozen copy per policy chunk, same layout; weights from --ref-load, else copied from the policy as loaded."""
-    from megatron.core.utils import get_model_config
-
-    from tinyllm_mcore.model.build import build_chunks, use_te_for
-    from tinyllm_mcore.checkpoint import io as ckpt
-
-    args = ctx.args
-    # the policy's config: the same layout, virtual-pipeline chunks and precision
-    references = build_chunks(ctx.preset, get_model_config(ckpt.unwrap(ctx.chunks[0])), head=ctx.model_head,
-                              seed=args.seed, use_te=use_te_for(args.transformer_impl),
-                              make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
-    if args.ref_load:
-        ckpt.load_checkpoint(ckpt.read_checkpoint(ckpt.resolve_load_dir(args.ref_load)), references, finetune=True)
-    else:
-        for reference, chunk in zip(references, ctx.chunks):
-            ckpt.unwrap(reference).load_state_dict(ckpt.unwrap(chunk).state_dict(), strict=True)
-    for reference in references:
-        reference.eval()
-        reference.requires_grad_(False)
-    ctx.references = references
 
 
 def make_stage(datasets_provider=preference_datasets) -> Stage:
     return Stage(name="dpo", datasets_provider=datasets_provider, forward_step=dpo_forward_step,
                  extra_args=add_dpo_args, default_warmup_fraction=0.1, needs_data_path=False,
                  shuffle_each_epoch=True, sequences_per_sample=2, models_per_pipeline_message=2,
-                 check_args=check_dpo_args, after_load=build_references, report_names=REPORT_NAMES)
+                 check_args=check_dpo_args,
+                 after_load=lambda ctx: build_references(ctx, ctx.args.ref_load), report_names=REPORT_NAMES)
 
 
 STAGE = make_stage()

@@ -49,7 +49,8 @@ class RunContext:
     report_names: tuple[str, ...]
     model_head: str = "lm"
     chunks: list = field(default_factory=list)  # this rank's model chunks, one per virtual pipeline stage
-    references: list = field(default_factory=list)  # DPO: a frozen reference per chunk, in the same order
+    references: list = field(default_factory=list)  # DPO, GRPO: a frozen reference per chunk, in the same order
+    stage_state: object | None = None  # a stage's own typed run state, set by its hooks (GRPO: grpo.GRPORun)
 
     @property
     def tokenizer_identity(self) -> str | None:

@@ -39,10 +39,18 @@ from tinyllm_mcore.training.metrics import MetricsWriter, peak_tflops
 
 
 @dataclass
+class StepData:
+    """What a stage's `prepare_step` hands the loop for one iteration (GRPO: the step's rollouts)."""
+    micro_batches: list[dict]  # this rank's micro-batches of the step, in order
+    metrics: dict[str, float]  # logged with the step's losses (the same on every rank)
+    train: bool = True  # False: no update this step (e.g. no sample carries a learning signal); data consumed
+
+
+@dataclass
 class Stage:
     name: str
-    # (ctx) -> (train, valid, test) datasets yielding dict samples
-    datasets_provider: Callable
+    # (ctx) -> (train, valid, test) datasets yielding dict samples (None with prepare_step)
+    datasets_provider: Callable | None
     # (ctx, data_iterator, model) -> (output_tensor, loss_fn)
     forward_step: Callable
     # which head build_model puts on the trunk: "lm" or "reward"
@@ -56,18 +64,26 @@ class Stage:
     shuffle_each_epoch: bool = False
     # rows a sample puts in a batch (2: a chosen/rejected pair)
     sequences_per_sample: int = 1
-    # activations of this many models travel in one pipeline message (DPO: the policy's and the reference's)
-    models_per_pipeline_message: int = 1
+    # activations of this many models travel in one pipeline message (DPO: the policy's and the reference's);
+    # or (args) -> that number
+    models_per_pipeline_message: int | Callable = 1
     # (ctx, model) -> None: on each freshly built chunk, before checkpoints load (reward: --init-from's trunk)
     init_weights: Callable | None = None
     # (ctx) -> None: after the checkpoint is loaded (DPO builds its frozen references)
     after_load: Callable | None = None
     # (args) -> None: cheap input checks (paths, files) run before any process group or model is built
     check_args: Callable | None = None
-    # names in the loss function's report dict, in order (every rank must know them, not only the last stage)
-    report_names: tuple[str, ...] = ("lm loss",)
+    # names in the loss function's report dict, in order (every rank must know them, not only the last stage);
+    # or (args) -> those names
+    report_names: tuple[str, ...] | Callable = ("lm loss",)
     # the report logged with its perplexity at validation, if any
     perplexity_of: str | None = None
+    # (ctx, iteration, consumed_samples) -> StepData: makes each step's data itself, run before every step (GRPO's
+    # rollouts on the current weights); the datasets provider is then not used for training
+    prepare_step: Callable | None = None
+    # (ctx, iteration) -> {name: value} on every rank: the stage's own validation (GRPO: held-out accuracy), run at
+    # --eval-interval in place of the validation split's losses
+    evaluate: Callable | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,7 +370,10 @@ def run_context(stage: Stage, args, tokenizer=None) -> RunContext:
     if args.seq_length > preset.max_position_embeddings:
         raise ValueError(f"--seq-length {args.seq_length} exceeds the {preset.name} preset's "
                          f"max position embeddings {preset.max_position_embeddings}")
-    pipeline_copies = stage.models_per_pipeline_message if args.pipeline_model_parallel_size > 1 else 1
+    copies = stage.models_per_pipeline_message
+    copies = copies(args) if callable(copies) else copies
+    pipeline_copies = copies if args.pipeline_model_parallel_size > 1 else 1
+    report_names = stage.report_names(args) if callable(stage.report_names) else stage.report_names
     batch = BatchPlan(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                       global_batch_size=global_batch, num_microbatches=global_batch // (args.micro_batch_size * dp),
                       sequences_per_sample=stage.sequences_per_sample,
@@ -363,7 +382,7 @@ def run_context(stage: Stage, args, tokenizer=None) -> RunContext:
                             virtual_pipeline=virtual_pipeline_stages(args, preset),
                             expert=args.expert_model_parallel_size, data=dp, data_rank=0)
     return RunContext(stage_name=stage.name, args=args, preset=preset, tokenizer=tokenizer, layout=layout,
-                      batch=batch, report_names=tuple(stage.report_names), model_head=stage.model_head)
+                      batch=batch, report_names=tuple(report_names), model_head=stage.model_head)
 
 
 def setup(stage: Stage, args, tokenizer=None, cleanup: contextlib.ExitStack | None = None) -> TrainingRun:
@@ -446,7 +465,9 @@ def _train(stage: Stage, args, tokenizer, exit_conditions: ExitConditions, clean
     run = setup(stage, args, tokenizer, cleanup)
     ctx, optimizer, scheduler = run.ctx, run.optimizer, run.scheduler
     chunks, batch, preset = ctx.chunks, ctx.batch, ctx.preset
-    train_ds, valid_ds, _ = stage.datasets_provider(ctx)
+    train_ds, valid_ds = None, None
+    if stage.datasets_provider is not None:
+        train_ds, valid_ds, _ = stage.datasets_provider(ctx)
 
     def iterators(dataset, consumed, shuffle):
         seed = args.seed if shuffle else None
@@ -455,9 +476,13 @@ def _train(stage: Stage, args, tokenizer, exit_conditions: ExitConditions, clean
                               vocab_size=preset.vocab_size)
                 for _ in chunks]  # one per virtual-pipeline chunk: each chunk draws the same micro-batches
 
-    train_iters = iterators(train_ds, run.consumed_samples, stage.shuffle_each_epoch)
+    train_iters = iterators(train_ds, run.consumed_samples, stage.shuffle_each_epoch) if train_ds is not None else None
     valid_factory = (lambda: iterators(valid_ds, 0, False)) if valid_ds is not None and len(valid_ds) else None
-    if valid_factory is None and args.eval_interval and not args.skip_train:
+    if stage.evaluate is not None:
+        run_evaluation = partial(stage.evaluate, ctx)
+    else:
+        run_evaluation = (lambda at: evaluate(stage, ctx, forward_backward, valid_factory)) if valid_factory else None
+    if run_evaluation is None and args.eval_interval and not args.skip_train:
         raise ValueError(f"--eval-interval {args.eval_interval} asks for validation, but --split {args.split} "
                          "leaves no validation data: give the split a validation share or drop --eval-interval")
     forward_backward = get_forward_backward_func()
@@ -487,9 +512,9 @@ def _train(stage: Stage, args, tokenizer, exit_conditions: ExitConditions, clean
         rt.print_rank0(f"saved checkpoint {path}")
 
     if args.skip_train:
-        if valid_factory is None:
+        if run_evaluation is None:
             raise ValueError("--skip-train evaluates the validation split, but it is empty")
-        result = evaluate(stage, ctx, forward_backward, valid_factory)
+        result = run_evaluation(iteration)
         history.append({"split": "valid", "iteration": iteration, **result})
         rt.print_rank0(f"[{stage.name}] evaluation of iteration {iteration}: " +
                        " | ".join(f"{k} {v:.6f}" for k, v in result.items()))
@@ -497,8 +522,19 @@ def _train(stage: Stage, args, tokenizer, exit_conditions: ExitConditions, clean
                 "skipped": 0}
     while iteration < args.train_iters:
         t0 = time.perf_counter()
-        reports, grad_norm, ok = train_step(stage, ctx, forward_backward, train_iters, optimizer, scheduler)
-        dt = time.perf_counter() - t0
+        step_metrics, update = {}, True
+        if stage.prepare_step is not None:
+            step = stage.prepare_step(ctx, iteration, consumed)
+            step_metrics, update = step.metrics, step.train
+            train_iters = [iter(step.micro_batches) for _ in chunks]
+        t1 = time.perf_counter()
+        if update:
+            reports, grad_norm, ok = train_step(stage, ctx, forward_backward, train_iters, optimizer, scheduler)
+        else:  # nothing to learn from: weights, optimizer and LR stay; the data is consumed
+            reports, grad_norm, ok = {}, None, True
+            rt.print_rank0(f"iteration {iteration + 1}: no sample carries a learning signal; update skipped")
+        dt = time.perf_counter() - t1
+        window["prepare"] = window.get("prepare", 0.0) + (t1 - t0)
         iteration += 1
         consumed += batch.global_batch_size
         if not ok:
@@ -509,7 +545,8 @@ def _train(stage: Stage, args, tokenizer, exit_conditions: ExitConditions, clean
             if skipped_total >= args.max_skipped_iters:
                 raise FloatingPointError(f"aborting: {skipped_total} iterations had a non-finite loss")
         window["time"] += dt
-        measured = {**reports, **(moe_metrics.step(batch.num_microbatches) if moe_metrics is not None else {})}
+        measured = {**reports, **step_metrics,
+                    **(moe_metrics.step(batch.num_microbatches) if moe_metrics is not None else {})}
         record = {"iteration": iteration, **measured, "lr": scheduler.get_lr(optimizer.param_groups[0]),
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
         history.append({"split": "train", **record})
@@ -518,19 +555,20 @@ def _train(stage: Stage, args, tokenizer, exit_conditions: ExitConditions, clean
             if peak is None:
                 peak = peak_tflops(run.config.params_dtype, args.peak_tflops)
             iters = len(window["records"])
+            # the trained tokens over the training time (a prepare_step's own time, e.g. rollouts, is not in it)
             tokens_per_s = batch.tokens_per_iteration * iters / window["time"]
             mfu = tokens_per_s * flops_token / (peak * 1e12 * world)
             log = {k: float(np.mean([r[k] for r in window["records"] if k in r])) for k in measured}
             log.update({"lr": record["lr"], "grad_norm": record["grad_norm"], "tokens_per_s": tokens_per_s,
                         "mfu": mfu, "skipped": window["skipped"]})
             parts = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items())
-            rt.print_rank0(f"[{stage.name}] iter {iteration}/{args.train_iters} | {parts} | "
-                           f"{1000 * window['time'] / iters:.0f} ms/iter")
+            step_ms = 1000 * (window["time"] + window.get("prepare", 0.0)) / iters
+            rt.print_rank0(f"[{stage.name}] iter {iteration}/{args.train_iters} | {parts} | {step_ms:.0f} ms/iter")
             if writer is not None:
                 writer.write(iteration, log)
             window = {"records": [], "time": 0.0, "skipped": 0}
-        if valid_factory and args.eval_interval and (iteration % args.eval_interval == 0 or iteration == args.train_iters):
-            result = evaluate(stage, ctx, forward_backward, valid_factory)
+        if run_evaluation and args.eval_interval and (iteration % args.eval_interval == 0 or iteration == args.train_iters):
+            result = run_evaluation(iteration)
             history.append({"split": "valid", "iteration": iteration, **result})
             ppl = stage.perplexity_of
             rt.print_rank0(f"[{stage.name}] validation at iter {iteration}: " +
