@@ -122,6 +122,16 @@ class VerifiableSource(Protocol):
     def correctness(self, answer: str | None, item: VerifiableItem) -> float: ...
 
 
+def check_task_name(name: str) -> None:
+    """One line naming close task names when `name` is not a reasoning-gym task."""
+    from reasoning_gym.factory import DATASETS
+
+    if name not in DATASETS:
+        raise ValueError(f"--task {name}: not a reasoning-gym task; e.g. {', '.join(_suggest(name, DATASETS))} "
+                         f"({len(DATASETS)} tasks: python -c 'import reasoning_gym.factory as f; "
+                         "print(sorted(f.DATASETS))')")
+
+
 class TaskSource:
     """A reasoning-gym task (module docstring). ``config``: the task's own config fields (e.g. ``max_terms``);
     ``train_size``: how many items training cycles through (some tasks size their tables by the dataset size)."""
@@ -134,10 +144,7 @@ class TaskSource:
         import reasoning_gym
         from reasoning_gym.factory import DATASETS
 
-        if name not in DATASETS:
-            raise ValueError(f"--task {name}: not a reasoning-gym task; e.g. {', '.join(_suggest(name, DATASETS))} "
-                             f"({len(DATASETS)} tasks: python -c 'import reasoning_gym.factory as f; "
-                             "print(sorted(f.DATASETS))')")
+        check_task_name(name)
         if heldout_size < 0 or train_size < 1:
             raise ValueError(f"--task {name}: the held-out size must be >= 0 and the training size >= 1")
         config = dict(config or {})

@@ -38,6 +38,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -120,7 +121,10 @@ def check_grpo_args(args) -> None:
         raise ValueError("--max-zero-accuracy-intervals must be >= 0")
     if args.rollout_batch_rows is not None and args.rollout_batch_rows < 1:
         raise ValueError("--rollout-batch-rows must be >= 1")
-    if args.task_config is not None:
+    if args.task is not None:
+        from tinyllm_mcore.data.verifiable_prompts import check_task_name
+
+        check_task_name(args.task)
         task_config(args)
     if args.prompts is not None:  # a bad file is one line now, before any model is built
         from tinyllm_mcore.data.verifiable_prompts import read_prompt_file
@@ -142,11 +146,16 @@ def task_config(args) -> dict:
 # The run's GRPO state: the prompt source, the reward table, the zero-accuracy watch
 
 
+# (ctx, prompts, first_prompt_index, group_size, greedy) -> each row's response ids (rows prompt-major)
+Sampler = Callable[..., list[list[int]]]
+
+
 @dataclass
 class GRPORun:
     source: object  # data.verifiable_prompts.VerifiableSource
     rewards: object  # data.verifiable_prompts.RewardTable
     stop_ids: tuple[int, ...]
+    sampler: Sampler
     zero_accuracy_steps: list[bool] = field(default_factory=list)  # per step since the last log: none correct
 
 
@@ -154,7 +163,7 @@ def grpo_run(ctx) -> GRPORun:
     return ctx.stage_state
 
 
-def setup_grpo(ctx) -> None:
+def setup_grpo(ctx, sampler: Sampler) -> None:
     """After the policy is loaded: the prompt source, the reward table, the reference (when the KL is on)."""
     from tinyllm_mcore.data.verifiable_prompts import PromptFile, TaskSource, reward_table
 
@@ -171,7 +180,7 @@ def setup_grpo(ctx) -> None:
     table = reward_table(source, args.format_reward)
     for line in table.describe():
         _print_rank0(f"[grpo] reward: {line}")
-    ctx.stage_state = GRPORun(source=source, rewards=table, stop_ids=(ctx.tokenizer.eos,))
+    ctx.stage_state = GRPORun(source=source, rewards=table, stop_ids=(ctx.tokenizer.eos,), sampler=sampler)
     if args.kl_beta:
         build_references(ctx, args.ref_load)
 
@@ -198,6 +207,8 @@ def encode_prompt(ctx, item) -> list[int]:
 
 
 def sample(ctx, prompts: list[list[int]], first_prompt: int, group_size: int, greedy: bool) -> list[list[int]]:
+    """The policy's responses on its live weights (inference/rollout.py): row p·G + g is sample g of prompt p, drawn
+    from the generator of (--seed, first_prompt + p, g)."""
     from tinyllm_mcore.inference.generate import SamplingParams
     from tinyllm_mcore.inference.rollout import sample_rollouts
 
@@ -254,7 +265,7 @@ def prepare_step(ctx, iteration: int, consumed_samples: int) -> StepData:
     prompts = [encode_prompt(ctx, item) for item in items]
 
     t0 = time.perf_counter()
-    responses = sample(ctx, prompts, first, group, greedy=False)
+    responses = run.sampler(ctx, prompts, first, group, greedy=False)
     rollout_s = time.perf_counter() - t0
     scores = [run.rewards.score(response_text(ctx, r), items[i // group]) for i, r in enumerate(responses)]
     rewards = torch.tensor([s.total for s in scores])
@@ -342,7 +353,7 @@ def evaluate_heldout(ctx, iteration: int) -> dict[str, float]:
     correct = reward = 0.0
     if mine:
         prompts = [encode_prompt(ctx, heldout[j]) for j in mine]
-        responses = sample(ctx, prompts, -len(heldout), 1, greedy=True)
+        responses = run.sampler(ctx, prompts, -len(heldout), 1, greedy=True)
         for j, response in zip(mine, responses):
             score = run.rewards.score(response_text(ctx, response), heldout[j])
             correct += float(score.accurate)
@@ -357,10 +368,11 @@ def _print_rank0(text: str) -> None:
     rt.print_rank0(text)
 
 
-def make_stage() -> Stage:
+def make_stage(sampler: Sampler = sample) -> Stage:
+    """The GRPO stage; `sampler` makes the responses (tests give fixed ones to compare layouts on equal rollouts)."""
     return Stage(name="grpo", datasets_provider=None, forward_step=grpo_forward_step, extra_args=add_grpo_args,
                  default_warmup_fraction=0.0, needs_data_path=False, check_args=check_grpo_args,
-                 after_load=setup_grpo, report_names=report_names,
+                 after_load=partial(setup_grpo, sampler=sampler), report_names=report_names,
                  models_per_pipeline_message=lambda args: 2 if args.kl_beta else 1,
                  prepare_step=prepare_step, evaluate=evaluate_heldout)
 
