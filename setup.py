@@ -10,6 +10,7 @@ CONSOLE_SCRIPTS = {
     "tinyllm-sft": "tinyllm_mcore.stages.sft:main",
     "tinyllm-dpo": "tinyllm_mcore.stages.dpo:main",
     "tinyllm-reward": "tinyllm_mcore.stages.reward:main",
+    "tinyllm-grpo": "tinyllm_mcore.stages.grpo:main",
     "tinyllm-chat": "tinyllm_mcore.cli.chat:main",
     "tinyllm-generate": "tinyllm_mcore.cli.generate:main",
     "tinyllm-evaluate": "tinyllm_mcore.cli.evaluate:main",

@@ -16,7 +16,7 @@ from tests.cli.checkout_scripts import REPO, console_script, run, the_error_line
 
 # Every command of the package (README.md, "Commands"): the wheel must install exactly these console scripts.
 COMMANDS = ("tinyllm-train-tokenizer", "tinyllm-preprocess-data", "tinyllm-merge-datasets", "tinyllm-pretrain",
-            "tinyllm-sft", "tinyllm-dpo", "tinyllm-reward", "tinyllm-chat", "tinyllm-generate", "tinyllm-evaluate",
+            "tinyllm-sft", "tinyllm-dpo", "tinyllm-reward", "tinyllm-grpo", "tinyllm-chat", "tinyllm-generate", "tinyllm-evaluate",
             "tinyllm-hf-to-mcore", "tinyllm-mcore-to-hf", "tinyllm-quickstart")
 
 

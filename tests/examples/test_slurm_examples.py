@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
-SCRIPTS = ("preprocess_corpus", "pretrain_92m_multinode", "sft_92m", "dpo_92m", "convert_to_hf")
+SCRIPTS = ("preprocess_corpus", "pretrain_92m_multinode", "sft_92m", "dpo_92m", "grpo_92m", "convert_to_hf")
 
 FAKE_SRUN = """#!/bin/bash
 # records its argv (one per line) and succeeds without running anything
@@ -154,8 +154,12 @@ def test_full_chain_parses_with_real_parsers_and_paths_connect(slurm):
     dpo, _, _ = check_training_launch(run_script("dpo_92m", env)[0], "tinyllm_mcore.stages.dpo", nodes=1)
     assert dpo.load == sft.save and dpo.finetune and dpo.ref_load == sft.save
     assert dpo.preference_data == outputs["preference"]
-    assert len({pretrain.save, sft.save, dpo.save}) == 3
-    assert all(Path(p).is_relative_to(work) for p in (pretrain.save, sft.save, dpo.save, tokenizer_dir))
+    grpo, _, _ = check_training_launch(run_script("grpo_92m", env)[0], "tinyllm_mcore.stages.grpo", nodes=1)
+    assert grpo.load == sft.save and grpo.finetune and grpo.ref_load == sft.save and grpo.kl_beta > 0
+    assert grpo.task == "chain_sum" and grpo.prompts is None and grpo.global_batch_size % grpo.group_size == 0
+    assert grpo.tokenizer_model == tokenizer_dir
+    assert len({pretrain.save, sft.save, dpo.save, grpo.save}) == 4
+    assert all(Path(p).is_relative_to(work) for p in (pretrain.save, sft.save, dpo.save, grpo.save, tokenizer_dir))
 
     (cmd,) = run_script("convert_to_hf", env)
     _, _, module, argv = split_launch(cmd)
@@ -212,7 +216,7 @@ def test_sbatch_headers_and_spool_copy(slurm):
     for name in SCRIPTS:
         header = sbatch_header(name)
         assert {"job-name", "nodes", "time"} <= set(header), name
-        if name in ("pretrain_92m_multinode", "sft_92m", "dpo_92m"):
+        if name in ("pretrain_92m_multinode", "sft_92m", "dpo_92m", "grpo_92m"):
             # one task per GPU; SIGTERM 2 minutes before the limit; requeue-safe, one log across restarts
             assert header["gpus-per-node"] == header["ntasks-per-node"] == "8"
             assert header["signal"] == "TERM@120" and "requeue" in header and header["open-mode"] == "append"
@@ -246,8 +250,9 @@ def test_model_size_extra_args_and_cpu_shape(slurm):
     env, _ = slurm
     # a CPU job: sbatch --ntasks-per-node=1 sets SLURM_NTASKS_PER_NODE, which is the processes per node by default
     for name, module, nodes in (("pretrain_92m_multinode", "tinyllm_mcore.stages.pretrain", 2),
-                                ("sft_92m", "tinyllm_mcore.stages.sft", 1), ("dpo_92m", "tinyllm_mcore.stages.dpo", 1)):
-        (cmd,) = run_script(name, env, MODEL_SIZE="tiny", SLURM_NTASKS_PER_NODE=1, MICRO_BATCH=1, GLOBAL_BATCH=4,
+                                ("sft_92m", "tinyllm_mcore.stages.sft", 1), ("dpo_92m", "tinyllm_mcore.stages.dpo", 1),
+                                ("grpo_92m", "tinyllm_mcore.stages.grpo", 1)):
+        (cmd,) = run_script(name, env, MODEL_SIZE="tiny", SLURM_NTASKS_PER_NODE=1, MICRO_BATCH=1, GLOBAL_BATCH=8,
                             EXTRA_ARGS="--lr 0.002 --seed 7")
         args, world, srun = check_training_launch(cmd, module, nodes=nodes)
         assert world == nodes and flag(srun, "--ntasks-per-node") == "1"
@@ -266,3 +271,19 @@ def test_outside_slurm_the_training_scripts_run_torchrun(tmp_path):
     assert argv[:3] == ["python", "-m", "torch.distributed.run"]
     assert "--nproc-per-node=2" in argv and "--rdzv-endpoint=localhost:29500" in argv
     parse_stage("tinyllm_mcore.stages.sft", argv[argv.index("tinyllm_mcore.stages.sft") + 1:])
+
+
+def test_grpo_example_sources_and_group_check(slurm, tmp_path):
+    env, _ = slurm
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1 + 1 =", "answer": "2"}\n{"prompt": "2 + 2 =", "answer": "4"}\n')
+    (cmd,) = run_script("grpo_92m", env, PROMPTS=prompts, ANSWER_SCORER="math-verify", KL_BETA=0, HELDOUT_SIZE=1)
+    args, _, _ = check_training_launch(cmd, "tinyllm_mcore.stages.grpo", nodes=1)
+    assert (args.prompts, args.answer_scorer, args.task, args.kl_beta, args.ref_load, args.heldout_size) == \
+        (str(prompts), "math-verify", None, 0.0, None, 1)
+    (cmd,) = run_script("grpo_92m", env, TASK="countdown", TASK_CONFIG='{"min_numbers": 3}')
+    args, _, _ = check_training_launch(cmd, "tinyllm_mcore.stages.grpo", nodes=1)
+    assert (args.task, args.task_config) == ("countdown", '{"min_numbers": 3}')
+    proc = subprocess.run(["bash", str(EXAMPLES / "grpo_92m.sh")], capture_output=True, text=True, cwd=REPO,
+                          env={**env, "SLURM_JOB_NUM_NODES": "1", "GLOBAL_BATCH": "96", "MICRO_BATCH": "4"}, timeout=60)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: GLOBAL_BATCH=96")

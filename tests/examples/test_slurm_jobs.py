@@ -123,6 +123,17 @@ def test_every_example_through_sbatch(prepared, uninterrupted):
     assert f"--ref-load {work / 'checkpoints' / 'sft'}" in log
     assert latest_iteration(work / "checkpoints" / "dpo") == 2
 
+    # GRPO from the SFT checkpoint on 1 node x 2 processes (DP=2: one group of 8 per rank), KL to the SFT reference
+    grpo = {**post, "SEQ_LENGTH": 256, "MICRO_BATCH": 4, "GROUP_SIZE": 8, "MAX_NEW_TOKENS": 8, "HELDOUT_SIZE": 8}
+    env = cluster.env(WORK_DIR=work, GPUS_PER_NODE=2, GLOBAL_BATCH=16, **grpo,
+                      EXTRA_ARGS="--max-zero-accuracy-intervals 0")
+    job, log = cluster.run("grpo_92m.sh", "--ntasks-per-node=2", *CPU_JOB, env=env, log_dir=logs)
+    assert "DP=2" in log and f"--ref-load {work / 'checkpoints' / 'sft'}" in log and "--task chain_sum" in log
+    assert latest_iteration(work / "checkpoints" / "grpo") == 2
+    records = [json.loads(line) for line in (work / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert any("reward mean" in r and "kl" in r for r in records)
+    assert any("heldout accuracy" in r for r in records)
+
     job, log = cluster.run("convert_to_hf.sh", *CPU_JOB, env=cluster.env(WORK_DIR=work), log_dir=logs)
     assert f"--load {work / 'checkpoints' / 'dpo'}" in log
     from transformers import AutoModelForCausalLM, AutoTokenizer
