@@ -71,23 +71,29 @@ def test_virtual_pipeline_and_moe_under_sequence_parallelism_are_refused(layouts
 
 
 def test_inverse_cdf_sampling_follows_the_filtered_distribution():
-    """Row i's token at uniform u is the first whose cumulative probability exceeds u: over many rows, the empirical
-    frequencies match softmax(logits / T) within the tolerance of the count, and filtered tokens never appear."""
+    """Row i's token at uniform u is the first whose cumulative probability exceeds u x the total (found per block
+    of SAMPLING_BLOCK tokens, then within the block): the same tokens as one float64 cumulative sum over the whole
+    vocabulary, frequencies within four standard deviations of softmax(logits / T) after top-k, and filtered tokens
+    never drawn. The vocabulary is one whole block and a partial one."""
     from tinyllm_mcore.inference.generate import SamplingParams, process_logits
-    from tinyllm_mcore.inference.rollout import _sample
+    from tinyllm_mcore.inference.rollout import SAMPLING_BLOCK, _sample
 
     torch.manual_seed(0)
-    rows, vocab = 40000, 12
-    logits = torch.randn(1, vocab).repeat(rows, 1) * 2
-    params = SamplingParams(temperature=0.8, top_k=8)
+    rows, vocab = 20000, SAMPLING_BLOCK + 44
+    logits = (torch.randn(1, vocab) * 2).expand(rows, vocab)
+    params = SamplingParams(temperature=0.8, top_k=40)
     seen = torch.zeros(rows, 1, dtype=torch.long)
-    uniforms = torch.rand(rows, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    tokens = _sample(logits, seen, params, uniforms, torch.zeros(rows, dtype=torch.long))
+    uniforms = torch.rand(rows, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    produced = torch.full((rows,), 1)  # each row's second uniform
+    tokens = _sample(logits, seen, params, uniforms, produced)
     probs = process_logits(logits[:1], seen[:1], params).softmax(-1)[0]
+    assert (probs[:SAMPLING_BLOCK] > 0).any() and (probs[SAMPLING_BLOCK:] > 0).any()  # kept tokens in both blocks
+    cdf = probs.double().cumsum(0)
+    assert torch.equal(tokens, torch.searchsorted(cdf, uniforms[:, 1].contiguous() * cdf[-1], right=True))
     frequencies = torch.bincount(tokens, minlength=vocab).double() / rows
-    assert torch.all(frequencies[probs == 0] == 0) and (probs == 0).sum() == vocab - 8
-    bound = 4 * (probs.double() * (1 - probs.double()) / rows).sqrt() + 1e-12  # four standard deviations
-    assert torch.all((frequencies - probs.double()).abs() <= bound), (frequencies, probs)
+    assert torch.all(frequencies[probs == 0] == 0) and (probs > 0).sum() == 40
+    bound = 4 * (probs.double() * (1 - probs.double()) / rows).sqrt()
+    assert torch.all((frequencies - probs.double()).abs() <= bound)
     # the edges: u = 0 takes the first token with positive probability, u just under 1 the last one
     edges = torch.tensor([[0.0], [1 - 2 ** -53]], dtype=torch.float64)
     picked = _sample(logits[:2], seen[:2], params, edges, torch.zeros(2, dtype=torch.long)).tolist()

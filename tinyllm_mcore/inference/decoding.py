@@ -144,6 +144,8 @@ class CachedDecoder:
         rows = hidden.size(0)
         if self.head_in_out is not None:
             logits = hidden @ self.head_in_out
+        elif rows > FEW_ROWS:  # no copy (rollouts make none): at many rows F.linear is as fast as the copy
+            logits = torch.nn.functional.linear(hidden, output_layer.weight)
         else:
             # [vocab, h] @ [h, rows] on the weight itself; a single row goes in twice, as MKL's one-column product
             # takes F.linear's slow path
