@@ -57,7 +57,7 @@ def test_rows_are_independent_stop_and_keep_their_budget(layouts, case):
     stops = set(result["stop_ids"])
     expected = [next((row[:i + 1] for i, t in enumerate(row) if t in stops), row) for row in result["sampled"]]
     assert result["stopped"] == expected
-    assert sum(len(row) < worker.NEW_TOKENS for row in expected) >= 3
+    assert sum(len(row) < worker.NEW_TOKENS for row in expected) >= 5
     # a prompt 3 positions short of the context gets 3 tokens; the other rows of its batch their full budget
     assert [len(row) for row in result["long_prompt"]] == [3, 3, worker.NEW_TOKENS, worker.NEW_TOKENS]
     assert result["modes_restored"]

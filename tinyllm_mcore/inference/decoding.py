@@ -99,6 +99,14 @@ class CachedDecoder:
         hidden = self._layers(inputs[:, None] if self.first else inputs, cos, sin, store, mask=mask, causal=False)
         return self._logits(hidden[:, -1]) if self.last else hidden
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these sequences (indices into the current batch, in their new order), e.g. the unfinished ones;
+        later calls take inputs for these rows only."""
+        for cache in (self.keys, self.values):
+            for i, layer_cache in enumerate(cache):  # one layer at a time: at most one extra layer's cache at once
+                cache[i] = layer_cache[rows]
+        self.rows = torch.arange(rows.numel(), device=rows.device)
+
     def _layers(self, inputs, cos, sin, store, mask, causal, keep=None):
         """Embedding (first stage) and the chunk's layers; with `keep` [b] (the last stage's prompt forward), the last
         layer continues past its attention with only position keep[i] of row i, and the result is [b, 1, h]."""

@@ -163,25 +163,36 @@ def _decode(chunk, pipeline: _Pipeline, prompts: list[list[int]], seeds: list[in
     hidden_size = chunk.config.hidden_size
 
     decoder = CachedDecoder(chunk, batch, total)
+    active = torch.arange(batch, device=device)  # the rows the decoder holds, in its order
     inputs = tokens[:, :longest] if pipeline.first else pipeline.receive((batch, longest, hidden_size), weight)
     out = decoder.prefill(inputs, last + 1)
     while True:
         if pipeline.last:
-            sampled = _sample(out[:, :vocab], tokens[:, : int(last.max()) + 1], params, uniforms, produced)
+            sampled = _sample(out[:, :vocab], tokens[active, : int(last.max()) + 1], params,
+                              None if uniforms is None else uniforms[active], produced[active])
         else:
             pipeline.send(out)
-            sampled = torch.empty(batch, dtype=torch.long, device=device)
+            sampled = torch.empty(active.numel(), dtype=torch.long, device=device)
         sampled = pipeline.share_tokens(sampled)
-        generating = ~done
-        new = torch.where(done, tokens[decoder.rows, last], sampled)  # a finished row keeps its last token
-        last = last + generating.long()
-        tokens[decoder.rows, last] = new
-        produced += generating.long()
-        done |= generating & (torch.isin(new, stop) | (produced >= budget))
+        finished = done[active]
+        generating = ~finished
+        position = last[active]
+        new = torch.where(finished, tokens[active, position], sampled)  # a finished row keeps its last token
+        position += generating.long()
+        last[active], tokens[active, position] = position, new
+        produced[active] += generating.long()
+        done[active] = finished | (torch.isin(new, stop) | (produced[active] >= budget[active]))
         if bool(done.all()):
             break
-        inputs = new if pipeline.first else pipeline.receive((batch, 1, hidden_size), weight)
-        out = decoder.decode(inputs, last)
+        going = ~done[active]
+        if int(going.sum()) <= active.numel() * 3 // 4:
+            # a quarter of the decoder's rows have finished: they leave it (every rank decides alike, from the same
+            # tokens); copying the caches this way costs at most a few full copies over the whole decode
+            keep = torch.nonzero(going).squeeze(1)
+            decoder.select(keep)
+            active, new = active[keep], new[keep]
+        inputs = new if pipeline.first else pipeline.receive((active.numel(), 1, hidden_size), weight)
+        out = decoder.decode(inputs, last[active])
     start = torch.tensor(lengths, device=device)
     return [row[s:s + n] for row, s, n in zip(tokens.tolist(), start.tolist(), produced.tolist())]
 
