@@ -96,12 +96,26 @@ def battery(policy) -> dict:
 
 
 def refusal(layout: str) -> str | None:
-    """What sample_rollouts says to a virtual pipeline (PP2 x VPP2: two chunks per rank) and to sequence parallelism
-    over MoE layers (TP2): the ValueError's message (None: not refused)."""
+    """What sample_rollouts says to a virtual pipeline (PP2 x VPP2: two chunks per rank), to sequence parallelism
+    over MoE layers (TP2) and to pipeline stages given different prompts: the ValueError's message (None: not
+    refused)."""
     from tinyllm_mcore.model.build import build_chunks, transformer_config
     from tinyllm_mcore.model.presets import get_preset
     from tinyllm_mcore.runtime import distributed as rt
 
+    if layout == "mismatch":  # PP2, each stage given other prompts
+        import torch.distributed as dist
+
+        preset = preset_for(4)
+        rt.initialize(pp=2)
+        (chunk,) = build_chunks(preset, transformer_config(preset, pipeline_model_parallel_size=2,
+                                                           use_cpu_initialization=True))
+        try:
+            sample_rollouts(chunk, [[5, 6, 7][: 2 + dist.get_rank()]], group_size=2,
+                            params=SamplingParams(greedy=True), row_seeds=[0, 1], max_new_tokens=2)
+        except ValueError as e:
+            return str(e)
+        return None
     if layout == "vpp":
         preset = preset_for(4)
         rt.initialize(pp=2, vpp=2)

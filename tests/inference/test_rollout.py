@@ -24,6 +24,7 @@ def layouts(tmp_path_factory):
         "pp2_one_layer_per_stage": (f"{WORKER}:rollouts_at", {"load": two, "pp": 2}),
         "refuse_vpp": (f"{WORKER}:refusal", {"layout": "vpp"}),
         "refuse_moe_sequence_parallel": (f"{WORKER}:refusal", {"layout": "moe"}),
+        "refuse_mismatch": (f"{WORKER}:refusal", {"layout": "mismatch"}),
     }
     per_rank = run_ranks(None, nproc=2, cases=cases, timeout=600)
     return {name: [rank[name] for rank in per_rank] for name in cases}
@@ -64,10 +65,11 @@ def test_rows_are_independent_stop_and_keep_their_budget(layouts, case):
 
 
 @pytest.mark.distributed
-def test_virtual_pipeline_and_moe_under_sequence_parallelism_are_refused(layouts):
+def test_virtual_pipeline_moe_under_sequence_parallelism_and_mismatched_ranks_are_refused(layouts):
     assert all("virtual pipeline" in message for message in layouts["refuse_vpp"])
     assert all("sequence parallelism needs dense MLP layers" in message
                for message in layouts["refuse_moe_sequence_parallel"])
+    assert all("different prompts" in message for message in layouts["refuse_mismatch"])  # on both ranks
 
 
 def test_inverse_cdf_sampling_follows_the_filtered_distribution():

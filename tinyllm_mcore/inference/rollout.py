@@ -3,6 +3,8 @@ own process groups (TP, PP; DP replicas each sample their own prompts).
 
 `sample_rollouts` runs `decoding.CachedDecoder` over this rank's chunk of the policy, in eval mode under no_grad,
 and restores every module's train/eval mode afterwards. Nothing is copied: not the weights, not the output layer.
+Finished rows leave the decoder once a quarter of its rows have finished (their KV caches are dropped), so a
+batch whose responses end early does not keep computing them.
 
 Layouts:
 - TP: logits are gathered over the TP group (CachedDecoder), so every TP rank samples the same token.
@@ -46,9 +48,9 @@ def sample_rollouts(model, prompts: list[list[int]], *, group_size: int, params:
     """
     root, chunk = _one_chunk(model)
     params.validate()
-    rows = [list(prompt) for prompt in prompts for _ in range(group_size)]
     if group_size < 1:
         raise ValueError(f"group size must be >= 1, got {group_size}")
+    rows = [list(prompt) for prompt in prompts for _ in range(group_size)]
     if len(row_seeds) != len(rows):
         raise ValueError(f"{len(rows)} rows ({len(prompts)} prompts x group size {group_size}) need as many row seeds, "
                          f"got {len(row_seeds)}")
@@ -62,6 +64,9 @@ def sample_rollouts(model, prompts: list[list[int]], *, group_size: int, params:
     if longest >= chunk.max_sequence_length:
         raise ValueError(f"prompt of {longest} tokens leaves no room in the model's {chunk.max_sequence_length}-token "
                          "context")
+    if vocab_size is not None and not 0 < vocab_size <= chunk.vocab_size:
+        raise ValueError(f"vocab size {vocab_size} is not within the model's {chunk.vocab_size} embedding rows")
+    _check_same_arguments(rows, row_seeds, max_new_tokens, max_batch_rows)
     if not rows:
         return []
     pipeline = _Pipeline.current()
@@ -97,6 +102,33 @@ def _one_chunk(model):
     if chunk.post_process and chunk.output_layer is None:
         raise ValueError("rollouts need a language model: this one has a reward head")
     return model, chunk
+
+
+def _check_same_arguments(rows, seeds, max_new_tokens, max_batch_rows) -> None:
+    """Every rank of the model-parallel group (TP x PP) must decode the same rows, or their messages would not match
+    (a hang or garbage): a fingerprint of the arguments is compared, and every rank raises the same ValueError."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return
+    lengths = [len(row) for row in rows]
+    mod = 2 ** 61 - 1
+    fingerprint = [len(rows), max(lengths, default=0), sum(lengths), sum(sum(row) for row in rows) % mod,
+                   sum(int(s) % mod for s in seeds) % mod, max_new_tokens, max_batch_rows or 0]
+    mine = torch.tensor(fingerprint, dtype=torch.long, device=_group_device(group))
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    if any(not torch.equal(other, gathered[0]) for other in gathered):
+        raise ValueError("the ranks of a model-parallel group called sample_rollouts with different prompts, seeds or "
+                         "budgets: every TP and PP rank of a data-parallel replica must pass the same")
+
+
+def _group_device(group) -> torch.device:
+    """Where a collective's tensors live: CUDA for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 @dataclass(frozen=True)
