@@ -1,6 +1,6 @@
 """GRPO rollout tokens/s on CPU: our rollouts (inference.rollout.sample_rollouts on decoding.CachedDecoder) vs
 transformers' `generate` on the HF export of the same weights and the same batch (P prompts x G samples each,
-temperature 1, no top-k / top-p, fixed length: no stop ids, `min_new_tokens` on transformers' side).
+temperature 1, no top-k / top-p, fixed length: no stop ids on either side).
 
     python benchmarks/bench_grpo.py [--model-size 16m] [--prompts 16] [--group-size 8] [--prompt-len 32]
                                     [--new-tokens 64] [--max-batch-rows N] [--repeats 3] [--threads 1]
@@ -106,13 +106,15 @@ def main(argv=None) -> int:
                                   max_batch_rows=args.max_batch_rows, vocab_size=preset.vocab_size)
             assert sum(map(len, out)) == rows * args.new_tokens
 
+        # every setting stated (the export's generation_config carries the seed's sampling defaults); no eos id, so
+        # rows run the full length without a min_new_tokens processor masking it at every step
+        hf_config = transformers.GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                                  repetition_penalty=1.0, num_return_sequences=args.group_size,
+                                                  max_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=None)
+
         def theirs():
             with torch.no_grad():
-                # the penalty and filters stated: the export's generation_config carries the seed's sampling defaults
-                out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
-                                  top_k=0, top_p=1.0, repetition_penalty=1.0,
-                                  num_return_sequences=args.group_size, max_new_tokens=args.new_tokens,
-                                  min_new_tokens=args.new_tokens, pad_token_id=0)
+                out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), generation_config=hf_config)
             assert out.shape == (rows, args.prompt_len + args.new_tokens)
 
         load_before = os.getloadavg()[0]
