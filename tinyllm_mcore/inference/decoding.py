@@ -1,4 +1,5 @@
-"""CachedDecoder: the KV-cached forward that generation (tinyllm_mcore/inference/generate.py) runs. Training never calls it."""
+"""CachedDecoder: the KV-cached forward that generation (inference/generate.py) and GRPO rollouts
+(inference/rollout.py) run, on one pipeline chunk of a built model. Training never calls it."""
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,12 @@ FEW_ROWS = 8
 
 
 class CachedDecoder:
-    """A KV-cached inference forward over a built PP1 model's own modules and weights, caching *rotated* keys.
+    """A KV-cached inference forward over a built model chunk's own modules and weights, caching *rotated* keys.
+
+    A chunk is the whole model at PP1, or one pipeline stage: the first stage (pre_process) embeds tokens, others take
+    the previous stage's hidden states [b, s, h]; the last stage (post_process) returns logits, others their hidden
+    states [b, s, h] (every position: the next stage caches their keys and values). Moving them between stages is
+    the caller's (inference/rollout.py).
 
     megatron-core's static inference context caches keys before RoPE and rotates all cached keys again in every layer
     at every step, and its paths that cache rotated keys (flash decode, the dynamic engine) need CUDA flash-attn.
@@ -39,16 +45,19 @@ class CachedDecoder:
     """
 
     def __init__(self, model: GPTModel, batch_size: int, max_length: int, head_copy: "HeadCopy | None" = None):
-        assert not model.config.sequence_parallel, "cached decoding runs without sequence parallelism"
         self.model = model
+        self.first, self.last = model.pre_process, model.post_process
         self.layers = list(model.decoder.layers)
+        if not self.layers:
+            raise ValueError("cached decoding needs at least one transformer layer in each pipeline chunk")
+        check_sequence_parallel(model)
         attention = self.layers[0].self_attention
         self.heads = attention.num_attention_heads_per_partition
         self.groups = attention.num_query_groups_per_partition
         self.head_dim = attention.hidden_size_per_attention_head
         self.softmax_scale = getattr(attention.core_attention, "softmax_scale", None)
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
-        weight = model.embedding.word_embeddings.weight
+        weight = next(self.layers[0].parameters())  # the chunk's weights' dtype and device
         shape = (batch_size, self.groups, max_length, self.head_dim)
         # zeros, not empty: a masked slot still enters attention's probabilities @ values as 0 x value (NaN if unset)
         self.keys = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
@@ -57,23 +66,26 @@ class CachedDecoder:
         freqs = model.rotary_pos_emb(max(model.max_sequence_length, max_length))[:max_length, 0, 0, :]
         self.cos, self.sin = freqs.cos().to(weight.dtype), freqs.sin().to(weight.dtype)
         self.rows = torch.arange(batch_size, device=weight.device)
-        self.head_in_out = head_copy.of(model) if head_copy is not None and batch_size > FEW_ROWS else None
+        self.head_in_out = (head_copy.of(model) if head_copy is not None and self.last and batch_size > FEW_ROWS
+                            else None)
 
-    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Right-padded prompts [b, s] (row i's prompt: its first lengths[i] tokens) -> logits [b, vocab] at each
-        prompt's last token; caches positions 0..s-1."""
-        s = tokens.size(1)
+    def prefill(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Right-padded prompts (row i's prompt: its first lengths[i] positions) -> logits [b, vocab] at each prompt's
+        last token; caches positions 0..s-1. `inputs`: tokens [b, s] on the first stage, else the previous stage's
+        hidden states [b, s, h]; a stage before the last returns its hidden states [b, s, h]."""
+        s = inputs.size(1)
         cos, sin = self.cos[:s, None, :], self.sin[:s, None, :]  # broadcast over [b, s, heads, head_dim]
 
         def store(cache, new):  # new [b, s, groups, head_dim]
             cache[:, :, :s] = new.transpose(1, 2)
             return cache[:, :, :s]
 
-        hidden = self._layers(tokens, cos, sin, store, mask=None, causal=True, keep=lengths - 1)
-        return self._logits(hidden[:, 0])
+        hidden = self._layers(inputs, cos, sin, store, mask=None, causal=True, keep=lengths - 1 if self.last else None)
+        return self._logits(hidden[:, 0]) if self.last else hidden
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One new token per sequence [b] at its own position [b] -> logits [b, vocab]."""
+    def decode(self, inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One new position per sequence at its own position [b] -> logits [b, vocab]. `inputs`: tokens [b] on the
+        first stage, else the previous stage's hidden states [b, 1, h]; a stage before the last returns [b, 1, h]."""
         length = int(positions.max()) + 1
         mask = None
         if int(positions.min()) + 1 != length:  # sequences at different positions: hide each one's later slots
@@ -84,15 +96,23 @@ class CachedDecoder:
             cache[self.rows, :, positions] = new[:, 0]
             return cache[:, :, :length]
 
-        hidden = self._layers(tokens[:, None], cos, sin, store, mask=mask, causal=False)
-        return self._logits(hidden[:, -1])
+        hidden = self._layers(inputs[:, None] if self.first else inputs, cos, sin, store, mask=mask, causal=False)
+        return self._logits(hidden[:, -1]) if self.last else hidden
 
-    def _layers(self, tokens, cos, sin, store, mask, causal, keep=None):
-        """Embedding and all layers; with `keep` [b] (the prompt forward), the last layer continues past its attention
-        with only position keep[i] of row i, and the result is [b, 1, h]."""
-        b, s = tokens.shape
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these sequences (indices into the current batch, in their new order), e.g. the unfinished ones;
+        later calls take inputs for these rows only."""
+        for cache in (self.keys, self.values):
+            for i, layer_cache in enumerate(cache):  # one layer at a time: at most one extra layer's cache at once
+                cache[i] = layer_cache[rows]
+        self.rows = torch.arange(rows.numel(), device=rows.device)
+
+    def _layers(self, inputs, cos, sin, store, mask, causal, keep=None):
+        """Embedding (first stage) and the chunk's layers; with `keep` [b] (the last stage's prompt forward), the last
+        layer continues past its attention with only position keep[i] of row i, and the result is [b, 1, h]."""
+        b, s = inputs.shape[:2]
         d, q_per_group = self.head_dim, self.heads // self.groups
-        hidden = self.model.embedding.word_embeddings(tokens)  # [b, s, h]; no embedding dropout in eval
+        hidden = self._embed(inputs) if self.first else inputs  # [b, s, h]
         for layer, key_cache, value_cache in zip(self.layers, self.keys, self.values):
             attention = layer.self_attention
             qkv = self._linear(attention.linear_qkv, layer.input_layernorm(hidden)).view(b, s, self.groups, -1)
@@ -113,6 +133,18 @@ class CachedDecoder:
             hidden = hidden + self._mlp(layer.mlp, layer.pre_mlp_layernorm(hidden))
         return hidden
 
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[b, s] -> [b, s, h]; no embedding dropout in eval. Under sequence parallelism megatron's embedding would
+        reduce-scatter its output over the sequence: here the TP shards' lookups are all-reduced instead, as every
+        activation of this decoder is whole on every TP rank."""
+        embedding = self.model.embedding.word_embeddings
+        if not getattr(embedding, "reduce_scatter_embeddings", False):
+            return embedding(tokens)
+        outside = (tokens < embedding.vocab_start_index) | (tokens >= embedding.vocab_end_index)
+        local = torch.nn.functional.embedding((tokens - embedding.vocab_start_index).masked_fill(outside, 0),
+                                              embedding.weight).masked_fill(outside[..., None], 0.0)
+        return tensor_parallel.reduce_from_tensor_model_parallel_region(local, group=embedding.tp_group)
+
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         output_layer, hidden = self.model.output_layer, self.model.decoder.final_layernorm(hidden)
         if not _plain(output_layer):  # it gathers its output itself
@@ -120,6 +152,8 @@ class CachedDecoder:
         rows = hidden.size(0)
         if self.head_in_out is not None:
             logits = hidden @ self.head_in_out
+        elif rows > FEW_ROWS:  # no copy (rollouts make none): at many rows F.linear is as fast as the copy
+            logits = torch.nn.functional.linear(hidden, output_layer.weight)
         else:
             # [vocab, h] @ [h, rows] on the weight itself; a single row goes in twice, as MKL's one-column product
             # takes F.linear's slow path
@@ -176,6 +210,25 @@ class HeadCopy:
             self._copy = None  # let the old copy go before making the new one
             self._copy, self._key = weight.detach().t().contiguous(), key
         return self._copy
+
+
+def check_sequence_parallel(model: GPTModel) -> None:
+    """Under sequence parallelism the decoder keeps every activation whole on every TP rank and does the TP
+    communication itself, which it can only for the local spec's plain linears and MLPs (megatron's column/row
+    parallel linears, its dense MLP); Transformer Engine's linears and MoE layers would split or gather the sequence
+    themselves. A ValueError names what is in the way."""
+    if not model.config.sequence_parallel:
+        return
+    for layer in model.decoder.layers:
+        attention = layer.self_attention
+        if type(layer.mlp) is not MLP:
+            raise ValueError(f"cached decoding with sequence parallelism needs dense MLP layers, not "
+                             f"{type(layer.mlp).__name__} (MoE): decode at TP1, or without --sequence-parallel")
+        linears = (attention.linear_qkv, attention.linear_proj, layer.mlp.linear_fc1, layer.mlp.linear_fc2)
+        if not all(_plain(linear) for linear in linears):
+            raise ValueError("cached decoding with sequence parallelism needs the local layer spec's linears, not "
+                             f"{type(attention.linear_qkv).__name__} (Transformer Engine): use "
+                             "--transformer-impl local, or no --sequence-parallel")
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,8 @@ def process_logits(logits: torch.Tensor, seen_ids: torch.Tensor, params: Samplin
         logits = logits.scatter(1, seen_ids, score)
     if params.is_greedy:
         return logits
-    logits = logits / params.temperature
+    if params.temperature != 1.0:  # (x / 1.0 is x: no [b, V] pass for it)
+        logits = logits / params.temperature
     if params.top_k > 0:
         k = min(params.top_k, logits.size(-1))
         kth = torch.topk(logits, k, dim=-1).values[:, -1:]
