@@ -131,7 +131,10 @@ def test_every_example_through_sbatch(prepared, uninterrupted):
     assert "DP=2" in log and f"--ref-load {work / 'checkpoints' / 'sft'}" in log and "--task chain_sum" in log
     assert latest_iteration(work / "checkpoints" / "grpo") == 2
     records = [json.loads(line) for line in (work / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    assert any("reward mean" in r and "kl" in r for r in records)
+    train = [r for r in records if r["split"] == "train"]
+    assert len(train) == 2 and all("reward mean" in r and "zero-variance groups" in r for r in train)
+    # a tiny SFT model may tie every group (no update, no loss reports); where it updated, the KL is reported
+    assert all("kl" in r for r in train if "grpo loss" in r)
     assert any("heldout accuracy" in r for r in records)
 
     job, log = cluster.run("convert_to_hf.sh", *CPU_JOB, env=cluster.env(WORK_DIR=work), log_dir=logs)

@@ -9,7 +9,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch
 
 from tests.harness.post_training_data import ListDataset, chat_sample
 
