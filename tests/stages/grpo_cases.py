@@ -28,12 +28,12 @@ def fixed_responses(ctx, prompts, first_prompt, group_size, greedy):
 
 
 def grpo_steps(load: str, flags: list[str], iterations: int, save: str | None = None, resume: bool = False,
-               ref_load: str | None = None) -> list[dict]:
-    """Every trained iteration's record (reports, metrics, grad norm)."""
+               ref_load: str | None = None, real_rollouts: bool = False) -> list[dict]:
+    """Every trained iteration's record (reports, metrics, grad norm); `real_rollouts`: the stage's own sampler."""
     from tinyllm_mcore.stages import grpo
     from tinyllm_mcore.training.loop import parse_args, train
 
-    stage = grpo.make_stage(sampler=fixed_responses)
+    stage = grpo.STAGE if real_rollouts else grpo.make_stage(sampler=fixed_responses)
     start = ["--load", load] if resume else ["--load", load, "--finetune"]
     extra = (["--save", save] if save else []) + (["--kl-beta", "0.1", "--ref-load", ref_load] if ref_load else [])
     args = parse_args(stage, data.common_flags(*data.TASK_FLAGS, *RUN_FLAGS, "--train-iters", str(iterations),

@@ -7,6 +7,8 @@ import pytest
 from tests.harness import arithmetic as data
 from tests.harness.cli import one_error_line
 
+# 16 prompts a step: enough that the SFT model's own samples give some group a learning signal
+REAL = ["--global-batch-size", "128"]
 KEYS = ("grpo loss", "policy loss", "reward mean", "accuracy", "zero-variance groups", "grad_norm")
 
 
@@ -22,6 +24,7 @@ def test_grpo_layouts_agree_and_resume_across_layouts(tmp_path):
     one = run_ranks(None, 1, env=env, cases={
         "tp1": (cases, {"load": sft, "flags": [], "iterations": 4}),
         "tp1_kl": (cases, {"load": sft, "flags": [], "iterations": 2, "ref_load": init}),
+        "tp1_real": (cases, {"load": sft, "flags": REAL, "iterations": 2, "real_rollouts": True}),
     })[0]
     layouts = {"dp2": [], "tp2": ["--tensor-model-parallel-size", "2"], "pp2": ["--pipeline-model-parallel-size", "2"]}
     saved = str(tmp_path / "tp2_saved")
@@ -32,6 +35,10 @@ def test_grpo_layouts_agree_and_resume_across_layouts(tmp_path):
     cases2["tp2_save"] = (cases, {"load": sft, "flags": [*layouts["tp2"], "--exit-interval", "2"], "iterations": 4,
                                   "save": saved})
     cases2["pp2_resume"] = (cases, {"load": saved, "flags": layouts["pp2"], "iterations": 4, "resume": True})
+    # the stage's own rollouts (the KV-cache decoder on the live weights) at TP2 and PP2: the same samples as TP1's
+    cases2.update({f"{name}_real": (cases, {"load": sft, "flags": [*flags, *REAL], "iterations": 2,
+                                               "real_rollouts": True})
+                   for name, flags in layouts.items() if name != "dp2"})
     two = run_ranks(None, 2, env=env, cases=cases2)[0]
 
     base = one["tp1"]
@@ -47,6 +54,13 @@ def test_grpo_layouts_agree_and_resume_across_layouts(tmp_path):
         for step, (got, want) in enumerate(zip(two[name], kl_base)):
             for key in (*KEYS, "kl"):
                 assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (name, step, key)
+    real = one["tp1_real"]
+    assert real[0]["response length"] > 0 and min(r["zero-variance groups"] for r in real) < 1
+    for name in ("tp2_real", "pp2_real"):
+        for step, (got, want) in enumerate(zip(two[name], real)):
+            for key in (*KEYS, "response length"):  # a step whose groups all tie has no loss and no grad norm
+                assert got.get(key) == pytest.approx(want.get(key), rel=1e-4, abs=1e-5, nan_ok=True), \
+                    (name, step, key)
     resumed = two["tp2_save"] + two["pp2_resume"]
     assert [r["iteration"] for r in resumed] == [1, 2, 3, 4]
     for step, (got, want) in enumerate(zip(resumed, base)):
