@@ -10,3 +10,24 @@ def pretrain_run(argv: list[str]) -> dict:
     args = parse_args(STAGE, argv)
     out = train(STAGE, args, load_tokenizer(args))
     return {"train": [r["lm loss"] for r in out["history"] if r["split"] == "train"]}
+
+
+def pretrain_run_hf_disk_full(argv: list[str]) -> dict:
+    """A run whose HF folder write meets a full disk on rank 0 (fault injection: the export's writer raises
+    ENOSPC after a partial file): {"error": the one-line error this rank raised}."""
+    import errno
+
+    from tinyllm_mcore.convert import in_training
+
+    def disk_full(staged, *args, **kwargs):
+        (staged / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    original, in_training.write_hf_export = in_training.write_hf_export, disk_full
+    try:
+        pretrain_run(argv)
+    except ValueError as e:
+        return {"error": str(e)}
+    finally:
+        in_training.write_hf_export = original
+    return {"error": None}

@@ -57,6 +57,10 @@ def runs(tmp_path_factory):
         # --load of a checkpoint holding hf/ (its manifest covers those files too)
         "tp2/resume": {"argv": flags("tp2", "--train-iters", 3, "--load", tmp / "tp2" / "iter_0000002")},
     }
+    # a full disk while rank 0 writes hf/: both ranks stop with the same line; the next run clears the save
+    cases["disk-full"] = ("tests.convert.hf_training_worker:pretrain_run_hf_disk_full", {
+        "argv": flags("tp2", "--train-iters", 2, "--save", tmp / "full", "--save-hf")})
+    cases["after-disk-full"] = {"argv": flags("tp2", "--train-iters", 1, "--save", tmp / "full")}
     for name, tp, pp in (("tp1", 2, 1), ("tp2", 2, 1), ("pp2", 1, 2)):
         cases[f"logits/{name}"] = (parity, {"ckpt": str(tmp / name / "iter_0000002"), "tp": tp, "pp": pp,
                                             "tokens": TOKENS.tolist()})
@@ -67,6 +71,7 @@ def runs(tmp_path_factory):
     for name in cases:  # the rank holding the output: losses and logits live on the last pipeline stage
         results = [r[name] for r in per_rank if r[name].get("train") or r[name].get("logits")]
         out[name] = results[-1] if results else per_rank[0][name]
+    out["disk-full/ranks"] = [r["disk-full"] for r in per_rank]
     return tmp, out
 
 
@@ -121,6 +126,19 @@ def test_load_hf_trains_as_load_of_its_converted_checkpoint_with_finetune(runs, 
 def test_a_checkpoint_with_its_hf_folder_resumes_exactly(runs):
     _, out = runs
     assert out["tp2/resume"]["train"] == out["tp2"]["train"][2:]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_failed_hf_write_stops_every_rank_and_leaves_an_incomplete_save(runs):
+    tmp, out = runs
+    hf = tmp / "full" / "iter_0000002" / "hf"
+    errors = [r["error"] for r in out["disk-full/ranks"]]
+    assert errors[0] == errors[1] and errors[0].startswith(f"no space left on device while writing {hf}"), errors
+    # the next run on that --save removed the save that never got its manifest, and saved its own
+    assert (tmp / "full" / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert sorted(p.name for p in (tmp / "full").iterdir() if p.name.startswith("iter_")) == ["iter_0000001"]
+    assert not [p for p in (tmp / "full").rglob(".*tmp-*")]
 
 
 def _error_line(capsys) -> str:

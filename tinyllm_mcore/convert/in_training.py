@@ -92,24 +92,35 @@ def save_hf_folder(ctx, path: Path) -> Path:
     from megatron.core.dist_checkpointing.mapping import is_main_replica
 
     t0 = time.perf_counter()
-    # only main replicas travel: DP copies (and the distributed optimizer's) hold the same values
+    # only main replicas travel (DP copies hold the same values), one rank's at a time: rank 0 never holds more than
+    # the whole model and one rank's shards (gather_object would pad every rank's message to the largest one)
     pieces = [(name, index, shard.data.detach().cpu()) for name, index, shard in _model_shards(ctx.chunks)
               if is_main_replica(shard.replica_id)]
-    rank0 = dist.get_rank() == 0
-    gathered = [None] * dist.get_world_size() if rank0 else None
-    dist.gather_object(pieces, gathered, dst=0)
-    del pieces
     target = Path(path) / HF_SUBDIR
-
-    def write() -> Path:
-        preset, padded = ctx.preset, _padded_vocab(ctx)
+    preset, padded = ctx.preset, _padded_vocab(ctx)
+    whole, covered, problem = {}, Counter(), None
+    if dist.get_rank() == 0:
         # fp32, the converter's default export: a bf16 model's weights widen exactly, as when it loads the checkpoint
         whole = {name: torch.empty(shape) for name, shape in megatron_shapes(preset, padded).items()}
-        covered = Counter()
-        for rank_pieces in gathered:
-            for name, index, data in rank_pieces:
-                whole[name][index] = data
-                covered[name] += data.numel()
+        for source in range(dist.get_world_size()):
+            if source:
+                box = [None]
+                dist.recv_object_list(box, src=source)
+                pieces = box[0]
+            try:
+                for name, index, data in pieces:
+                    whole[name][index] = data
+                    covered[name] += data.numel()
+            except Exception as e:  # reported by write(), so that every rank hears of it
+                problem = problem or e
+    else:
+        dist.send_object_list([pieces], dst=0)
+    del pieces
+
+    def write() -> Path:
+        if problem is not None:
+            raise MappingError(f"--save-hf: a rank's model shard does not fit the {preset.name} model "
+                               f"({type(problem).__name__}: {problem})")
         short = [name for name, t in whole.items() if covered[name] != t.numel()]
         if short:
             raise MappingError(f"--save-hf: the ranks' shards cover {covered[short[0]]} of {whole[short[0]].numel()} "
@@ -160,7 +171,10 @@ def open_hf_start(ctx) -> HFStart:
         raise FileNotFoundError(f"--load-hf {path}: no such directory")
     if not args.no_verify_checkpoint:
         rt.on_rank0_then_share(lambda: _verify_folder(path, args.require_manifest))
-    source = HFSource.open(path, safetensors_only=True)
+    try:
+        source = HFSource.open(path, safetensors_only=True)
+    except (ValueError, FileNotFoundError) as e:  # one line that names the folder and the flag
+        raise type(e)(str(e) if str(path) in str(e) else f"--load-hf {path}: {e}") from None
     ckpt.check_same_model(path, source.preset, ctx.preset, HF_START_FIELDS)
     where, identity = (None, None)
     if ctx.tokenizer_identity is not None and not args.allow_tokenizer_change:
