@@ -5,10 +5,16 @@ from tinyllm_mcore.training.batches import load_tokenizer
 from tinyllm_mcore.training.loop import parse_args, train
 
 
-def pretrain_run(argv: list[str]) -> dict:
-    """{"train": the lm loss of every iteration}."""
+def pretrain_run(argv: list[str], expect_error: bool = False) -> dict:
+    """{"train": the lm loss of every iteration}; a run expected to be refused returns {"error": this rank's one
+    line}."""
     args = parse_args(STAGE, argv)
-    out = train(STAGE, args, load_tokenizer(args))
+    try:
+        out = train(STAGE, args, load_tokenizer(args))
+    except ValueError as e:
+        if not expect_error:
+            raise
+        return {"error": str(e)}
     return {"train": [r["lm loss"] for r in out["history"] if r["split"] == "train"]}
 
 
@@ -25,9 +31,6 @@ def pretrain_run_hf_disk_full(argv: list[str]) -> dict:
 
     original, in_training.write_hf_export = in_training.write_hf_export, disk_full
     try:
-        pretrain_run(argv)
-    except ValueError as e:
-        return {"error": str(e)}
+        return pretrain_run(argv, expect_error=True)
     finally:
         in_training.write_hf_export = original
-    return {"error": None}

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.harness.text_data import tiny_tokenizer_dir, write_text_jsonl
+from tinyllm_mcore.checkpoint.safety import write_manifest
 from tinyllm_mcore.convert import convert_hf_to_mcore, convert_mcore_to_hf
 
 FLAGS = ["--model-size", "tiny", "--mock-data", "--seq-length", "32", "--global-batch-size", "4", "--lr", "1e-3",
@@ -48,6 +49,12 @@ def runs(tmp_path_factory):
                                                            "--save-hf")}}, timeout=600)[0]
     converted = tmp / "tp1_converted"  # the converter's checkpoint of the TP1 run's HF folder
     convert_hf_to_mcore(hf_of(tmp / "tp1"), converted, log=quiet)
+    nan_head = tmp / "nan_head"  # a folder whose lm_head (read by the last pipeline stage only) holds a NaN
+    shutil.copytree(hf_of(tmp / "tp1"), nan_head)
+    tensors = load_file(nan_head / "model.safetensors")
+    tensors["lm_head.weight"][3, 5] = float("nan")
+    save_file(tensors, nan_head / "model.safetensors", metadata={"format": "pt"})
+    write_manifest(nan_head)
     cases = {
         # saves at iterations 2 and 3, each with its hf/
         "tp2": {"argv": flags("tp2", "--train-iters", 3, "--save", tmp / "tp2", "--save-interval", 2, "--save-hf")},
@@ -61,6 +68,7 @@ def runs(tmp_path_factory):
     cases["disk-full"] = ("tests.convert.hf_training_worker:pretrain_run_hf_disk_full", {
         "argv": flags("tp2", "--train-iters", 2, "--save", tmp / "full", "--save-hf")})
     cases["after-disk-full"] = {"argv": flags("tp2", "--train-iters", 1, "--save", tmp / "full")}
+    cases["nan-head@pp2"] = {"argv": flags("pp2", "--train-iters", 1, "--load-hf", nan_head), "expect_error": True}
     for name, tp, pp in (("tp1", 2, 1), ("tp2", 2, 1), ("pp2", 1, 2)):
         cases[f"logits/{name}"] = (parity, {"ckpt": str(tmp / name / "iter_0000002"), "tp": tp, "pp": pp,
                                             "tokens": TOKENS.tolist()})
@@ -72,6 +80,7 @@ def runs(tmp_path_factory):
         results = [r[name] for r in per_rank if r[name].get("train") or r[name].get("logits")]
         out[name] = results[-1] if results else per_rank[0][name]
     out["disk-full/ranks"] = [r["disk-full"] for r in per_rank]
+    out["nan-head/ranks"] = [r["nan-head@pp2"] for r in per_rank]
     return tmp, out
 
 
@@ -141,6 +150,14 @@ def test_a_failed_hf_write_stops_every_rank_and_leaves_an_incomplete_save(runs):
     assert not [p for p in (tmp / "full").rglob(".*tmp-*")]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_what_one_pipeline_stage_finds_wrong_stops_every_rank(runs):
+    _, out = runs
+    errors = [r["error"] for r in out["nan-head/ranks"]]
+    assert errors[0] == errors[1] and "lm_head.weight" in errors[0] and "non-finite" in errors[0], errors
+
+
 def _error_line(capsys) -> str:
     err = [line for line in capsys.readouterr().err.strip().splitlines() if line]
     assert len(err) == 1 and err[0].startswith("error: "), err
@@ -169,7 +186,6 @@ def test_a_damaged_hf_file_is_caught_by_the_checksums(runs, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- bad inputs
 def _hf_folder(path: Path, tokenizer_dir: Path | None, **config_changes) -> Path:
     """An HF folder of the tiny preset (vocab 1000) as our export lays it out, with random weights."""
-    from tinyllm_mcore.checkpoint.safety import write_manifest
     from tinyllm_mcore.convert.hf_config import hf_config
     from tinyllm_mcore.convert.mapping import hf_shapes
     from tinyllm_mcore.model.presets import get_preset

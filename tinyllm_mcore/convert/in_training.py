@@ -189,18 +189,29 @@ def open_hf_start(ctx) -> HFStart:
 
 def load_hf_start(start: HFStart, ctx, optimizer) -> None:
     """Every rank copies its slices of the folder's tensors (through the mapping table, padded for this run's TP)
-    into its model chunks; the optimizer's own fp32 copies are refreshed from them, as after a --finetune load."""
+    into its model chunks; the optimizer's own fp32 copies are refreshed from them, as after a --finetune load.
+    Pipeline stages read different tensors, so what one finds wrong (a shape, NaN) is agreed on: every rank raises
+    the same line."""
     targets: dict[str, list] = {}
     for name, index, shard in _model_shards(ctx.chunks):
         targets.setdefault(name, []).append((index, shard.data))
-    with torch.no_grad():
-        for name, tensor, _ in start.source.megatron_tensors(_padded_vocab(ctx), names=set(targets)):
-            for index, data in targets.pop(name):
-                data.copy_(tensor[index])  # the parameter itself, or a view of it
-    # the reward model's head is not in an LM's folder: it stays as built (reward --init-from does the same)
-    missing = [n for n in targets if not (ctx.model_head == "reward" and n.startswith("reward_head."))]
-    if missing:
-        raise MappingError(f"--load-hf {start.source.path} has nothing for {missing[0]} of this model")
+    problem = None
+    try:
+        with torch.no_grad():
+            for name, tensor, _ in start.source.megatron_tensors(_padded_vocab(ctx), names=set(targets)):
+                for index, data in targets.pop(name):
+                    data.copy_(tensor[index])  # the parameter itself, or a view of it
+        # the reward model's head is not in an LM's folder: it stays as built (reward --init-from does the same)
+        missing = [n for n in targets if not (ctx.model_head == "reward" and n.startswith("reward_head."))]
+        if missing:
+            raise MappingError(f"--load-hf {start.source.path} has nothing for {missing[0]} of this model")
+    except (ValueError, FileNotFoundError) as e:
+        problem = str(e)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, problem)
+    problem = next((p for p in everyone if p), None)
+    if problem:
+        raise MappingError(problem)
     optimizer.reload_model_params()
     rt.print_rank0(f"loaded --load-hf {start.source.path} ({start.source.facts.model_type}, "
                    f"{start.source.preset.name}) at iteration 0: fresh optimizer and LR schedule")
