@@ -1,7 +1,8 @@
 # Shared by the Slurm examples (sourced, not run). Every setting is an environment variable with a default, so
 #   TP=2 PP=2 NNODES=4 sbatch --nodes=4 examples/pretrain_92m_multinode.sh
 # overrides anything; MODEL_SIZE (default 92m) picks the preset and EXTRA_ARGS="--flag value ..." adds flags to every
-# stage (last, so they override). DRY_RUN=1 prints the exact commands instead of running them (works outside Slurm too).
+# stage (last, so they override; e.g. "--save-hf", or "--load-hf DIR" to start from an HF folder, see load_args).
+# DRY_RUN=1 prints the exact commands instead of running them (works outside Slurm too).
 #
 # Paths shared by all stages (pretrain's save = SFT's load, SFT's save = DPO's load, DPO's save = convert's load):
 #   WORK_DIR/data         indexed datasets          (examples/preprocess_corpus.sh writes them)
@@ -116,8 +117,21 @@ single() {
 }
 
 # load_args SAVE FALLBACK...: sets LOAD_ARGS to "--load SAVE" when SAVE already holds a checkpoint (resume after a
-# requeue or time limit), else to FALLBACK (e.g. --load PREVIOUS_STAGE --finetune).
+# requeue or time limit), else to FALLBACK (e.g. --load PREVIOUS_STAGE --finetune). A `--load-hf DIR` in EXTRA_ARGS
+# is the start instead of FALLBACK, and gives way to the resume (the stages refuse --load-hf with --load): it is taken
+# out of EXTRA either way.
 load_args() {
   local save=$1; shift
-  if [ -f "$save/latest_checkpointed_iteration.txt" ]; then LOAD_ARGS=(--load "$save"); else LOAD_ARGS=("$@"); fi
+  local i hf=() rest=()
+  for ((i = 0; i < ${#EXTRA[@]}; i++)); do
+    case "${EXTRA[i]}" in
+      --load-hf) hf=(--load-hf "${EXTRA[i + 1]:-}"); i=$((i + 1)) ;;
+      --load-hf=*) hf=(--load-hf "${EXTRA[i]#--load-hf=}") ;;
+      *) rest+=("${EXTRA[i]}") ;;
+    esac
+  done
+  EXTRA=(${rest[@]+"${rest[@]}"})
+  if [ -f "$save/latest_checkpointed_iteration.txt" ]; then LOAD_ARGS=(--load "$save")
+  elif [ ${#hf[@]} -gt 0 ]; then LOAD_ARGS=("${hf[@]}")
+  else LOAD_ARGS=("$@"); fi
 }

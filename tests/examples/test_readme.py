@@ -45,7 +45,7 @@ TINY_SIZES = {
 ADDED_SIZES = {"--max-new-tokens": "8"}
 MAX_PROCESSES = 2
 # Flags whose values a command reads (so it must wait for the command that writes them).
-INPUT_FLAGS = ("--load", "--hf", "--tokenizer-model", "--input", "--sft-data", "--preference-data",
+INPUT_FLAGS = ("--load", "--load-hf", "--hf", "--tokenizer-model", "--input", "--sft-data", "--preference-data",
                "--benchmark-dir", "--data-path")
 SCRIPT_DIRS = ("tools/", "checkpoint_convert/", "examples/")
 RUN_ELSEWHERE = {"tinyllm_mcore.quickstart": "tests/quickstart/test_quickstart_e2e.py", "pytest": "this suite"}

@@ -261,6 +261,26 @@ def test_model_size_extra_args_and_cpu_shape(slurm):
     assert cmd[-2:] == ["--dtype", "fp32"]
 
 
+def test_hf_flags_through_extra_args(slurm):
+    """--save-hf passes through; --load-hf DIR replaces the stage's fallback start (SFT's and DPO's --load X
+    --finetune) and gives way to a resume from the stage's own save."""
+    env, _ = slurm
+    work = Path(env["WORK_DIR"])
+    stages = (("pretrain_92m_multinode", "tinyllm_mcore.stages.pretrain", 2, "pretrain"),
+              ("sft_92m", "tinyllm_mcore.stages.sft", 1, "sft"), ("dpo_92m", "tinyllm_mcore.stages.dpo", 1, "dpo"))
+    for extra in ("--save-hf --load-hf /models/hf --seed 7", "--save-hf --load-hf=/models/hf --seed 7"):
+        for name, module, nodes, _ in stages:
+            args, _, _ = check_training_launch(run_script(name, env, EXTRA_ARGS=extra)[0], module, nodes=nodes)
+            assert (args.load_hf, args.load, args.finetune, args.save_hf, args.seed) == (
+                "/models/hf", None, False, True, 7), name
+    for name, module, nodes, stage in stages:
+        (work / "checkpoints" / stage).mkdir(parents=True)
+        (work / "checkpoints" / stage / "latest_checkpointed_iteration.txt").write_text("100")
+        args, _, _ = check_training_launch(run_script(name, env, EXTRA_ARGS="--load-hf /models/hf --save-hf")[0],
+                                           module, nodes=nodes)
+        assert (args.load, args.load_hf, args.save_hf) == (args.save, None, True), name
+
+
 def test_outside_slurm_the_training_scripts_run_torchrun(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = subprocess.run(["bash", str(EXAMPLES / "sft_92m.sh")], capture_output=True, text=True, cwd=tmp_path,

@@ -149,6 +149,7 @@ def test_dpo_bad_input(tmp_path, capsys):
     try:
         assert run_stage(stage, data.common_flags(tmp_path, "--train-iters", "1", "--micro-batch-size", "1")) == 2
         assert capsys.readouterr().err.strip().splitlines() == [
-            "error: DPO needs a starting checkpoint: --load SFT_CKPT --finetune (and/or --ref-load)"]
+            "error: DPO needs a starting checkpoint: --load SFT_CKPT --finetune or --load-hf HF_DIR (and/or "
+            "--ref-load)"]
     finally:
         rt.destroy()

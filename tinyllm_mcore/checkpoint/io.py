@@ -21,6 +21,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from tinyllm_mcore.checkpoint import safety as safety
 from tinyllm_mcore.checkpoint.metadata import KEY as METADATA_KEY
 from tinyllm_mcore.checkpoint.metadata import CheckpointMetadata
 from tinyllm_mcore.checkpoint.safety import TRACKER
+from tinyllm_mcore.model.presets import PRESETS
 
 
 def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
@@ -167,9 +169,13 @@ def _state_dict(models, optimizer, scheduler, *, iteration: int, consumed_sample
 
 def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler, *, consumed_samples: int,
                     metadata: CheckpointMetadata | None = None, dist_ckpt_optim_fully_reshardable: bool = False,
-                    distrib_optim_fully_reshardable_mem_efficient: bool = False) -> Path:
+                    distrib_optim_fully_reshardable_mem_efficient: bool = False,
+                    export: Callable[[Path], object] | None = None) -> Path:
     """Save and publish iteration `iteration` into `save_dir` (every rank calls it); `metadata`: the run's record
-    (RunContext.checkpoint_metadata); the two flags choose a distributed optimizer's format (checkpoint/formats.py)."""
+    (RunContext.checkpoint_metadata); the two flags choose a distributed optimizer's format (checkpoint/formats.py).
+    `export(path)` runs on every rank once the dist checkpoint is written, before the manifest: what it writes into
+    the iteration folder (--save-hf's hf/) is part of the checkpoint, covered by its manifest and published with it
+    (if it fails, the save is incomplete: the pointer stays, the folder goes at the next start)."""
     from megatron.core import dist_checkpointing
 
     compat.write_checkpoints_in_process()  # megatron's writer would fork per save (runtime/compat.py)
@@ -189,6 +195,8 @@ def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler,
     state.update(compat.checkpoint_stamp())
     dist_checkpointing.save(state, str(path), content_metadata=optimizer_metadata)
     dist.barrier()
+    if export is not None:
+        export(path)
     if rank0:  # publish only a complete checkpoint
         _complete(path)
         publish_checkpoint(save_dir, iteration)
@@ -237,19 +245,28 @@ def check_tokenizer(saved: SavedCheckpoint, vocab_size: int | None, identity: st
                               "vocabulary")
 
 
+# What decides tensor shapes: routing choices (top-k) may change between stages on the same weights.
+SHAPE_FIELDS = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "num_query_groups",
+                "num_experts", "moe_shared_expert_ffn_hidden_size")
+
+
+def check_same_model(path: Path, saved_preset, preset, fields: tuple[str, ...] = SHAPE_FIELDS) -> None:
+    """`saved_preset` (of the weights at `path`) agrees with this run's `preset` in `fields`, or one line names
+    the first differences and the --model-size to pass."""
+    differs = [k for k in fields if getattr(saved_preset, k) != getattr(preset, k)]
+    if differs:
+        shown = ", ".join(f"{k} {getattr(saved_preset, k)} vs {getattr(preset, k)}" for k in differs[:3])
+        hint = (f"pass --model-size {saved_preset.name}" if saved_preset.name in PRESETS
+                else "no --model-size preset describes it")
+        raise CheckpointError(f"{path} is a {saved_preset.name} model and this run builds {preset.name} ({shown}): "
+                              f"{hint}")
+
+
 def check_matches_run(saved: SavedCheckpoint, preset, tokenizer_identity: str | None,
                       allow_tokenizer_change: bool) -> None:
     """The checkpoint was trained as this run's model with this run's tokenizer, or one line says what differs."""
-    saved_preset = saved.metadata.preset
-    if saved_preset is not None:
-        # only what decides tensor shapes: routing choices (top-k) may change between stages on the same weights
-        shape_fields = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "num_query_groups",
-                        "num_experts", "moe_shared_expert_ffn_hidden_size")
-        differs = [k for k in shape_fields if getattr(saved_preset, k) != getattr(preset, k)]
-        if differs:
-            shown = ", ".join(f"{k} {getattr(saved_preset, k)} vs {getattr(preset, k)}" for k in differs[:3])
-            raise CheckpointError(f"{saved.path} is a {saved_preset.name} model and this run builds "
-                                  f"{preset.name} ({shown}): pass --model-size {saved_preset.name}")
+    if saved.metadata.preset is not None:
+        check_same_model(saved.path, saved.metadata.preset, preset)
     check_tokenizer(saved, preset.vocab_size, tokenizer_identity, allow_change=allow_tokenizer_change,
                     allow_vocab_change=True)
 

@@ -44,7 +44,8 @@ def _crc32(path: Path) -> str:
 
 
 def write_manifest(checkpoint_dir: Path) -> None:
-    files = sorted(p for p in checkpoint_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    # every file but this manifest (a folder inside, such as --save-hf's hf/, may have its own, which is listed)
+    files = sorted(p for p in checkpoint_dir.rglob("*") if p.is_file() and p != checkpoint_dir / MANIFEST)
     manifest = {"format": 1, "files": {str(p.relative_to(checkpoint_dir)): {"size": p.stat().st_size,
                                                                           "crc32": _crc32(p)} for p in files}}
     atomic_write_text(checkpoint_dir / MANIFEST, json.dumps(manifest, indent=1))

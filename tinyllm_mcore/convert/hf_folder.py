@@ -1,4 +1,6 @@
-"""Writing a Hugging Face model directory: weights (safetensors), config.json, generation_config.json, tokenizer.
+"""Writing a Hugging Face model directory: weights (safetensors), config.json, generation_config.json, tokenizer,
+and last ``manifest.json``: each file's size and CRC-32, as a checkpoint's (checkpoint/safety.py), so a damaged
+export is caught before use (--load-hf verifies it; transformers ignores the file).
 
 The directory loads with plain ``AutoModelForCausalLM`` / ``AutoTokenizer`` (no trust_remote_code). The caller
 writes into a staged directory (output.staged_output_dir), so the folder appears only when complete.
@@ -11,6 +13,7 @@ from typing import Iterable
 
 from torch import Tensor
 
+from tinyllm_mcore.checkpoint.safety import write_manifest
 from tinyllm_mcore.runtime.files import publish
 from tinyllm_mcore.tokenizer.hf_folder import write_json, write_tokenizer_folder
 
@@ -62,11 +65,13 @@ def write_safetensors(tensors: Iterable[tuple[str, Tensor]], out_dir: str | os.P
 def write_hf_folder(out_dir: Path, tensors: Iterable[tuple[str, Tensor]], config: dict, generation: dict, *,
                     tokenizer=None, prompt_prefix: bool = True, max_shard_bytes: int = 2 * 1024**3) -> list[Path]:
     """Weights (streamed), config.json, generation_config.json and, given a tokenizer, its files (through the one
-    tokenizer-folder writer, tokenizer_files) into ``out_dir``; returns the files written."""
+    tokenizer-folder writer, tokenizer_files) into ``out_dir``, then the manifest of them; returns the files
+    written."""
     write_safetensors(tensors, out_dir, max_shard_bytes=max_shard_bytes)
     write_json(out_dir / "config.json", config)
     write_json(out_dir / "generation_config.json", generation)
     if tokenizer is not None:
         write_tokenizer_folder(tokenizer, out_dir, model_max_length=config["max_position_embeddings"],
                                prompt_prefix=prompt_prefix)
+    write_manifest(out_dir)
     return sorted(p for p in out_dir.iterdir() if p.is_file())

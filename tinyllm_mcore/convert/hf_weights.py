@@ -15,15 +15,23 @@ class HFWeights:
     """Lazy, safe access to an HF model directory's tensors: safetensors (memory-mapped, one tensor at a time) or
     ``pytorch_model.bin`` via ``torch.load(weights_only=True)`` (memory-mapped for the zip format; the legacy
     pre-1.6 format cannot be mapped and is read whole). Nothing in the directory is executed. A file that cannot be
-    read raises ValueError naming it."""
+    read raises ValueError naming it. ``safetensors_only``: a directory with only ``pytorch_model.bin`` weights (a
+    pickle, even if read weights-only) is refused."""
 
-    def __init__(self, model_dir: str | os.PathLike):
+    def __init__(self, model_dir: str | os.PathLike, *, safetensors_only: bool = False):
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
             raise FileNotFoundError(f"HF model directory does not exist: {self.dir}")
         self._where: dict[str, object] = {}
-        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        formats = (("model.safetensors.index.json", "model.safetensors"),
+                   ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+        if safetensors_only:
+            if not any((self.dir / name).is_file() for name in formats[0]):
+                raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {self.dir}: only "
+                                        "safetensors weights are read here (convert pytorch_model.bin with "
+                                        "tinyllm-hf-to-mcore, which reads it weights-only)")
+            formats = formats[:1]
+        for index_name, single in formats:
             index = self.dir / index_name
             if index.is_file():
                 files = sorted(set(_read_weight_map(index).values()))
@@ -36,6 +44,8 @@ class HFWeights:
         self.files = files
         for name in files:
             path = self.dir / name
+            if safetensors_only and not name.endswith(".safetensors"):
+                raise ValueError(f"{self.dir / formats[0][0]} lists {name}: only safetensors weights are read here")
             if not path.is_file():
                 raise FileNotFoundError(f"weight file listed in the index is missing: {path}")
             if name.endswith(".safetensors"):

@@ -265,22 +265,45 @@ def local_name(name: str) -> str:
     return name
 
 
+_LAYERS, _EXPERTS = "decoder.layers.", "mlp.experts.local_experts."
+_STACKED_EXPERTS = "decoder.layers.mlp.experts.experts."
+
+
+def dist_checkpoint_key(name: str) -> tuple[str, tuple[int, ...]]:
+    """A whole-model state-dict name (local spec) -> its dist-checkpoint key (layers stacked, TE names) and its index
+    along the stacked axes: () outside the layers, (layer,) in a layer, (layer, expert) for a MoE expert's linear."""
+    if not name.startswith(_LAYERS):
+        return name, ()
+    layer, layer_local = name[len(_LAYERS):].split(".", 1)
+    if layer_local.startswith(_EXPERTS):
+        expert, linear = layer_local[len(_EXPERTS):].split(".", 1)
+        return _STACKED_EXPERTS + linear, (int(layer), int(expert))
+    return _LAYERS + te_name(layer_local), (int(layer),)
+
+
+def whole_model_name(key: str, index: tuple[int, ...]) -> str:
+    """The inverse of dist_checkpoint_key: a dist-checkpoint key (either layer spec's names) and its index along the
+    stacked axes (a ShardedTensor's first ``prepend_axis_num`` offsets: global layer, expert) -> the whole model's
+    local-spec state-dict name."""
+    if key.startswith(_STACKED_EXPERTS) and len(index) == 2:
+        return f"{_LAYERS}{index[0]}.{_EXPERTS}{index[1]}.{key[len(_STACKED_EXPERTS):]}"
+    if key.startswith(_LAYERS) and len(index) == 1:
+        return local_name(f"{_LAYERS}{index[0]}.{key[len(_LAYERS):]}")
+    if index:
+        raise MappingError(f"dist-checkpoint key {key} with {len(index)} stacked axes is not part of this model")
+    return key
+
+
 def dist_checkpoint_shapes(preset: ModelPreset, tensor_model_parallel_size: int = 1,
                            make_vocab_size_divisible_by: int = 128) -> dict[str, Shape]:
     """Dist-checkpoint key -> global shape, as GPTModel.sharded_state_dict() writes them (layers stacked, TE names;
     MoE experts stacked too: ``decoder.layers.mlp.experts.experts.<linear>`` [L, E, ...])."""
     padded = padded_vocab_size(preset.vocab_size, tensor_model_parallel_size, make_vocab_size_divisible_by)
+    stacked = {1: (preset.num_layers,), 2: (preset.num_layers, preset.num_experts)}
     out = {}
     for name, shape in megatron_shapes(preset, padded).items():
-        if not name.startswith("decoder.layers."):
-            out[name] = shape
-            continue
-        layer_local = name.split(".", 3)[3]
-        if layer_local.startswith("mlp.experts.local_experts."):
-            linear = layer_local.split(".", 4)[4]
-            out[f"decoder.layers.mlp.experts.experts.{linear}"] = (preset.num_layers, preset.num_experts, *shape)
-        else:
-            out[f"decoder.layers.{te_name(layer_local)}"] = (preset.num_layers, *shape)
+        key, index = dist_checkpoint_key(name)
+        out[key] = (*stacked.get(len(index), ()), *shape)
     return out
 
 

@@ -104,22 +104,36 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
         state = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
         del model
 
+    with staged_output_dir(out, replaceable=lambda d: (d / "config.json").is_file()) as staged:
+        written = write_hf_export(staged, preset, padded, state.__getitem__, source=str(path), tokenizer=tokenizer,
+                                  dtype=dtype, hf_arch=hf_arch, prompt_prefix=prompt_prefix,
+                                  max_shard_bytes=max_shard_bytes, log=log, allow_non_finite=allow_non_finite)
+    if tokenizer is None:
+        log("warning: no tokenizer given (--tokenizer-model) or recorded in the checkpoint: wrote no tokenizer files")
+    log(f"[mcore_to_hf] wrote {', '.join(p.name for p in written)} to {out} in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def write_hf_export(out_dir: Path, preset, padded: int, read_mc, *, source: str, tokenizer=None, dtype: str = "fp32",
+                    hf_arch: str | None = None, prompt_prefix: bool = True, max_shard_bytes: int = 2 * 1024**3,
+                    log=print, allow_non_finite: bool = False) -> list[Path]:
+    """The HF folder of one whole model into the (staged, empty) directory ``out_dir``: what the export writes,
+    whoever holds the tensors (this converter, or a training run's --save-hf). ``read_mc(name)`` gives the global
+    tensor of a local-spec state-dict name with its ``padded`` vocab rows; ``source`` names where they come from in
+    messages. Returns the files written (hf_folder.write_hf_folder, its manifest last)."""
+    hf_arch = hf_arch or default_hf_arch(preset)
+
     def tensors():
         table = mapping_table(preset, padded, o_proj_bias=hf_arch == "llama")
-        for name, tensor, source in megatron_to_hf(table, state.__getitem__, dtype=DTYPES[dtype]):
+        for name, tensor, origin in megatron_to_hf(table, read_mc, dtype=DTYPES[dtype]):
             if not allow_non_finite:
-                check_finite(name, tensor, f"from {source} of {path}, as {dtype}")
-            log(f"  {source} -> {name} {tuple(tensor.shape)}")
+                check_finite(name, tensor, f"from {origin} of {source}, as {dtype}")
+            log(f"  {origin} -> {name} {tuple(tensor.shape)}")
             yield name, tensor
 
     ids = dict(bos_token_id=tokenizer.bos if tokenizer else 1, eos_token_id=tokenizer.eos if tokenizer else 2,
                pad_token_id=tokenizer.pad if tokenizer else 0)
     torch_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
-    with staged_output_dir(out, replaceable=lambda d: (d / "config.json").is_file()) as staged:
-        written = write_hf_folder(staged, tensors(), hf_config(preset, hf_arch, torch_dtype=torch_dtype, **ids),
-                                  generation_config(**ids), tokenizer=tokenizer, prompt_prefix=prompt_prefix,
-                                  max_shard_bytes=max_shard_bytes)
-    if tokenizer is None:
-        log("warning: no tokenizer given (--tokenizer-model) or recorded in the checkpoint: wrote no tokenizer files")
-    log(f"[mcore_to_hf] wrote {', '.join(p.name for p in written)} to {out} in {time.perf_counter() - t0:.1f} s")
-    return out
+    return write_hf_folder(out_dir, tensors(), hf_config(preset, hf_arch, torch_dtype=torch_dtype, **ids),
+                           generation_config(**ids), tokenizer=tokenizer, prompt_prefix=prompt_prefix,
+                           max_shard_bytes=max_shard_bytes)

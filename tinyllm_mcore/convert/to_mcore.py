@@ -13,16 +13,18 @@ import contextlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from tinyllm_mcore.convert.hf_config import preset_from_hf_config, read_hf_config
+from tinyllm_mcore.convert.hf_config import HFFacts, preset_from_hf_config, read_hf_config
 from tinyllm_mcore.convert.hf_weights import HFWeights
 from tinyllm_mcore.convert.mapping import HFOnly, MappingError, check_finite, hf_to_megatron, mapping_table
 from tinyllm_mcore.convert.mcore_model import single_process_megatron, whole_model
 from tinyllm_mcore.convert.output import staged_output_dir
-from tinyllm_mcore.model.presets import padded_vocab_size
+from tinyllm_mcore.model.presets import ModelPreset, padded_vocab_size
 
 # Buffers some HF checkpoints carry that are recomputed from the config.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -45,6 +47,43 @@ def _check_tensor_names(table, names: set[str], facts, hf_dir: Path) -> None:
         raise MappingError(f"{len(missing)} tensors are missing from {hf_dir}, e.g. {missing[:3]}")
 
 
+@dataclass(frozen=True)
+class HFSource:
+    """An HF model directory opened for import: its config read as JSON, the preset it describes, its tensor names
+    checked against the mapping table. Nothing in the directory is executed (hf_weights.py)."""
+    path: Path
+    preset: ModelPreset
+    facts: HFFacts
+    weights: HFWeights
+
+    @classmethod
+    def open(cls, hf_dir: str | os.PathLike, *, safetensors_only: bool = False) -> "HFSource":
+        """Raises MappingError / ValueError / FileNotFoundError with one line naming what does not fit."""
+        path = Path(hf_dir)
+        preset, facts = preset_from_hf_config(read_hf_config(path))
+        weights = HFWeights(path, safetensors_only=safetensors_only)
+        _check_tensor_names(_table(preset, preset.vocab_size, facts), set(weights.names()), facts, path)
+        return cls(path=path, preset=preset, facts=facts, weights=weights)
+
+    def megatron_tensors(self, padded_vocab: int, *, names: set[str] | None = None,
+                         allow_non_finite: bool = False) -> Iterator[tuple[str, torch.Tensor, list[str]]]:
+        """(whole-model local-spec name, global tensor with ``padded_vocab`` rows, HF names it is made of), one tensor
+        at a time, through the mapping table; only those in ``names`` when given (every HF-only tensor is still
+        checked). NaN/inf tensors are refused unless ``allow_non_finite``."""
+        def read_hf(name: str):
+            t = self.weights.get(name)
+            return t if t is None or allow_non_finite else check_finite(name, t, str(self.path))
+
+        table = _table(self.preset, padded_vocab, self.facts)
+        if names is not None:
+            table = [e for e in table if e.megatron is None or e.megatron in names]
+        return hf_to_megatron(table, read_hf)
+
+
+def _table(preset: ModelPreset, padded_vocab: int, facts: HFFacts):
+    return mapping_table(preset, padded_vocab, tied=facts.tied, o_proj_bias=True)
+
+
 def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, tensor_model_parallel_size: int = 1,
                         pipeline_model_parallel_size: int = 1, make_vocab_size_divisible_by: int = 128,
                         log=print, allow_non_finite: bool = False) -> Path:
@@ -59,15 +98,12 @@ def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, tensor
 
     t0 = time.perf_counter()
     hf_dir = Path(load)
-    config = read_hf_config(hf_dir)
-    preset, facts = preset_from_hf_config(config)
+    preset, facts = preset_from_hf_config(read_hf_config(hf_dir))
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     check_parallel_layout(tp * pp, tp, pp, preset.num_attention_heads, preset.num_layers,
                           num_query_groups=preset.num_query_groups)
-    weights = HFWeights(hf_dir)
+    source = HFSource.open(hf_dir)
     padded = padded_vocab_size(preset.vocab_size, tp, make_vocab_size_divisible_by)
-    table = mapping_table(preset, padded, tied=facts.tied, o_proj_bias=True)
-    _check_tensor_names(table, set(weights.names()), facts, hf_dir)
 
     save_root = Path(save)
     if save_root.exists() and not save_root.is_dir():
@@ -80,15 +116,11 @@ def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, tensor
         f"heads={preset.num_attention_heads}/{preset.kv_heads} ffn={preset.ffn_hidden_size} vocab={preset.vocab_size}"
         f" -> {padded} padded for TP{tp}) -> {path} for TP{tp} PP{pp}")
 
-    def read_hf(name: str):
-        t = weights.get(name)
-        return t if t is None or allow_non_finite else check_finite(name, t, str(hf_dir))
-
     with single_process_megatron(), staged_output_dir(save_root if new_root else path) as staged:
         model = whole_model(preset, padded)
         params = model.state_dict(keep_vars=True)
         with torch.no_grad():
-            for name, tensor, sources in hf_to_megatron(table, read_hf):
+            for name, tensor, sources in source.megatron_tensors(padded, allow_non_finite=allow_non_finite):
                 params[name].copy_(tensor)
                 log(f"  {' + '.join(sources)} -> {name} {tuple(tensor.shape)}")
         metadata = CheckpointMetadata(

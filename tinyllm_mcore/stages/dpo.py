@@ -46,14 +46,15 @@ def add_dpo_args(parser) -> None:
     g.add_argument("--beta", type=float, default=0.1, help="DPO temperature β (the seed's 0.1)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO ε in [0, 0.5)")
     g.add_argument("--ref-load", default=None,
-                   help="reference checkpoint (default: --load, i.e. the policy's starting weights)")
+                   help="reference checkpoint (default: the policy's starting weights, from --load or --load-hf)")
 
 
 def check_dpo_args(args) -> None:
     if not 0 <= args.label_smoothing < 0.5:
         raise ValueError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
-    if not args.load and not args.ref_load:
-        raise ValueError("DPO needs a starting checkpoint: --load SFT_CKPT --finetune (and/or --ref-load)")
+    if not args.load and not args.load_hf and not args.ref_load:
+        raise ValueError("DPO needs a starting checkpoint: --load SFT_CKPT --finetune or --load-hf HF_DIR (and/or "
+                         "--ref-load)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -86,6 +86,12 @@ def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--finetune", action="store_true",
                    help="load model weights only: reset iteration, optimizer, LR schedule and RNG")
+    g.add_argument("--save-hf", action="store_true",
+                   help="with every checkpoint, also write its Hugging Face folder SAVE/iter_N/hf (safetensors fp32, "
+                        "config, tokenizer, chat template: what tinyllm-mcore-to-hf writes), checksummed with it")
+    g.add_argument("--load-hf", default=None, metavar="DIR",
+                   help="start from a Hugging Face folder (safetensors; its model must be --model-size's, its "
+                        "tokenizer this run's) as --load X --finetune does: iteration 0, fresh optimizer")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     add_load_check_flags(g)  # --no-verify-checkpoint, --require-manifest, --allow-tokenizer-change
@@ -151,7 +157,12 @@ def validate(args: argparse.Namespace, *, needs_data_path: bool = True) -> argpa
         raise ValueError("--moe-aux-loss-coeff must be >= 0")
     if args.moe_expert_capacity_factor is not None and args.moe_expert_capacity_factor <= 0:
         raise ValueError("--moe-expert-capacity-factor must be > 0")
-    if args.finetune and not args.load:
+    if args.save_hf and not args.save:
+        raise ValueError("--save-hf needs --save DIR (the HF folder goes into each saved iteration, DIR/iter_N/hf)")
+    if args.load_hf and args.load:
+        raise ValueError("--load-hf and --load are mutually exclusive: --load-hf starts a run from an HF folder, "
+                         "--load resumes (or, with --finetune, starts from) a checkpoint")
+    if args.finetune and not (args.load or args.load_hf):
         raise ValueError("--finetune needs --load CHECKPOINT (it starts from that checkpoint's weights)")
     args.split = normalize_split(args.split)
     return args

@@ -32,6 +32,7 @@ from tinyllm_mcore.model.build import transformer_config
 from tinyllm_mcore.model.presets import ModelPreset, get_preset
 from tinyllm_mcore.runtime import distributed as rt
 from tinyllm_mcore.checkpoint import io as ckpt
+from tinyllm_mcore.convert import in_training as hf_io
 from tinyllm_mcore.training.arguments import build_parser, validate
 from tinyllm_mcore.training.context import BatchPlan, ParallelLayout, RunContext
 from tinyllm_mcore.training.exit_conditions import ExitConditions
@@ -395,6 +396,7 @@ def setup(stage: Stage, args, tokenizer=None, cleanup: contextlib.ExitStack | No
     if stage.check_args is not None:
         stage.check_args(args)
     ctx = run_context(stage, args, tokenizer)
+    hf_io.check_flags(ctx)
     # --load is resolved once, here (fail fast, before building anything), and its common state read once below
     load_path = ckpt.resolve_load_dir(args.load) if args.load else None
 
@@ -410,6 +412,7 @@ def setup(stage: Stage, args, tokenizer=None, cleanup: contextlib.ExitStack | No
         loaded = ckpt.read_checkpoint(load_path, verify=not args.no_verify_checkpoint,
                                       require_manifest=args.require_manifest)
         ckpt.check_matches_run(loaded, ctx.preset, ctx.tokenizer_identity, args.allow_tokenizer_change)
+    hf_start = hf_io.open_hf_start(ctx) if args.load_hf else None  # the same order for an HF folder
     config = build_config(args, ctx.preset)
     ctx.chunks = build_model_chunks(stage, ctx, config)
     optimizer, scheduler = build_optimizer(args, ctx.chunks, config, ctx.batch, stage.default_warmup_fraction)
@@ -425,6 +428,8 @@ def setup(stage: Stage, args, tokenizer=None, cleanup: contextlib.ExitStack | No
                                                    load_optim=not (args.no_load_optim or args.skip_train),
                                                    load_rng=not args.no_load_rng)
         rt.print_rank0(f"loaded {args.load} at iteration {iteration} ({consumed} samples consumed)")
+    if hf_start is not None:
+        hf_io.load_hf_start(hf_start, ctx, optimizer)
     if stage.after_load is not None:
         stage.after_load(ctx)
     return TrainingRun(ctx=ctx, config=config, optimizer=optimizer, scheduler=scheduler, iteration=iteration,
@@ -508,7 +513,8 @@ def _train(stage: Stage, args, tokenizer, exit_conditions: ExitConditions, clean
         path = ckpt.save_checkpoint(
             args.save, at, chunks, optimizer, scheduler, consumed_samples=consumed, metadata=ctx.checkpoint_metadata(),
             dist_ckpt_optim_fully_reshardable=args.dist_ckpt_optim_fully_reshardable,
-            distrib_optim_fully_reshardable_mem_efficient=args.distrib_optim_fully_reshardable_mem_efficient)
+            distrib_optim_fully_reshardable_mem_efficient=args.distrib_optim_fully_reshardable_mem_efficient,
+            export=partial(hf_io.save_hf_folder, ctx) if args.save_hf else None)
         rt.print_rank0(f"saved checkpoint {path}")
 
     if args.skip_train:
