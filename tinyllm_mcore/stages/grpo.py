@@ -95,9 +95,9 @@ def check_grpo_args(args) -> None:
     if args.group_size < 2:
         raise ValueError(f"--group-size {args.group_size}: group-relative advantages need at least 2 responses "
                          "per prompt")
-    if not args.load:
+    if not args.load and not args.load_hf:
         raise ValueError("GRPO starts from a model that already answers in the task's format: --load SFT_CKPT "
-                         "--finetune")
+                         "--finetune (or --load-hf HF_DIR)")
     rows = args.global_batch_size or args.micro_batch_size
     if rows % args.group_size:
         raise ValueError(f"--global-batch-size {rows} counts sequences (prompts x --group-size) and must be a "
