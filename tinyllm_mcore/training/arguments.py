@@ -9,6 +9,7 @@ import argparse
 
 from tinyllm_mcore.checkpoint.io import add_load_check_flags
 from tinyllm_mcore.model.presets import PRESETS
+from tinyllm_mcore.runtime.quiet import add_verbose_flag
 
 
 def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
@@ -117,6 +118,7 @@ def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--skip-train", action="store_true", help="load, evaluate the validation split once, exit")
     g.add_argument("--exit-interval", type=int, default=None, help="stop (after saving) at this iteration")
+    add_verbose_flag(g)
 
     if extra_args is not None:
         extra_args(p)
