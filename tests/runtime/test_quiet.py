@@ -66,7 +66,8 @@ def test_library_warnings_are_held_and_ours_are_not():
     assert lines[:5] == messages(quiet.stderr)
     # what was held, in the order it came, then what comes after
     assert len(lines) == 9, lines
-    assert lines[5].startswith("/site-packages/megatron/core/fake.py:") and "UserWarning: library about itself" in lines[5]
+    assert lines[5].startswith("/site-packages/megatron/core/fake.py:")
+    assert "UserWarning: library about itself" in lines[5]
     assert lines[6] == "library log warning"
     assert lines[7].endswith("torch import-time log")
     assert lines[8] == "library log after --verbose"
