@@ -1,4 +1,4 @@
-"""Experiment tracking (--wandb-*, --mlflow-*, --swanlab-*): real runs, then what each tracker stored, read back offline.
+"""Experiment tracking (--wandb-*, --mlflow-*, --swanlab-*): real runs, then what each tracker stored, read offline.
 
 W&B and SwanLab write their runs as LevelDB-style record logs of protobuf messages (`*.wandb`, `*.swanlab`); the
 records are read here with `read_record_log` and decoded with each package's own message types. MLflow is read with
@@ -17,9 +17,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-pytest.importorskip("wandb")
-pytest.importorskip("mlflow")
-pytest.importorskip("swanlab")
+
+
+@pytest.fixture
+def trackers():
+    """The runs below need all three (the `dev` extra installs them)."""
+    for module in ("wandb", "mlflow", "swanlab"):
+        pytest.importorskip(module)
 
 # Local files only: no key, no mode a developer's shell may have set.
 ENV = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "SWANLAB_", "MLFLOW_"))}
@@ -136,7 +140,7 @@ def tracker_flags(tmp: Path, mlflow_uri: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_every_tracker_stores_the_jsonl_scalars_from_the_logging_rank_only(tmp_path):
+def test_every_tracker_stores_the_jsonl_scalars_from_the_logging_rank_only(tmp_path, trackers):
     """A DP2 pretrain with all three trackers (W&B and SwanLab offline, MLflow in sqlite) and evaluation: each holds
     one run (written by one rank) whose scalars equal the JSONL's, and the run's config; all closed as finished."""
     with socket.socket() as s:
@@ -167,7 +171,7 @@ def test_every_tracker_stores_the_jsonl_scalars_from_the_logging_rank_only(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "mlflow.db", "swanlab", "wandb"]
 
 
-def test_a_failed_run_is_closed_as_failed_with_what_it_logged(tmp_path, monkeypatch):
+def test_a_failed_run_is_closed_as_failed_with_what_it_logged(tmp_path, monkeypatch, trackers):
     """In process: a run that aborts (non-finite losses past --max-skipped-iters) after two logged iterations; each
     tracker (MLflow as a file store here) is closed, marked failed, with the scalars logged until then."""
     from tests.harness.progression_data import progression_datasets
@@ -219,8 +223,9 @@ MISSING = """
 import sys
 from tinyllm_mcore.stages.pretrain import main
 base = ["--model-size", "tiny", "--mock-data", "--train-iters", "1", "--save", sys.argv[1] + "/never"]
-for hidden, flags in [("wandb", ["--wandb-project", "p"]), ("mlflow", ["--mlflow-tracking-uri", "sqlite:///x.db"]),
-                      ("swanlab", ["--swanlab-project", "p"]), ("sqlalchemy", ["--mlflow-tracking-uri", "sqlite:///x.db"])]:
+sqlite = ["--mlflow-tracking-uri", "sqlite:///x.db"]
+for hidden, flags in [("wandb", ["--wandb-project", "p"]), ("mlflow", sqlite), ("swanlab", ["--swanlab-project", "p"]),
+                      ("sqlalchemy", sqlite)]:
     sys.modules[hidden] = None  # as if not installed
     print(main(base + flags), flush=True)
     del sys.modules[hidden]
