@@ -19,6 +19,19 @@ CONSOLE_SCRIPTS = {
     "tinyllm-quickstart": "tinyllm_mcore.quickstart.__main__:main",
 }
 
+# Experiment trackers (training/metrics.py), each optional and asked for by its flag: --wandb-project,
+# --mlflow-tracking-uri, --swanlab-project. Lower bounds are the releases tested (tests/training/test_tracking.py).
+TRACKERS = {
+    "wandb": ["wandb>=0.31,<1"],
+    # mlflow-skinny is MLflow's tracking client and stores without its UI server and model flavors (the full package
+    # adds pandas, pyarrow, flask...); sqlalchemy and alembic make its sqlite store work without a server.
+    "mlflow": ["mlflow-skinny>=3.18,<4", "sqlalchemy>=2,<3", "alembic>=1.13,<2"],
+    # swanlab (every release since 0.6) requires protobuf < 7, but sentencepiece 0.2.3's generated model module
+    # refuses a protobuf runtime older than 7.36, and our HF tokenizer folders are built from it: with swanlab,
+    # sentencepiece stays below 0.2.3 (0.2.2's module works with protobuf 6).
+    "swanlab": ["swanlab>=0.10.3,<0.11", "sentencepiece>=0.2,<0.2.3"],
+}
+
 setup(
     name="tinyllm-mcore",
     version="0.1.0",
@@ -57,8 +70,10 @@ setup(
     extras_require={
         # verifiable tasks and answer checking for RL with verifiable rewards (data/verifiable_prompts.py)
         "rl": ["reasoning-gym>=0.1.25,<0.2", "math-verify>=0.9,<1"],
-        # the tests cover the RL data sources too
-        "dev": ["pytest>=7", "pyarrow", "reasoning-gym>=0.1.25,<0.2", "math-verify>=0.9,<1"],
+        **TRACKERS,
+        # the tests cover the RL data sources and the trackers too
+        "dev": ["pytest>=7", "pyarrow", "reasoning-gym>=0.1.25,<0.2", "math-verify>=0.9,<1",
+                *(requirement for requirements in TRACKERS.values() for requirement in requirements)],
         # GPU only: needs CUDA to build. Selected at run time when it imports and CUDA is present.
         "te": ["transformer-engine[pytorch]"],
         # lm-eval 0.4.x imports accelerate in its hf model but does not require it

@@ -19,12 +19,14 @@ import sys
 import time
 
 from tinyllm_mcore.inference import generate as inference
+from tinyllm_mcore.runtime.quiet import add_verbose_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     inference.add_generation_args(p)
     p.add_argument("--prompt", default=None, help="answer this one message and exit")
+    add_verbose_flag(p)
     return p
 
 

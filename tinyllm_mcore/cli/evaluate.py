@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from tinyllm_mcore.checkpoint.io import add_load_check_flags
+from tinyllm_mcore.runtime.quiet import add_verbose_flag
 
 
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward")
     p.add_argument("--output-json")
     p.add_argument("--output-md")
+    add_verbose_flag(p)
     return p
 
 

@@ -15,6 +15,7 @@ import argparse
 import json
 
 from tinyllm_mcore.inference import generate as inference
+from tinyllm_mcore.runtime.quiet import add_verbose_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat format")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt (prompt, completion, ids)")
+    add_verbose_flag(p)
     return p
 
 

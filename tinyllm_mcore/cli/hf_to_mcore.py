@@ -10,6 +10,7 @@ import argparse
 
 from tinyllm_mcore.convert.output import add_conversion_flags, conversion_log
 from tinyllm_mcore.cli.errors import run_cli
+from tinyllm_mcore.runtime.quiet import add_verbose_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     add_conversion_flags(p, "convert")
+    add_verbose_flag(p)
     return p
 
 

@@ -11,6 +11,7 @@ import argparse
 from tinyllm_mcore.convert.output import add_conversion_flags, conversion_log
 from tinyllm_mcore.checkpoint.io import add_load_check_flags
 from tinyllm_mcore.cli.errors import run_cli
+from tinyllm_mcore.runtime.quiet import add_verbose_flag
 
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size-mb", type=int, default=2048)
     add_load_check_flags(p)
     add_conversion_flags(p, "export")
+    add_verbose_flag(p)
     return p
 
 

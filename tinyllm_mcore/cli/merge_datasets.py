@@ -22,6 +22,7 @@ import os
 import sys
 
 from tinyllm_mcore.data.indexed_files import dataset_prefixes_in, merge_datasets
+from tinyllm_mcore.runtime.quiet import add_verbose_flag
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,6 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a folder of .bin/.idx pairs (merged in sorted name order), or dataset prefixes in order")
     p.add_argument("--output-prefix", required=True, help="writes {prefix}.bin / .idx (/ .json)")
     p.add_argument("--multimodal", action="store_true", help="Megatron-LM's flag; not supported (text datasets only)")
+    add_verbose_flag(p)
     return p.parse_args(argv)
 
 

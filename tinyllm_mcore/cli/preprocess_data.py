@@ -39,6 +39,7 @@ import argparse
 import sys
 
 from tinyllm_mcore.data.preprocess import DEFAULT_WORKER_TIMEOUT_S, MODES, Terminated, WorkerError, preprocess
+from tinyllm_mcore.runtime.quiet import add_verbose_flag
 
 # Megatron-LM tokenizer flags that would change the ids it writes in ways not reproduced here.
 _UNSUPPORTED_TOKENIZER_FLAGS = {
@@ -113,6 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "that dies is an error at once (default %(default)g)")
     group.add_argument("--log-interval", type=int, default=1000, help="progress bar update interval (lines)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar (summary only)")
+    add_verbose_flag(p)
     return p.parse_args(argv)
 
 

@@ -13,6 +13,7 @@ import sys
 from collections import Counter
 
 from tinyllm_mcore.tokenizer.training import train_tokenizer
+from tinyllm_mcore.runtime.quiet import add_verbose_flag
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,6 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--extra-special-tokens", nargs="*", default=[], help="more tokens reserved as single pieces")
     p.add_argument("--normalization", default="identity", help="SentencePiece normalization rule (seed: nmt_nfkc)")
     p.add_argument("--num-threads", type=int, default=None)
+    add_verbose_flag(p)
     return p.parse_args(argv)
 
 

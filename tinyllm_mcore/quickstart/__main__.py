@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from tinyllm_mcore.quickstart.pipeline import Settings, StepFailed, run_pipeline
+from tinyllm_mcore.runtime.quiet import add_verbose_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--" + f.name.replace("_", "-"), type=int, default=None)
             continue
         g.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=None)
+    add_verbose_flag(p)
     return p
 
 

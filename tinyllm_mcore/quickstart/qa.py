@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tinyllm_mcore.quickstart.corpus import fact_correct, preferred_style
 from tinyllm_mcore.runtime.files import atomic_write_text
+from tinyllm_mcore.runtime.quiet import add_verbose_flag
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -275,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--num-questions", type=int, default=6)
     h.add_argument("--max-new-tokens", type=int, default=32)
     h.add_argument("--output-json", default=None)
+    add_verbose_flag(p)
     return p
 
 

@@ -20,8 +20,8 @@ What this module handles, so nothing else asks which megatron-core is installed:
   A checkpoint in 0.19's layout without `common.pt` (from another tool) fails below 0.19 with one line saying so
   (`unreadable_layout`). Each checkpoint records the megatron-core version that wrote it (`checkpoint_stamp`).
 - 0.19 logs "GPTModel IS DEPRECATED ... use HybridModel" for every model built. GPTModel still gets fixes and is what
-  the design asks for (docs/architecture.md, "megatron-core versions"); `silence_known_noise` filters it out
-  (called when tinyllm_mcore is imported).
+  the design asks for (docs/architecture.md, "megatron-core versions"); like every library warning it is held back
+  unless --verbose (runtime/quiet.py).
 - Optimizer state: 0.19 matches saved parameter groups by their LR/WD settings too, so a resume without the same
   --lr fails; `match_saved_param_groups_by_structure` restores 0.16's rule (the saved settings win). Loading the
   distributed optimizer's state needs two fixes in every supported version (`distributed_optimizer_load_fixes`).
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -403,39 +402,3 @@ def define_te_general_gemm() -> None:
     if not hasattr(moe_utils, "te_general_gemm"):
         patch(moe_utils, "te_general_gemm", None, versions="megatron-core>=0.16.1,<0.19",
               why="the MoE router needs the name without Transformer Engine")
-
-
-# --- logging ---------------------------------------------------------------------------------------------------------
-
-# (logger, message start) of log lines the Python 3.12 stack prints that no user can act on; our CLIs promise one
-# `error:` line on bad input, so stray log lines on stderr count.
-_KNOWN_NOISE = (
-    # megatron-core 0.19, once per model built: GPTModel is supported and what the design asks for (module docstring).
-    ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED"),
-    # megatron-core 0.19, on loading a checkpoint with common.pt: we write one on purpose, so 0.16 can read it.
-    ("megatron.core.dist_checkpointing.strategies.common", "load_common is deprecated"),
-    # megatron-core 0.19, on the first save: its own (synchronous here) writer is "deprecated" in favour of NVRx,
-    # an optional package; nothing to act on.
-    ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated"),
-    # PyPI's torch for Python 3.12 is the CUDA build; on a CPU machine it says so when megatron-core 0.19 imports
-    # torch.utils.cpp_extension. The CPU build (Python 3.11 here) and GPU machines never print it.
-    ("torch.utils.cpp_extension", "No CUDA runtime is found"),
-)
-
-
-class _DropMessage(logging.Filter):
-    def __init__(self, start: str):
-        super().__init__()
-        self.start = start
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.start)
-
-
-def silence_known_noise() -> None:
-    """Filter out the log lines listed above. Idempotent; works before megatron or torch's submodules are imported
-    (the filters sit on the named loggers)."""
-    for logger_name, start in _KNOWN_NOISE:
-        logger = logging.getLogger(logger_name)
-        if not any(isinstance(f, _DropMessage) and f.start == start for f in logger.filters):
-            logger.addFilter(_DropMessage(start))

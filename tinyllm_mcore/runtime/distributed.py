@@ -144,29 +144,43 @@ def is_logging_rank() -> bool:
             and parallel_state.get_data_parallel_rank() == 0)
 
 
-def on_rank0_then_share(fn: Callable[[], T], *, share_value: bool = True) -> T | None:
-    """Call ``fn`` on rank 0 only; every rank then returns its value or raises its error.
+def logging_rank() -> int:
+    """The global rank for which `is_logging_rank()` holds, as every rank sees it (a collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return 0
+    answers = [None] * dist.get_world_size()
+    dist.all_gather_object(answers, is_logging_rank())
+    return answers.index(True)
 
-    An exception on rank 0 reaches every rank as the same type with the same one line (rank 0 raises the original),
+
+def on_rank0_then_share(fn: Callable[[], T], *, share_value: bool = True) -> T | None:
+    """Call ``fn`` on rank 0 only; every rank then returns its value or raises its error (`on_rank_then_share`)."""
+    return on_rank_then_share(fn, 0, share_value=share_value)
+
+
+def on_rank_then_share(fn: Callable[[], T], src: int, *, share_value: bool = True) -> T | None:
+    """Call ``fn`` on rank ``src`` only; every rank then returns its value or raises its error.
+
+    An exception on ``src`` reaches every rank as the same type with the same one line (``src`` raises the original),
     so all ranks stop alike instead of the others waiting in their next collective. ``share_value=False`` keeps the
-    value on rank 0 (one that belongs to that process, such as a lock) and gives the others None; otherwise the value
+    value on ``src`` (one that belongs to that process, such as a lock) and gives the others None; otherwise the value
     must pickle. Without a process group (or in a world of one) it is just ``fn()``.
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return fn()
     value, error, failure = None, None, None
-    if dist.get_rank() == 0:
+    if dist.get_rank() == src:
         try:
             value = fn()
         except Exception as e:
             error, failure = e, (_shareable_type(e), str(e))
     box = [(value if share_value else None, failure)]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=src)
     if error is not None:
         raise error
     if box[0][1] is not None:
         raise _rebuilt_error(*box[0][1])
-    return value if dist.get_rank() == 0 else box[0][0]
+    return value if dist.get_rank() == src else box[0][0]
 
 
 def _shareable_type(error: Exception) -> type:

@@ -9,6 +9,8 @@ import argparse
 
 from tinyllm_mcore.checkpoint.io import add_load_check_flags
 from tinyllm_mcore.model.presets import PRESETS
+from tinyllm_mcore.runtime.quiet import add_verbose_flag
+from tinyllm_mcore.training.metrics import Tracking
 
 
 def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
@@ -116,6 +118,26 @@ def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--metrics-jsonl", default=None, help="also append every logged record to this JSONL file")
+    # Experiment trackers (Megatron-LM's --wandb-* flags): the same scalars as TensorBoard, from the logging rank.
+    g.add_argument("--wandb-project", default=None,
+                   help="log to Weights & Biases (pip install \".[wandb]\"): offline, files to `wandb sync` later, "
+                        "unless WANDB_API_KEY or WANDB_MODE is set")
+    g.add_argument("--wandb-exp-name", default=None, help="the W&B run's name (default: W&B picks one)")
+    g.add_argument("--wandb-save-dir", default=None, help="W&B's local files (default: SAVE/wandb, else ./wandb)")
+    g.add_argument("--wandb-entity", default=None, help="the W&B team or user the run belongs to")
+    g.add_argument("--mlflow-tracking-uri", default=None,
+                   help="log to MLflow (pip install \".[mlflow]\"): sqlite:///PATH.db (no server), a file store "
+                        "file:DIR, or a tracking server http://HOST:PORT")
+    g.add_argument("--mlflow-experiment", default="tinyllm-mcore", help="MLflow experiment name")
+    g.add_argument("--mlflow-run-name", default=None, help="the MLflow run's name (default: MLflow picks one)")
+    g.add_argument("--swanlab-project", default=None,
+                   help="log to SwanLab (pip install \".[swanlab]\"): offline, files to `swanlab sync` later, unless "
+                        "SWANLAB_API_KEY or SWANLAB_MODE is set (or --swanlab-mode)")
+    g.add_argument("--swanlab-exp-name", default=None, help="the SwanLab experiment's name")
+    g.add_argument("--swanlab-save-dir", default=None,
+                   help="SwanLab's local files (default: SAVE/swanlog, else ./swanlog)")
+    g.add_argument("--swanlab-mode", choices=["online", "offline", "local", "disabled"], default=None,
+                   help="SwanLab's mode (default: online with SWANLAB_API_KEY, else offline)")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak TFLOP/s for MFU (default: known GPU table, or measured matmul peak on CPU)")
     g.add_argument("--max-skipped-iters", type=int, default=10,
@@ -123,6 +145,7 @@ def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--skip-train", action="store_true", help="load, evaluate the validation split once, exit")
     g.add_argument("--exit-interval", type=int, default=None, help="stop (after saving) at this iteration")
+    add_verbose_flag(g)
 
     if extra_args is not None:
         extra_args(p)
@@ -165,6 +188,9 @@ def validate(args: argparse.Namespace, *, needs_data_path: bool = True) -> argpa
     if args.finetune and not (args.load or args.load_hf):
         raise ValueError("--finetune needs --load CHECKPOINT (it starts from that checkpoint's weights)")
     args.split = normalize_split(args.split)
+    problem = Tracking.from_args(args).problem()  # a missing tracker package: now, before any model is built
+    if problem:
+        raise ValueError(problem)
     return args
 
 

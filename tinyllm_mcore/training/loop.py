@@ -36,7 +36,7 @@ from tinyllm_mcore.convert import in_training as hf_io
 from tinyllm_mcore.training.arguments import build_parser, validate
 from tinyllm_mcore.training.context import BatchPlan, ParallelLayout, RunContext
 from tinyllm_mcore.training.exit_conditions import ExitConditions
-from tinyllm_mcore.training.metrics import MetricsWriter, peak_tflops
+from tinyllm_mcore.training.metrics import Tracking, peak_tflops
 
 
 @dataclass
@@ -493,10 +493,11 @@ def _train(stage: Stage, args, tokenizer, exit_conditions: ExitConditions, clean
     forward_backward = get_forward_backward_func()
     moe_metrics = MoEMetrics.attach(chunks, run.config)  # None for dense models
 
-    logging_rank = rt.is_logging_rank()
-    writer = MetricsWriter(args.tensorboard_dir, args.metrics_jsonl) if logging_rank else None
-    if writer is not None:
-        cleanup.callback(writer.close)
+    # The logging rank opens the sinks; a tracker that fails to start (a server out of reach) stops every rank alike.
+    tracking, config = Tracking.from_args(args), ctx.checkpoint_metadata().to_dict()
+    writer = rt.on_rank_then_share(lambda: tracking.open(config), rt.logging_rank(), share_value=False)
+    if writer is not None:  # closed however the run ends; trackers record a failed run as failed
+        cleanup.push(lambda exc_type, exc, tb: writer.close(failed=exc_type is not None))
     flops_token = flops_per_token(preset, batch.seq_length)
     peak = None
     world = dist.get_world_size()
