@@ -28,7 +28,8 @@ TRACKERS = {
     "mlflow": ["mlflow-skinny>=3.18,<4", "sqlalchemy>=2,<3", "alembic>=1.13,<2"],
     # swanlab (every release since 0.6) requires protobuf < 7, but sentencepiece 0.2.3's generated model module
     # refuses a protobuf runtime older than 7.36, and our HF tokenizer folders are built from it: with swanlab,
-    # sentencepiece stays below 0.2.3 (0.2.2's module works with protobuf 6).
+    # sentencepiece stays below 0.2.3 (0.2.2's module works with protobuf 6). So `dev` leaves swanlab out (CI keeps
+    # the newest sentencepiece and protobuf 7); its test joins the others where it is installed.
     "swanlab": ["swanlab>=0.10.3,<0.11", "sentencepiece>=0.2,<0.2.3"],
 }
 
@@ -73,7 +74,8 @@ setup(
         **TRACKERS,
         # the tests cover the RL data sources and the trackers too
         "dev": ["pytest>=7", "pyarrow", "reasoning-gym>=0.1.25,<0.2", "math-verify>=0.9,<1",
-                *(requirement for requirements in TRACKERS.values() for requirement in requirements)],
+                *(requirement for name, requirements in TRACKERS.items() if name != "swanlab"
+                  for requirement in requirements)],
         # GPU only: needs CUDA to build. Selected at run time when it imports and CUDA is present.
         "te": ["transformer-engine[pytorch]"],
         # lm-eval 0.4.x imports accelerate in its hf model but does not require it

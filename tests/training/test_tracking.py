@@ -21,9 +21,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def trackers():
-    """The runs below need all three (the `dev` extra installs them)."""
-    for module in ("wandb", "mlflow", "swanlab"):
+    """The runs below need W&B and MLflow (the `dev` extra installs them); SwanLab joins them where installed (its
+    protobuf < 7 pin conflicts with sentencepiece 0.2.3, so `dev` leaves it out: setup.py)."""
+    for module in ("wandb", "mlflow"):
         pytest.importorskip(module)
+
+
+def swanlab_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("swanlab") is not None
 
 # Local files only: no key, no mode a developer's shell may have set.
 ENV = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "SWANLAB_", "MLFLOW_"))}
@@ -135,7 +142,8 @@ def tracker_flags(tmp: Path, mlflow_uri: str) -> list[str]:
     return ["--metrics-jsonl", str(tmp / "metrics.jsonl"),
             "--wandb-project", "tiny", "--wandb-exp-name", "dp2", "--wandb-save-dir", str(tmp / "wandb"),
             "--mlflow-tracking-uri", mlflow_uri, "--mlflow-run-name", "dp2",
-            "--swanlab-project", "tiny", "--swanlab-exp-name", "dp2", "--swanlab-save-dir", str(tmp / "swanlab")]
+            *(["--swanlab-project", "tiny", "--swanlab-exp-name", "dp2", "--swanlab-save-dir", str(tmp / "swanlab")]
+              if swanlab_installed() else [])]
 
 
 @pytest.mark.slow
@@ -164,11 +172,13 @@ def test_every_tracker_stores_the_jsonl_scalars_from_the_logging_rank_only(tmp_p
     assert_same_scalars(scalars, expected, "mlflow")
     assert status == "FINISHED" and params["stage"] == "pretrain" and params["preset.name"] == "tiny"
 
-    scalars, state = swanlab_run(tmp_path / "swanlab")
-    assert_same_scalars(scalars, expected, "swanlab")
-    assert state == "RUN_STATE_FINISHED"
+    if swanlab_installed():
+        scalars, state = swanlab_run(tmp_path / "swanlab")
+        assert_same_scalars(scalars, expected, "swanlab")
+        assert state == "RUN_STATE_FINISHED"
     # nothing in the working folder: no rank fell back to a tracker's default place
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "mlflow.db", "swanlab", "wandb"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "mlflow.db", *(["swanlab"] if
+                                                          swanlab_installed() else []), "wandb"]
 
 
 def test_a_failed_run_is_closed_as_failed_with_what_it_logged(tmp_path, monkeypatch, trackers):
@@ -214,9 +224,10 @@ def test_a_failed_run_is_closed_as_failed_with_what_it_logged(tmp_path, monkeypa
     scalars, _, status = mlflow_run(uri)
     assert_same_scalars(scalars, expected, "mlflow")
     assert status == "FAILED"
-    scalars, state = swanlab_run(tmp_path / "swanlab")
-    assert_same_scalars(scalars, expected, "swanlab")
-    assert state == "RUN_STATE_CRASHED"
+    if swanlab_installed():
+        scalars, state = swanlab_run(tmp_path / "swanlab")
+        assert_same_scalars(scalars, expected, "swanlab")
+        assert state == "RUN_STATE_CRASHED"
 
 
 MISSING = """
