@@ -319,19 +319,21 @@ def _check_model_keys(path: Path, model_states: list[dict], saved: dict[str, tup
 
 def load_checkpoint(saved: SavedCheckpoint, models, optimizer=None, scheduler=None, *, finetune: bool = False,
                     load_optim: bool = True, load_rng: bool = True,
-                    skip_prefixes: tuple[str, ...] = ()) -> tuple[int, int]:
+                    skip_prefixes: tuple[str, ...] = (),
+                    skip_key: Callable[[str], bool] | None = None) -> tuple[int, int]:
     """Load the checkpoint `saved` (read_checkpoint: already verified) into the (already built)
     models/optimizer/scheduler; return (iteration, consumed_samples).
 
     `finetune` loads model weights only and restarts counting from zero. RNG states are restored only when the
     parallel layout is unchanged (they are per TP/PP rank).
-    `skip_prefixes`: model parameters left as built (reward: its new head, from an LM checkpoint's trunk).
+    `skip_prefixes`: model parameters left as built (reward: its new head, from an LM checkpoint's trunk);
+    `skip_key`: the same for the keys it is true of (LoRA: the adapters, from the base checkpoint).
     """
     from megatron.core import parallel_state as ps
 
     try:
         return _load(saved, models, optimizer, scheduler, finetune=finetune, load_optim=load_optim,
-                     load_rng=load_rng, skip_prefixes=skip_prefixes, ps=ps)
+                     load_rng=load_rng, skip_prefixes=skip_prefixes, skip_key=skip_key, ps=ps)
     except CheckpointError:
         raise
     except Exception as e:  # a damaged file the manifest could not vouch for: one line, not a multi-rank dump
@@ -340,7 +342,7 @@ def load_checkpoint(saved: SavedCheckpoint, models, optimizer=None, scheduler=No
 
 
 def _load(saved: SavedCheckpoint, models, optimizer, scheduler, *, finetune: bool, load_optim: bool,
-          load_rng: bool, skip_prefixes: tuple[str, ...], ps):
+          load_rng: bool, skip_prefixes: tuple[str, ...], skip_key, ps):
     from megatron.core import dist_checkpointing
 
     path, run = saved.path, saved.metadata
@@ -357,14 +359,18 @@ def _load(saved: SavedCheckpoint, models, optimizer, scheduler, *, finetune: boo
                         rng=load_rng and not finetune and same_layout, is_loading=True,
                         optimizer_metadata=optimizer_metadata)
     keys = [_model_key(i, len(models)) for i in range(len(models))]
-    if skip_prefixes:
+
+    def skipped(k: str) -> bool:
+        return bool(skip_prefixes) and k.startswith(skip_prefixes) or skip_key is not None and skip_key(k)
+
+    if skip_prefixes or skip_key is not None:
         for key in keys:
-            state[key] = {k: v for k, v in state[key].items() if not k.startswith(skip_prefixes)}
+            state[key] = {k: v for k, v in state[key].items() if not skipped(k)}
     _check_model_keys(path, [state[key] for key in keys], saved_shapes)
     loaded = dist_checkpointing.load(state, str(path))
     for key, m in zip(keys, models):
-        missing, unexpected = unwrap(m).load_state_dict(loaded[key], strict=not skip_prefixes)
-        if [k for k in missing if not k.startswith(skip_prefixes) and not k.endswith("_extra_state")] or unexpected:
+        missing, unexpected = unwrap(m).load_state_dict(loaded[key], strict=not (skip_prefixes or skip_key))
+        if [k for k in missing if not skipped(k) and not k.endswith("_extra_state")] or unexpected:
             raise CheckpointError(f"{path} does not fit this model: missing {missing[:3]}, unexpected "
                                   f"{unexpected[:3]}")
     if with_optim:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from tinyllm_mcore.checkpoint.io import add_load_check_flags
+from tinyllm_mcore.model.lora import add_lora_flags, settings_from_args
 from tinyllm_mcore.model.presets import PRESETS
 
 
@@ -36,6 +37,8 @@ def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
                    help="token dropping: each expert takes at most factor x tokens x topk / experts tokens per "
                         "micro-batch, lowest-probability assignments dropped (default: no dropping)")
+
+    add_lora_flags(p)
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -164,6 +167,7 @@ def validate(args: argparse.Namespace, *, needs_data_path: bool = True) -> argpa
                          "--load resumes (or, with --finetune, starts from) a checkpoint")
     if args.finetune and not (args.load or args.load_hf):
         raise ValueError("--finetune needs --load CHECKPOINT (it starts from that checkpoint's weights)")
+    settings_from_args(args)  # the --lora-* checks; the loop's RunContext holds the settings
     args.split = normalize_split(args.split)
     return args
 

@@ -51,6 +51,7 @@ class RunContext:
     chunks: list = field(default_factory=list)  # this rank's model chunks, one per virtual pipeline stage
     references: list = field(default_factory=list)  # DPO, GRPO: a frozen reference per chunk, in the same order
     stage_state: object | None = None  # a stage's own typed run state, set by its hooks (GRPO: grpo.GRPORun)
+    lora: object | None = None  # model.lora.LoraSettings of a LoRA run (--lora-rank), None for full training
 
     @property
     def tokenizer_identity(self) -> str | None:

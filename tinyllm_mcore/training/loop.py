@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tinyllm_mcore.model import lora
 from tinyllm_mcore.model.build import transformer_config
 from tinyllm_mcore.model.presets import ModelPreset, get_preset
 from tinyllm_mcore.runtime import distributed as rt
@@ -136,8 +137,13 @@ def build_model_chunks(stage: Stage, ctx: RunContext, config):
     from tinyllm_mcore.model.build import build_chunks, use_te_for
 
     args = ctx.args
-    chunks = build_chunks(ctx.preset, config, head=stage.model_head, seed=args.seed,
-                          use_te=use_te_for(args.transformer_impl),
+    use_te = use_te_for(args.transformer_impl)
+    if ctx.lora is not None:  # the adapters hook megatron's local linear layers (TE fuses the norm into qkv)
+        if use_te:
+            raise ValueError("--lora-rank needs --transformer-impl local or auto (the adapters wrap megatron's "
+                             "local linear layers)")
+        use_te = False
+    chunks = build_chunks(ctx.preset, config, head=stage.model_head, seed=args.seed, use_te=use_te, lora=ctx.lora,
                           make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                           init_weights=partial(stage.init_weights, ctx) if stage.init_weights is not None else None)
     ddp_config = DistributedDataParallelConfig(
@@ -383,7 +389,8 @@ def run_context(stage: Stage, args, tokenizer=None) -> RunContext:
                             virtual_pipeline=virtual_pipeline_stages(args, preset),
                             expert=args.expert_model_parallel_size, data=dp, data_rank=0)
     return RunContext(stage_name=stage.name, args=args, preset=preset, tokenizer=tokenizer, layout=layout,
-                      batch=batch, report_names=tuple(report_names), model_head=stage.model_head)
+                      batch=batch, report_names=tuple(report_names), model_head=stage.model_head,
+                      lora=lora.settings_from_args(args))
 
 
 def setup(stage: Stage, args, tokenizer=None, cleanup: contextlib.ExitStack | None = None) -> TrainingRun:
@@ -423,8 +430,14 @@ def setup(stage: Stage, args, tokenizer=None, cleanup: contextlib.ExitStack | No
 
     iteration, consumed = 0, 0
     if loaded is not None:
+        # a LoRA run from a checkpoint without adapters (its base): the base weights only, counting from zero
+        from_base = ctx.lora is not None and not any(lora.is_adapter_key(k) for k in ckpt.saved_tensor_shapes(load_path))
+        if from_base and not args.finetune:
+            rt.print_rank0(f"{args.load} holds no LoRA adapters: its weights are the frozen base, the adapters start "
+                           "fresh (as with --finetune)")
         iteration, consumed = ckpt.load_checkpoint(loaded, ctx.chunks, optimizer, scheduler,
-                                                   finetune=args.finetune,
+                                                   finetune=args.finetune or from_base,
+                                                   skip_key=lora.is_adapter_key if from_base else None,
                                                    load_optim=not (args.no_load_optim or args.skip_train),
                                                    load_rng=not args.no_load_rng)
         rt.print_rank0(f"loaded {args.load} at iteration {iteration} ({consumed} samples consumed)")
