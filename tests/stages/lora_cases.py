@@ -61,3 +61,37 @@ def lora_dpo_first_step(out: str, flags: list[str]) -> dict:
     from tests.stages.layout_cases import dpo_first_step
 
     return dpo_first_step(out, [*flags, *LORA_FLAGS])
+
+
+def lora_resume(out: str, flags: list[str], other_flags: list[str]) -> dict:
+    """4 LoRA steps in one run, and 2 + 2 with a save and resume in between: the losses, and what the saved
+    checkpoint holds (its model tensors, its metadata's base record); the last 2 steps again from iteration 2's
+    checkpoint at `other_flags`' layout."""
+    from megatron.core import parallel_state as ps
+
+    from tinyllm_mcore.checkpoint.io import read_checkpoint, resolve_load_dir, saved_tensor_shapes
+
+    straight = _sft_lora(out, 4, flags)
+    save = str(Path(out) / "lora_resume")
+    first = _sft_lora(out, 4, [*flags, "--save", save, "--exit-interval", "2"])
+    resumed = _sft_lora(out, 4, [*flags, "--save", save], load=save)
+    saved = read_checkpoint(resolve_load_dir(save))
+    ps.destroy_model_parallel()  # another layout (the process group stays)
+    other = _sft_lora(out, 4, other_flags, load=str(Path(save) / "iter_0000002"))
+    return {"resumed_other_layout": [r["lm loss"] for r in other["history"]],"straight": [r["lm loss"] for r in straight["history"]],
+            "resumed": [r["lm loss"] for r in first["history"] + resumed["history"]],
+            "grad_norms": [[r["grad_norm"] for r in straight["history"]],
+                           [r["grad_norm"] for r in first["history"] + resumed["history"]]],
+            "saved_keys": sorted(k for k in saved_tensor_shapes(saved.path) if not k.startswith("optimizer")),
+            "lora": saved.metadata.lora, "lora_base": saved.metadata.lora_base}
+
+
+def _sft_lora(out: str, iterations: int, flags: list[str], load: str | None = None):
+    from tinyllm_mcore.stages import sft
+    from tinyllm_mcore.training.loop import parse_args, train
+
+    stage = sft.make_stage(data.sft_provider(data.corpus().sft[:16]))
+    start = ["--load", load] if load else ["--load", str(Path(out) / "policy"), "--finetune"]
+    args = parse_args(stage, data.common_flags(out, "--train-iters", str(iterations), *start, *RUN_FLAGS,
+                                               *LORA_FLAGS, *flags))
+    return train(stage, args, data.tokenizer())

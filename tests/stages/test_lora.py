@@ -49,6 +49,8 @@ def test_lora_sft_agrees_across_layouts_and_trains_only_adapters(tmp_path):
     (["--lora-rank", "4", "--lora-target", "qkv,mlp"],
      "error: --lora-target 'qkv,mlp': use a comma-separated subset of qkv,proj,fc1,fc2"),
     (["--lora-rank", "4", "--lora-dropout", "1"], "error: --lora-dropout 1: must be in [0, 1)"),
+    (["--lora-rank", "4"], "error: --lora-rank needs --load CHECKPOINT: the adapters train on that checkpoint's "
+                           "frozen weights (a LoRA checkpoint holds only adapters and points at it)"),
 ])
 def test_lora_bad_flags(tmp_path, capsys, flags, message):
     from tinyllm_mcore.stages import sft
@@ -57,3 +59,54 @@ def test_lora_bad_flags(tmp_path, capsys, flags, message):
     stage = sft.make_stage(data.sft_provider(data.corpus().sft[:2]))
     assert run_stage(stage, data.common_flags(tmp_path, "--train-iters", "1", *flags)) == 2
     assert capsys.readouterr().err.strip().splitlines() == [message]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_lora_checkpoint_holds_adapters_resumes_exactly_and_refuses_a_changed_base(tmp_path, capsys):
+    """A LoRA checkpoint (TP2) has only adapter tensors and names its base by path and manifest sha256; resuming it
+    continues the straight run's losses exactly; generate opens it (base + adapters); a changed base is one line."""
+    import json
+
+    from tests.harness.distributed import run_ranks
+    from tinyllm_mcore.checkpoint import safety
+
+    env = {"TINYLLM_TEST_TOKENIZER": data.tokenizer_path()}
+    run_ranks("tests.stages.layout_cases:make_checkpoints", 1, out=str(tmp_path), env=env)
+    result = run_ranks("tests.stages.lora_cases:lora_resume", 2, out=str(tmp_path), env=env,
+                       flags=["--tensor-model-parallel-size", "2"], other_flags=["--pipeline-model-parallel-size", "2"])[0]
+    assert result["resumed"] == result["straight"] and len(result["straight"]) == 4
+    assert result["grad_norms"][0] == result["grad_norms"][1]
+    # the TP2 checkpoint of iteration 2 resumed at PP2: the adapters and their Adam state reshard
+    assert result["resumed_other_layout"] == pytest.approx(result["straight"][2:], rel=1e-6)
+    keys = result["saved_keys"]
+    model_keys = [k for k in keys if k.startswith(("decoder.", "embedding.", "output_layer."))]
+    assert model_keys and all("_lora." in k for k in model_keys), keys
+    # 4 targets x (A, B), the layers stacked as megatron stores them
+    assert len(model_keys) == 4 * 2, model_keys
+    base_dir = tmp_path / "policy" / "iter_0000000"
+    assert result["lora"] == {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["qkv", "proj", "fc1", "fc2"]}
+    assert result["lora_base"] == {"path": str(base_dir.resolve()),
+                                   "manifest_checksum": safety.manifest_checksum(base_dir)}
+
+    # the base changes (here: its manifest is rewritten, as a re-save of that folder would): refused, one line
+    from tinyllm_mcore.cli import generate
+    from tinyllm_mcore.runtime import distributed as rt
+
+    argv = ["--load", str(tmp_path / "lora_resume"), "--tokenizer-model", data.tokenizer_path(), "--prompt", "hi",
+            "--max-new-tokens", "2", "--greedy"]
+    try:
+        assert generate.main(argv) == 0  # inference opens base + adapters
+    finally:
+        rt.destroy()
+    capsys.readouterr()
+    manifest = base_dir / safety.MANIFEST
+    record = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps(record, indent=2))
+    try:
+        assert generate.main(argv) != 0
+    finally:
+        rt.destroy()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "LoRA base checkpoint" in err[0] \
+        and "changed since the adapters were trained" in err[0], err

@@ -147,13 +147,15 @@ def _sharded_rng(state):
 
 def _state_dict(models, optimizer, scheduler, *, iteration: int, consumed_samples: int,
                 metadata: CheckpointMetadata | None, rng: bool, is_loading: bool,
-                optimizer_metadata: dict | None = None) -> dict:
+                optimizer_metadata: dict | None = None, model_keys: Callable[[str], bool] | None = None) -> dict:
     state = {"iteration": iteration, "consumed_samples": consumed_samples}
     if metadata is not None:
         state[METADATA_KEY] = metadata.to_dict()
     model_state = {}
     for i, m in enumerate(models):
-        state[_model_key(i, len(models))] = unwrap(m).sharded_state_dict()
+        model = unwrap(m).sharded_state_dict()
+        state[_model_key(i, len(models))] = model if model_keys is None else \
+            {k: v for k, v in model.items() if model_keys(k)}
         model_state.update(state[_model_key(i, len(models))])
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading,
@@ -170,12 +172,14 @@ def _state_dict(models, optimizer, scheduler, *, iteration: int, consumed_sample
 def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler, *, consumed_samples: int,
                     metadata: CheckpointMetadata | None = None, dist_ckpt_optim_fully_reshardable: bool = False,
                     distrib_optim_fully_reshardable_mem_efficient: bool = False,
-                    export: Callable[[Path], object] | None = None) -> Path:
+                    export: Callable[[Path], object] | None = None,
+                    model_keys: Callable[[str], bool] | None = None) -> Path:
     """Save and publish iteration `iteration` into `save_dir` (every rank calls it); `metadata`: the run's record
     (RunContext.checkpoint_metadata); the two flags choose a distributed optimizer's format (checkpoint/formats.py).
     `export(path)` runs on every rank once the dist checkpoint is written, before the manifest: what it writes into
     the iteration folder (--save-hf's hf/) is part of the checkpoint, covered by its manifest and published with it
-    (if it fails, the save is incomplete: the pointer stays, the folder goes at the next start)."""
+    (if it fails, the save is incomplete: the pointer stays, the folder goes at the next start).
+    `model_keys`: the model tensors saved (LoRA: the adapters only; the frozen base is its own checkpoint)."""
     from megatron.core import dist_checkpointing
 
     compat.write_checkpoints_in_process()  # megatron's writer would fork per save (runtime/compat.py)
@@ -191,7 +195,8 @@ def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler,
         optimizer, fully_reshardable=dist_ckpt_optim_fully_reshardable,
         mem_efficient=distrib_optim_fully_reshardable_mem_efficient)
     state = _state_dict(models, optimizer, scheduler, iteration=iteration, consumed_samples=consumed_samples,
-                        metadata=metadata, rng=True, is_loading=False, optimizer_metadata=optimizer_metadata)
+                        metadata=metadata, rng=True, is_loading=False, optimizer_metadata=optimizer_metadata,
+                        model_keys=model_keys)
     state.update(compat.checkpoint_stamp())
     dist_checkpointing.save(state, str(path), content_metadata=optimizer_metadata)
     dist.barrier()

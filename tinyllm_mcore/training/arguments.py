@@ -167,7 +167,9 @@ def validate(args: argparse.Namespace, *, needs_data_path: bool = True) -> argpa
                          "--load resumes (or, with --finetune, starts from) a checkpoint")
     if args.finetune and not (args.load or args.load_hf):
         raise ValueError("--finetune needs --load CHECKPOINT (it starts from that checkpoint's weights)")
-    settings_from_args(args)  # the --lora-* checks; the loop's RunContext holds the settings
+    if settings_from_args(args) is not None and not args.load:  # the --lora-* checks; RunContext holds them
+        raise ValueError("--lora-rank needs --load CHECKPOINT: the adapters train on that checkpoint's frozen weights "
+                         "(a LoRA checkpoint holds only adapters and points at it)")
     args.split = normalize_split(args.split)
     return args
 
