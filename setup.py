@@ -58,7 +58,9 @@ setup(
         # verifiable tasks and answer checking for RL with verifiable rewards (data/verifiable_prompts.py)
         "rl": ["reasoning-gym>=0.1.25,<0.2", "math-verify>=0.9,<1"],
         # the tests cover the RL data sources too
-        "dev": ["pytest>=7", "pyarrow", "reasoning-gym>=0.1.25,<0.2", "math-verify>=0.9,<1"],
+        "dev": ["pytest>=7", "pyarrow", "reasoning-gym>=0.1.25,<0.2", "math-verify>=0.9,<1", "peft>=0.13,<1"],
+        # loading an exported LoRA adapter (tinyllm-mcore-to-hf --peft-adapter) with Hugging Face PEFT
+        "lora": ["peft>=0.13,<1"],
         # GPU only: needs CUDA to build. Selected at run time when it imports and CUDA is present.
         "te": ["transformer-engine[pytorch]"],
         # lm-eval 0.4.x imports accelerate in its hf model but does not require it

@@ -89,6 +89,8 @@ def test_lora_checkpoint_holds_adapters_resumes_exactly_and_refuses_a_changed_ba
     assert result["lora_base"] == {"path": str(base_dir.resolve()),
                                    "manifest_checksum": safety.manifest_checksum(base_dir)}
 
+    _check_exports(tmp_path, tmp_path / "lora_resume")
+
     # the base changes (here: its manifest is rewritten, as a re-save of that folder would): refused, one line
     from tinyllm_mcore.cli import generate
     from tinyllm_mcore.runtime import distributed as rt
@@ -110,3 +112,41 @@ def test_lora_checkpoint_holds_adapters_resumes_exactly_and_refuses_a_changed_ba
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "LoRA base checkpoint" in err[0] \
         and "changed since the adapters were trained" in err[0], err
+
+
+def _check_exports(tmp_path, lora_ckpt):
+    """tinyllm-mcore-to-hf of a LoRA checkpoint: the merged model's logits are the megatron model's (base +
+    adapters), and PEFT's load of --peft-adapter on the base's export gives the merged model's logits."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    peft = pytest.importorskip("peft")
+    from tinyllm_mcore.cli import mcore_to_hf
+    from tinyllm_mcore.inference.open import open_checkpoint
+    from tinyllm_mcore.runtime import distributed as rt
+
+    base_hf, merged_hf, adapter = tmp_path / "base_hf", tmp_path / "merged_hf", tmp_path / "adapter"
+    assert mcore_to_hf.main(["--load", str(tmp_path / "policy"), "--save", str(base_hf), "--quiet"]) == 0
+    assert mcore_to_hf.main(["--load", str(lora_ckpt), "--save", str(merged_hf), "--peft-adapter", str(adapter),
+                             "--quiet"]) == 0
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0
+    assert sorted(config["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                       "up_proj", "down_proj"])
+    tokens = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 61, 12, 400]])
+    try:
+        model = open_checkpoint(str(lora_ckpt)).model
+        with torch.no_grad():
+            mcore = model(tokens, torch.arange(tokens.shape[1])[None], None)[..., :data.tokenizer().vocab_size]
+    finally:
+        rt.destroy()
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(merged_hf, dtype=torch.float32).eval()(tokens).logits
+        base_model = AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32).eval()
+        base = base_model(tokens).logits
+        with_adapter = peft.PeftModel.from_pretrained(base_model, str(adapter)).eval()(tokens).logits
+    assert (merged - base).abs().max() > 1e-2  # the adapters change the model
+    torch.testing.assert_close(merged, mcore.float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(with_adapter, merged, rtol=0, atol=1e-5)

@@ -190,3 +190,29 @@ def is_adapter_key(key: str) -> bool:
 
 def adapter_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if is_adapter_key(n)]
+
+
+def adapters_of(model: torch.nn.Module, settings: LoraSettings):
+    """(global layer number, target, the linear layer, its adapter) for every adapter of a chunk."""
+    for layer in model.decoder.layers:
+        for target in settings.targets:
+            parent_name, linear_name, _ = TARGETS[target]
+            parent = getattr(layer, parent_name)
+            yield layer.layer_number, target, getattr(parent, linear_name), getattr(parent, linear_name + ADAPTER_SUFFIX)
+
+
+def merged_state_dict(model: torch.nn.Module, settings: LoraSettings) -> dict[str, torch.Tensor]:
+    """The state dict of the base model with each adapter merged into its weight, W + (alpha / r) B A (in float64,
+    then the weight's dtype); adapter tensors left out. For the whole model in one process (TP1, PP1)."""
+    merged = {}
+    for _, _, linear, adapter in adapters_of(model, settings):
+        delta = settings.scaling * (adapter.lora_B.detach().double() @ adapter.lora_A.detach().double())
+        merged[id(linear.weight)] = (linear.weight.detach().double() + delta).to(linear.weight.dtype)
+    state = {}
+    named = dict(model.named_parameters())
+    for key, value in model.state_dict().items():
+        if is_adapter_key(key):
+            continue
+        param = named.get(key)
+        state[key] = merged.get(id(param), value) if param is not None else value
+    return state
