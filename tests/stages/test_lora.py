@@ -150,3 +150,23 @@ def _check_exports(tmp_path, lora_ckpt):
     assert (merged - base).abs().max() > 1e-2  # the adapters change the model
     torch.testing.assert_close(merged, mcore.float(), rtol=0, atol=1e-5)
     torch.testing.assert_close(with_adapter, merged, rtol=0, atol=1e-5)
+
+    # the KV-cache decoder (generate, GRPO's rollouts) runs the adapters too: greedy tokens are the merged model's
+    from tests.inference.test_generate import hf_prompts
+    from tinyllm_mcore.inference import generate as inference
+
+    def hf_greedy(path, prompt):  # 8 argmax steps of the full forward, no stop token
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(8):
+                ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+        return ids[len(prompt):]
+
+    try:
+        generator, _ = inference.load_generator(str(lora_ckpt), data.tokenizer())
+        ours = generator.generate(hf_prompts(), inference.SamplingParams(max_new_tokens=8, greedy=True))
+    finally:
+        rt.destroy()
+    assert ours == [hf_greedy(merged_hf, p) for p in hf_prompts()]
+    assert ours != [hf_greedy(base_hf, p) for p in hf_prompts()]

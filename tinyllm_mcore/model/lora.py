@@ -127,10 +127,16 @@ class LoraAdapter(torch.nn.Module):
             self.lora_B.sequence_parallel = self.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.delta(x, self.sequence_parallel)
+
+    def delta(self, x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+        """(alpha / r) B A x for the wrapped layer's input `x`; `sequence_parallel`: x (column) or the output (row)
+        is split along the sequence (dim 0) as in training; the KV-cache decoder passes False (its activations are
+        [b, s, h], whole)."""
         from megatron.core.tensor_parallel import mappings
 
         if self.kind == "column":
-            if self.sequence_parallel:
+            if sequence_parallel:
                 x = mappings.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
             if self.dropout is not None:
                 x = self.dropout(x)
@@ -139,7 +145,7 @@ class LoraAdapter(torch.nn.Module):
             if self.dropout is not None:
                 x = self.dropout(x)
             h = torch.matmul(x, self.lora_A.t())
-            h = (mappings.reduce_scatter_to_sequence_parallel_region(h) if self.sequence_parallel
+            h = (mappings.reduce_scatter_to_sequence_parallel_region(h) if sequence_parallel
                  else mappings.reduce_from_tensor_model_parallel_region(h))
         return torch.matmul(h, self.lora_B.t()) * self.scaling
 
@@ -181,6 +187,11 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings, config) -> None:
             adapter = LoraAdapter(base, kind, target, layer.layer_number, settings, config)
             parent.add_module(linear_name + ADAPTER_SUFFIX, adapter)
             base.register_forward_hook(_hook(adapter))
+
+
+def adapter_beside(parent: torch.nn.Module, linear_name: str) -> LoraAdapter | None:
+    """The adapter of `parent`'s linear layer `linear_name` (None: it has none)."""
+    return getattr(parent, linear_name + ADAPTER_SUFFIX, None)
 
 
 def is_adapter_key(key: str) -> bool:
