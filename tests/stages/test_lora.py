@@ -170,3 +170,34 @@ def _check_exports(tmp_path, lora_ckpt):
         rt.destroy()
     assert ours == [hf_greedy(merged_hf, p) for p in hf_prompts()]
     assert ours != [hf_greedy(base_hf, p) for p in hf_prompts()]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_lora_grpo_rollouts_and_steps_agree_across_layouts():
+    """GRPO with adapters, its own rollouts (the KV-cache decoder with the adapters): the first step's rollouts and
+    loss are the full model's (B = 0), and TP2 gives TP1's two steps (the second step's rollouts see trained adapters)."""
+    from tests.harness import arithmetic
+    from tests.harness.distributed import run_ranks
+    from tests.stages.test_grpo import REAL
+
+    load = str(arithmetic.checkpoints()["sft"])
+    env = {"TINYLLM_TEST_TOKENIZER": arithmetic.tokenizer().model_path}
+    cases = "tests.stages.grpo_cases:grpo_steps"
+    lora_flags = ["--lora-rank", "4", "--lora-alpha", "16", *REAL, "--lr", "1e-2"]
+    one = run_ranks(None, 1, env=env, cases={
+        "full": (cases, {"load": load, "flags": [*REAL, "--lr", "1e-2"], "iterations": 1, "real_rollouts": True}),
+        "lora": (cases, {"load": load, "flags": lora_flags, "iterations": 2, "real_rollouts": True})})[0]
+    two = run_ranks(None, 2, env=env, cases={
+        "lora_tp2": (cases, {"load": load, "flags": [*lora_flags, "--tensor-model-parallel-size", "2"],
+                             "iterations": 2, "real_rollouts": True})})[0]
+    full, lora, tp2 = one["full"][0], one["lora"], two["lora_tp2"]
+    timings = ("rollout s", "rollout tokens/s")
+    shared = [k for k in full if k not in ("iteration", "split", "lr", "grad_norm", *timings)]
+    assert shared
+    for key in shared:
+        assert lora[0][key] == pytest.approx(full[key], rel=1e-6, abs=1e-7), key
+    assert len(lora) == len(tp2) == 2
+    for step, (got, want) in enumerate(zip(tp2, lora)):
+        for key in [*shared, "grad_norm"]:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (step, key)
