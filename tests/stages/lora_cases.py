@@ -78,7 +78,8 @@ def lora_resume(out: str, flags: list[str], other_flags: list[str]) -> dict:
     saved = read_checkpoint(resolve_load_dir(save))
     ps.destroy_model_parallel()  # another layout (the process group stays)
     other = _sft_lora(out, 4, other_flags, load=str(Path(save) / "iter_0000002"))
-    return {"resumed_other_layout": [r["lm loss"] for r in other["history"]],"straight": [r["lm loss"] for r in straight["history"]],
+    return {"resumed_other_layout": [r["lm loss"] for r in other["history"]],
+            "straight": [r["lm loss"] for r in straight["history"]],
             "resumed": [r["lm loss"] for r in first["history"] + resumed["history"]],
             "grad_norms": [[r["grad_norm"] for r in straight["history"]],
                            [r["grad_norm"] for r in first["history"] + resumed["history"]]],

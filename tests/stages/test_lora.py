@@ -74,7 +74,8 @@ def test_lora_checkpoint_holds_adapters_resumes_exactly_and_refuses_a_changed_ba
     env = {"TINYLLM_TEST_TOKENIZER": data.tokenizer_path()}
     run_ranks("tests.stages.layout_cases:make_checkpoints", 1, out=str(tmp_path), env=env)
     result = run_ranks("tests.stages.lora_cases:lora_resume", 2, out=str(tmp_path), env=env,
-                       flags=["--tensor-model-parallel-size", "2"], other_flags=["--pipeline-model-parallel-size", "2"])[0]
+                       flags=["--tensor-model-parallel-size", "2"],
+                       other_flags=["--pipeline-model-parallel-size", "2"])[0]
     assert result["resumed"] == result["straight"] and len(result["straight"]) == 4
     assert result["grad_norms"][0] == result["grad_norms"][1]
     # the TP2 checkpoint of iteration 2 resumed at PP2: the adapters and their Adam state reshard
@@ -176,7 +177,8 @@ def _check_exports(tmp_path, lora_ckpt):
 @pytest.mark.distributed
 def test_lora_grpo_rollouts_and_steps_agree_across_layouts():
     """GRPO with adapters, its own rollouts (the KV-cache decoder with the adapters): the first step's rollouts and
-    loss are the full model's (B = 0), and TP2 gives TP1's two steps (the second step's rollouts see trained adapters)."""
+    loss are the full model's (B = 0), and TP2 gives TP1's two steps (the second step's rollouts see trained
+    adapters)."""
     from tests.harness import arithmetic
     from tests.harness.distributed import run_ranks
     from tests.stages.test_grpo import REAL

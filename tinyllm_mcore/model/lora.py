@@ -209,7 +209,8 @@ def adapters_of(model: torch.nn.Module, settings: LoraSettings):
         for target in settings.targets:
             parent_name, linear_name, _ = TARGETS[target]
             parent = getattr(layer, parent_name)
-            yield layer.layer_number, target, getattr(parent, linear_name), getattr(parent, linear_name + ADAPTER_SUFFIX)
+            yield (layer.layer_number, target, getattr(parent, linear_name),
+                   getattr(parent, linear_name + ADAPTER_SUFFIX))
 
 
 def merged_state_dict(model: torch.nn.Module, settings: LoraSettings) -> dict[str, torch.Tensor]:
