@@ -203,3 +203,20 @@ def test_lora_grpo_rollouts_and_steps_agree_across_layouts():
     for step, (got, want) in enumerate(zip(tp2, lora)):
         for key in [*shared, "grad_norm"]:
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (step, key)
+
+
+def test_lora_refused_where_it_cannot_train(tmp_path, capsys):
+    from tinyllm_mcore.stages import reward, sft
+    from tinyllm_mcore.training.loop import run_stage
+
+    stage = reward.make_stage(data.preference_provider(data.corpus().preference[:2]))
+    argv = data.common_flags(tmp_path, "--train-iters", "1", "--lora-rank", "4", "--load", str(tmp_path / "none"))
+    assert run_stage(stage, argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --lora-rank: the reward stage trains a new reward head, which adapters on a frozen model would "
+        "leave untrained; train it in full"]
+    stage = sft.make_stage(data.sft_provider(data.corpus().sft[:2]))
+    assert run_stage(stage, [*argv, "--save", str(tmp_path / "out"), "--save-hf"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --save-hf is not available with --lora-rank: export the LoRA checkpoint with tinyllm-mcore-to-hf "
+        "(the merged model, or --peft-adapter DIR)"]
