@@ -72,8 +72,10 @@ setup(
         # verifiable tasks and answer checking for RL with verifiable rewards (data/verifiable_prompts.py)
         "rl": ["reasoning-gym>=0.1.25,<0.2", "math-verify>=0.9,<1"],
         **TRACKERS,
-        # the tests cover the RL data sources and the trackers too
-        "dev": ["pytest>=7", "pyarrow", "reasoning-gym>=0.1.25,<0.2", "math-verify>=0.9,<1",
+        # loading an exported LoRA adapter (tinyllm-mcore-to-hf --peft-adapter) with Hugging Face PEFT
+        "lora": ["peft>=0.13,<1"],
+        # the tests cover the RL data sources, the trackers and the PEFT export too
+        "dev": ["pytest>=7", "pyarrow", "reasoning-gym>=0.1.25,<0.2", "math-verify>=0.9,<1", "peft>=0.13,<1",
                 *(requirement for name, requirements in TRACKERS.items() if name != "swanlab"
                   for requirement in requirements)],
         # GPU only: needs CUDA to build. Selected at run time when it imports and CUDA is present.

@@ -147,13 +147,15 @@ def _sharded_rng(state):
 
 def _state_dict(models, optimizer, scheduler, *, iteration: int, consumed_samples: int,
                 metadata: CheckpointMetadata | None, rng: bool, is_loading: bool,
-                optimizer_metadata: dict | None = None) -> dict:
+                optimizer_metadata: dict | None = None, model_keys: Callable[[str], bool] | None = None) -> dict:
     state = {"iteration": iteration, "consumed_samples": consumed_samples}
     if metadata is not None:
         state[METADATA_KEY] = metadata.to_dict()
     model_state = {}
     for i, m in enumerate(models):
-        state[_model_key(i, len(models))] = unwrap(m).sharded_state_dict()
+        model = unwrap(m).sharded_state_dict()
+        state[_model_key(i, len(models))] = model if model_keys is None else \
+            {k: v for k, v in model.items() if model_keys(k)}
         model_state.update(state[_model_key(i, len(models))])
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading,
@@ -170,12 +172,14 @@ def _state_dict(models, optimizer, scheduler, *, iteration: int, consumed_sample
 def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler, *, consumed_samples: int,
                     metadata: CheckpointMetadata | None = None, dist_ckpt_optim_fully_reshardable: bool = False,
                     distrib_optim_fully_reshardable_mem_efficient: bool = False,
-                    export: Callable[[Path], object] | None = None) -> Path:
+                    export: Callable[[Path], object] | None = None,
+                    model_keys: Callable[[str], bool] | None = None) -> Path:
     """Save and publish iteration `iteration` into `save_dir` (every rank calls it); `metadata`: the run's record
     (RunContext.checkpoint_metadata); the two flags choose a distributed optimizer's format (checkpoint/formats.py).
     `export(path)` runs on every rank once the dist checkpoint is written, before the manifest: what it writes into
     the iteration folder (--save-hf's hf/) is part of the checkpoint, covered by its manifest and published with it
-    (if it fails, the save is incomplete: the pointer stays, the folder goes at the next start)."""
+    (if it fails, the save is incomplete: the pointer stays, the folder goes at the next start).
+    `model_keys`: the model tensors saved (LoRA: the adapters only; the frozen base is its own checkpoint)."""
     from megatron.core import dist_checkpointing
 
     compat.write_checkpoints_in_process()  # megatron's writer would fork per save (runtime/compat.py)
@@ -191,7 +195,8 @@ def save_checkpoint(save_dir: str, iteration: int, models, optimizer, scheduler,
         optimizer, fully_reshardable=dist_ckpt_optim_fully_reshardable,
         mem_efficient=distrib_optim_fully_reshardable_mem_efficient)
     state = _state_dict(models, optimizer, scheduler, iteration=iteration, consumed_samples=consumed_samples,
-                        metadata=metadata, rng=True, is_loading=False, optimizer_metadata=optimizer_metadata)
+                        metadata=metadata, rng=True, is_loading=False, optimizer_metadata=optimizer_metadata,
+                        model_keys=model_keys)
     state.update(compat.checkpoint_stamp())
     dist_checkpointing.save(state, str(path), content_metadata=optimizer_metadata)
     dist.barrier()
@@ -319,19 +324,21 @@ def _check_model_keys(path: Path, model_states: list[dict], saved: dict[str, tup
 
 def load_checkpoint(saved: SavedCheckpoint, models, optimizer=None, scheduler=None, *, finetune: bool = False,
                     load_optim: bool = True, load_rng: bool = True,
-                    skip_prefixes: tuple[str, ...] = ()) -> tuple[int, int]:
+                    skip_prefixes: tuple[str, ...] = (),
+                    skip_key: Callable[[str], bool] | None = None) -> tuple[int, int]:
     """Load the checkpoint `saved` (read_checkpoint: already verified) into the (already built)
     models/optimizer/scheduler; return (iteration, consumed_samples).
 
     `finetune` loads model weights only and restarts counting from zero. RNG states are restored only when the
     parallel layout is unchanged (they are per TP/PP rank).
-    `skip_prefixes`: model parameters left as built (reward: its new head, from an LM checkpoint's trunk).
+    `skip_prefixes`: model parameters left as built (reward: its new head, from an LM checkpoint's trunk);
+    `skip_key`: the same for the keys it is true of (LoRA: the adapters, from the base checkpoint).
     """
     from megatron.core import parallel_state as ps
 
     try:
         return _load(saved, models, optimizer, scheduler, finetune=finetune, load_optim=load_optim,
-                     load_rng=load_rng, skip_prefixes=skip_prefixes, ps=ps)
+                     load_rng=load_rng, skip_prefixes=skip_prefixes, skip_key=skip_key, ps=ps)
     except CheckpointError:
         raise
     except Exception as e:  # a damaged file the manifest could not vouch for: one line, not a multi-rank dump
@@ -340,7 +347,7 @@ def load_checkpoint(saved: SavedCheckpoint, models, optimizer=None, scheduler=No
 
 
 def _load(saved: SavedCheckpoint, models, optimizer, scheduler, *, finetune: bool, load_optim: bool,
-          load_rng: bool, skip_prefixes: tuple[str, ...], ps):
+          load_rng: bool, skip_prefixes: tuple[str, ...], skip_key, ps):
     from megatron.core import dist_checkpointing
 
     path, run = saved.path, saved.metadata
@@ -357,14 +364,18 @@ def _load(saved: SavedCheckpoint, models, optimizer, scheduler, *, finetune: boo
                         rng=load_rng and not finetune and same_layout, is_loading=True,
                         optimizer_metadata=optimizer_metadata)
     keys = [_model_key(i, len(models)) for i in range(len(models))]
-    if skip_prefixes:
+
+    def skipped(k: str) -> bool:
+        return bool(skip_prefixes) and k.startswith(skip_prefixes) or skip_key is not None and skip_key(k)
+
+    if skip_prefixes or skip_key is not None:
         for key in keys:
-            state[key] = {k: v for k, v in state[key].items() if not k.startswith(skip_prefixes)}
+            state[key] = {k: v for k, v in state[key].items() if not skipped(k)}
     _check_model_keys(path, [state[key] for key in keys], saved_shapes)
     loaded = dist_checkpointing.load(state, str(path))
     for key, m in zip(keys, models):
-        missing, unexpected = unwrap(m).load_state_dict(loaded[key], strict=not skip_prefixes)
-        if [k for k in missing if not k.startswith(skip_prefixes) and not k.endswith("_extra_state")] or unexpected:
+        missing, unexpected = unwrap(m).load_state_dict(loaded[key], strict=not (skip_prefixes or skip_key))
+        if [k for k in missing if not skipped(k) and not k.endswith("_extra_state")] or unexpected:
             raise CheckpointError(f"{path} does not fit this model: missing {missing[:3]}, unexpected "
                                   f"{unexpected[:3]}")
     if with_optim:

@@ -9,7 +9,8 @@ Versions:
 - 0 (no version; written up to commit cfca0f0): the flat `args` dict, the flags plus the preset, head, tokenizer
   identity and batch arithmetic under their flag names. Read by `from_common` into the same fields
   (tests/fixtures/checkpoint_v0 is one).
-- 1: this schema.
+- 1: this schema. Later additions have defaults (older version-1 records read as before): `lora` and `lora_base`
+  (a LoRA run's adapter settings and its base checkpoint: path + manifest checksum; model/lora.py).
 A version newer than `SCHEMA_VERSION` is refused with one line: its fields may mean what this code does not know.
 """
 from __future__ import annotations
@@ -47,6 +48,10 @@ class CheckpointMetadata:
     num_microbatches: int | None = None
     data_parallel_size: int | None = None
     flags: dict = field(default_factory=dict)  # the writing run's flags, plain values: information only
+    # a LoRA checkpoint holds only adapters: their settings (LoraSettings.describe) and the frozen base they adapt,
+    # {"path": its iter_* directory, "manifest_checksum": sha256 of its manifest.json}; None for full checkpoints
+    lora: dict | None = None
+    lora_base: dict | None = None
 
     def to_dict(self) -> dict:
         """Plain values for the common state (saved under KEY)."""

@@ -51,6 +51,15 @@ def write_manifest(checkpoint_dir: Path) -> None:
     atomic_write_text(checkpoint_dir / MANIFEST, json.dumps(manifest, indent=1))
 
 
+def manifest_checksum(checkpoint_dir: Path) -> str | None:
+    """sha256 of the manifest (which holds every file's size and crc32): one value naming the checkpoint's content.
+    None without a manifest."""
+    import hashlib
+
+    path = Path(checkpoint_dir) / MANIFEST
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 def has_manifest(checkpoint_dir: Path) -> bool:
     return (checkpoint_dir / MANIFEST).is_file()
 

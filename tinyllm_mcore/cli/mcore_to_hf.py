@@ -1,6 +1,7 @@
 """megatron-core dist checkpoint (any TP/PP) -> Hugging Face model directory.
 
     tinyllm-mcore-to-hf --load CKPT_DIR --save HF_DIR [--dtype bf16] [--tokenizer-model PATH]
+    tinyllm-mcore-to-hf --load LORA_CKPT --save MERGED_HF_DIR [--peft-adapter ADAPTER_DIR]
 
 What is written and why: tinyllm_mcore/convert/to_hf.py.
 """
@@ -19,7 +20,10 @@ DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--load", required=True, help="checkpoint root (with latest_checkpointed_iteration.txt) or iter dir")
-    p.add_argument("--save", required=True, help="HF model directory to write")
+    p.add_argument("--save", default=None,
+                   help="HF model directory to write (a LoRA checkpoint: base and adapters merged)")
+    p.add_argument("--peft-adapter", default=None, metavar="DIR",
+                   help="a LoRA checkpoint: also write its adapters as a PEFT adapter folder for the base's export")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="dtype of the exported weights")
     p.add_argument("--tokenizer-model", default=None,
                    help="tokenizer.model or directory (default: the one recorded in the checkpoint)")
@@ -44,7 +48,7 @@ def main(argv=None) -> int:
         args.load, args.save, args.dtype, args.tokenizer_model, args.hf_arch, not args.no_prompt_prefix,
         args.max_shard_size_mb * 1024**2, log=conversion_log(args.quiet), allow_non_finite=args.allow_non_finite,
         verify=not args.no_verify_checkpoint, require_manifest=args.require_manifest,
-        allow_tokenizer_change=args.allow_tokenizer_change))
+        allow_tokenizer_change=args.allow_tokenizer_change, peft_adapter=args.peft_adapter))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,14 @@ def check_flags(ctx) -> None:
     if args.save_hf and ctx.model_head != "lm":
         raise ValueError(f"--save-hf exports language models; the {ctx.stage_name} stage's {ctx.model_head} model "
                          "has no Hugging Face counterpart here")
+    if ctx.lora is not None and ctx.model_head != "lm":
+        raise ValueError(f"--lora-rank: the {ctx.stage_name} stage trains a new {ctx.model_head} head, which "
+                         "adapters on a frozen model would leave untrained; train it in full")
+    if ctx.lora is not None and args.save_hf:
+        raise ValueError("--save-hf is not available with --lora-rank: export the LoRA checkpoint with "
+                         "tinyllm-mcore-to-hf (the merged model, or --peft-adapter DIR)")
+    if ctx.lora is not None and args.load_hf:
+        raise ValueError("--load-hf is not available with --lora-rank: start a LoRA run from a checkpoint (--load)")
     if args.load_hf and getattr(args, "init_from", None):
         raise ValueError("--load-hf and --init-from both give the starting weights: use one")
 

@@ -32,12 +32,13 @@ def single_process_megatron():
         rt.destroy()
 
 
-def whole_model(preset: ModelPreset, padded_vocab: int):
+def whole_model(preset: ModelPreset, padded_vocab: int, lora=None):
     """The whole LM (TP1, one pipeline stage, local spec) with uninitialised fp32 weights and ``padded_vocab`` rows,
     on the CPU; under single_process_megatron."""
     from tinyllm_mcore.model.build import build_chunks, transformer_config
 
     config = transformer_config(preset, use_cpu_initialization=True, perform_initialization=False)
     # padded_vocab_size(v, 1, padded) == padded: the rows the target (or source) TP layout uses
-    (model,) = build_chunks(preset, config, use_te=False, make_vocab_size_divisible_by=padded_vocab, device="cpu")
+    (model,) = build_chunks(preset, config, use_te=False, make_vocab_size_divisible_by=padded_vocab, device="cpu",
+                            lora=lora)  # a LoRA checkpoint's adapter settings (model.lora.LoraSettings)
     return model

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from tinyllm_mcore.checkpoint import adapters
 from tinyllm_mcore.convert.hf_config import default_hf_arch, generation_config, hf_config
 from tinyllm_mcore.convert.hf_folder import write_hf_folder
 from tinyllm_mcore.convert.mapping import (
@@ -26,6 +27,8 @@ from tinyllm_mcore.convert.mapping import (
 )
 from tinyllm_mcore.convert.mcore_model import single_process_megatron, whole_model
 from tinyllm_mcore.convert.output import staged_output_dir
+from tinyllm_mcore.convert.peft_adapter import ADAPTER_CONFIG, write_peft_adapter
+from tinyllm_mcore.model.lora import merged_state_dict
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EXPORT_ARCHS = ("llama", "qwen2_moe")  # and "qwen2", refused with QWEN2_REFUSED
@@ -59,7 +62,7 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
                         tokenizer_model: str | None = None, hf_arch: str | None = None, prompt_prefix: bool = True,
                         max_shard_bytes: int = 2 * 1024**3, log=print, allow_non_finite: bool = False,
                         verify: bool = True, require_manifest: bool = False,
-                        allow_tokenizer_change: bool = False) -> Path:
+                        allow_tokenizer_change: bool = False, peft_adapter: str | os.PathLike | None = None) -> Path:
     """Export; return the HF directory. Raises ValueError/FileNotFoundError with one-line messages.
 
     Tensors with NaN/inf values (also a finite value that overflows ``dtype``) are refused unless
@@ -67,7 +70,11 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
     complete, so a failure (bad input, disk full) leaves nothing; an earlier export at ``save`` is replaced.
     ``verify`` checks the checkpoint's files against its manifest first. The tokenizer (given, or the one recorded)
     must be the one the checkpoint was trained with (checkpoint.io.check_tokenizer), unless
-    ``allow_tokenizer_change``: an export ships its tokenizer, and a wrong one would be a silently wrong release."""
+    ``allow_tokenizer_change``: an export ships its tokenizer, and a wrong one would be a silently wrong release.
+
+    A LoRA checkpoint (checkpoint/adapters.py) is opened with its base: ``save`` gets the merged model,
+    W + (alpha / r) B A, and ``peft_adapter`` (LoRA checkpoints only) a PEFT adapter folder for the base's export
+    (convert/peft_adapter.py). ``save`` may be None when ``peft_adapter`` is given."""
     from tinyllm_mcore.tokenizer.core import Tokenizer
     from tinyllm_mcore.checkpoint.io import (
         check_tokenizer, load_checkpoint, read_checkpoint, resolve_load_dir, saved_tensor_shapes,
@@ -81,8 +88,16 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
     if hf_arch is not None and hf_arch not in EXPORT_ARCHS:
         raise ValueError(f"unsupported --hf-arch {hf_arch!r}; choose one of {', '.join(EXPORT_ARCHS)}")
     # the files first (checksums), then what they hold
+    if save is None and peft_adapter is None:
+        raise ValueError("give --save HF_DIR (the model) and/or --peft-adapter DIR (a LoRA checkpoint's adapters)")
     saved = read_checkpoint(resolve_load_dir(load), verify=verify, require_manifest=require_manifest)
     path, preset, run = saved.path, saved.preset, saved.metadata
+    base, lora = None, None
+    if adapters.is_lora_checkpoint(saved):  # adapters only: the base they were trained on holds the weights
+        base = adapters.open_base(saved, verify=verify, require_manifest=require_manifest)
+        lora = adapters.settings_of(saved)
+    elif peft_adapter is not None:
+        raise ValueError(f"--peft-adapter: {path} is not a LoRA checkpoint (it holds no adapters)")
     hf_arch = hf_arch or default_hf_arch(preset)
     if hf_arch != default_hf_arch(preset):
         raise MappingError(f"--hf-arch {hf_arch} does not fit this {'MoE' if preset.num_experts else 'dense'} "
@@ -92,17 +107,30 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, dtype:
     tokenizer = Tokenizer.load(tokenizer_model, run.tokenizer_type) if tokenizer_model else None
     if tokenizer is not None:
         check_tokenizer(saved, tokenizer.vocab_size, tokenizer.identity, allow_change=allow_tokenizer_change)
-    out = Path(save)
+    out = Path(save) if save is not None else None
+    weights = base if base is not None else saved
 
     with single_process_megatron():
-        padded = _check_checkpoint_shapes(path, preset, saved_tensor_shapes(path))
+        padded = _check_checkpoint_shapes(weights.path, preset, saved_tensor_shapes(weights.path))
         log(f"[mcore_to_hf] {path} (saved at TP{run.tensor_model_parallel_size or '?'} "
             f"PP{run.pipeline_model_parallel_size or '?'}; {preset.name}, vocab {preset.vocab_size} of "
-            f"{padded} rows) -> {out} as {hf_arch}, {dtype}")
-        model = whole_model(preset, padded)
-        load_checkpoint(saved, [model], finetune=True)
-        state = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
+            f"{padded} rows{f'; LoRA r={lora.rank} on {base.path}' if lora else ''}) -> "
+            f"{out or peft_adapter} as {hf_arch}, {dtype}")
+        model = whole_model(preset, padded, lora=lora)
+        if lora is not None:
+            adapters.load(saved, base, [model], finetune=True)
+            state = merged_state_dict(model, lora)
+        else:
+            load_checkpoint(saved, [model], finetune=True)
+            state = model.state_dict()
+        state = {k: v for k, v in state.items() if not k.endswith("._extra_state")}
+        if peft_adapter is not None:
+            with staged_output_dir(peft_adapter, replaceable=lambda d: (d / ADAPTER_CONFIG).is_file()) as staged:
+                write_peft_adapter(staged, model, preset, lora, padded, source=str(path))
+            log(f"[mcore_to_hf] wrote the PEFT adapter {peft_adapter} (load it on the export of {base.path})")
         del model
+    if out is None:
+        return Path(peft_adapter)
 
     with staged_output_dir(out, replaceable=lambda d: (d / "config.json").is_file()) as staged:
         written = write_hf_export(staged, preset, padded, state.__getitem__, source=str(path), tokenizer=tokenizer,

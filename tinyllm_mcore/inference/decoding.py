@@ -8,6 +8,8 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.mlp import MLP
 
+from tinyllm_mcore.model.lora import adapter_beside
+
 
 # Up to this many rows (sequences), the output layer runs as [vocab, h] @ [h, rows] on its own weight; more rows run
 # over an [h, vocab] copy (`HeadCopy`). Measured on this project's CPU (MKL, 1 thread, 92m's 64896 x 512 weight, ms):
@@ -115,7 +117,8 @@ class CachedDecoder:
         hidden = self._embed(inputs) if self.first else inputs  # [b, s, h]
         for layer, key_cache, value_cache in zip(self.layers, self.keys, self.values):
             attention = layer.self_attention
-            qkv = self._linear(attention.linear_qkv, layer.input_layernorm(hidden)).view(b, s, self.groups, -1)
+            qkv = self._linear(attention.linear_qkv, layer.input_layernorm(hidden),
+                               adapter_beside(attention, "linear_qkv")).view(b, s, self.groups, -1)
             query, key, value = qkv.split([q_per_group * d, d, d], dim=-1)
             query = _rotate(query.reshape(b, s, self.heads, d), cos, sin)
             keys, values = store(key_cache, _rotate(key, cos, sin)), store(value_cache, value)
@@ -129,7 +132,8 @@ class CachedDecoder:
             context = torch.nn.functional.scaled_dot_product_attention(
                 query.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
                 enable_gqa=q_per_group > 1)
-            hidden = hidden + self._linear(attention.linear_proj, context.transpose(1, 2).reshape(b, s, -1))
+            hidden = hidden + self._linear(attention.linear_proj, context.transpose(1, 2).reshape(b, s, -1),
+                                           adapter_beside(attention, "linear_proj"))
             hidden = hidden + self._mlp(layer.mlp, layer.pre_mlp_layernorm(hidden))
         return hidden
 
@@ -162,30 +166,33 @@ class CachedDecoder:
         logits = logits if output_layer.bias is None else logits + output_layer.bias
         return tensor_parallel.gather_from_tensor_model_parallel_region(logits) if self.tp > 1 else logits
 
-    def _linear(self, linear, x: torch.Tensor) -> torch.Tensor:
-        """A megatron linear's output with its bias added; column-parallel outputs stay sharded, as the module's."""
+    def _linear(self, linear, x: torch.Tensor, adapter=None) -> torch.Tensor:
+        """A megatron linear's output with its bias (and its LoRA `adapter`'s output: model/lora.py) added;
+        column-parallel outputs stay sharded, as the module's."""
         if not _plain(linear):
-            out, bias = linear(x)
+            out, bias = linear(x)  # through its forward hooks: a LoRA adapter is included
             return out if bias is None else out + bias
         if type(linear) is tensor_parallel.RowParallelLinear and linear.tp_group.size() > 1:
             # the bias joins after the all-reduce, once (as megatron's row-parallel forward adds it)
             out = tensor_parallel.reduce_from_tensor_model_parallel_region(
                 torch.nn.functional.linear(x, linear.weight), group=linear.tp_group)
-            return out if linear.bias is None else out + linear.bias
-        return torch.nn.functional.linear(x, linear.weight, linear.bias)
+            out = out if linear.bias is None else out + linear.bias
+        else:
+            out = torch.nn.functional.linear(x, linear.weight, linear.bias)
+        return out if adapter is None else out + adapter.delta(x, sequence_parallel=False)
 
     def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
         """megatron's MLP (SwiGLU: fc1 = [gate; up] per TP shard) on plain ops; other MLPs (MoE) as modules."""
         if type(mlp) is not MLP:
             out, bias = mlp(x)
             return out if bias is None else out + bias
-        intermediate = self._linear(mlp.linear_fc1, x)
+        intermediate = self._linear(mlp.linear_fc1, x, adapter_beside(mlp, "linear_fc1"))
         if mlp.config.gated_linear_unit:
             gate, up = torch.chunk(intermediate, 2, dim=-1)
             intermediate = mlp.config.activation_func(gate) * up
         else:
             intermediate = mlp.activation_func(intermediate)
-        return self._linear(mlp.linear_fc2, intermediate)
+        return self._linear(mlp.linear_fc2, intermediate, adapter_beside(mlp, "linear_fc2"))
 
 
 class HeadCopy:

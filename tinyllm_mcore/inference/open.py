@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from tinyllm_mcore.checkpoint import adapters
 from tinyllm_mcore.checkpoint import io as ckpt
 from tinyllm_mcore.checkpoint.metadata import CheckpointMetadata
 
@@ -55,17 +56,24 @@ def open_checkpoint(load: str, tokenizer=None, *, tensor_parallel_size: int = 1,
         rt.initialize(tp=tensor_parallel_size, pp=pipeline_parallel_size)
     if verify:
         ckpt.verify_checkpoint(saved.path, require_manifest=require_manifest)
-    chunks = build_inference_chunks(preset, saved.metadata, bf16=bf16, use_te=use_te)
-    ckpt.load_checkpoint(saved, chunks, finetune=True)
+    if adapters.is_lora_checkpoint(saved):  # adapters only: the base they were trained on, then them
+        base = adapters.open_base(saved, verify=verify, require_manifest=require_manifest)
+        chunks = build_inference_chunks(preset, saved.metadata, bf16=bf16, use_te=False,
+                                        lora=adapters.settings_of(saved))
+        adapters.load(saved, base, chunks, finetune=True)
+    else:
+        chunks = build_inference_chunks(preset, saved.metadata, bf16=bf16, use_te=use_te)
+        ckpt.load_checkpoint(saved, chunks, finetune=True)
     for chunk in chunks:
         chunk.eval()
     return OpenedCheckpoint(path=saved.path, preset=preset, metadata=saved.metadata, chunks=chunks)
 
 
 def build_inference_chunks(preset, saved: CheckpointMetadata, *, bf16: bool = False,
-                           use_te: bool | None = None) -> list:
+                           use_te: bool | None = None, lora=None) -> list:
     """This rank's chunks of the saved preset and head at the current parallel layout, weights not loaded (and not
-    initialised: the checkpoint's overwrite them); bare modules, so bf16 logits stay bf16."""
+    initialised: the checkpoint's overwrite them); bare modules, so bf16 logits stay bf16. `lora`: a LoRA
+    checkpoint's adapter settings (model.lora.LoraSettings)."""
     from megatron.core import parallel_state as ps
 
     from tinyllm_mcore.model.build import build_chunks, transformer_config
@@ -76,4 +84,4 @@ def build_inference_chunks(preset, saved: CheckpointMetadata, *, bf16: bool = Fa
         use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=False)
     return build_chunks(preset, config, head=saved.model_head, use_te=use_te,
                         make_vocab_size_divisible_by=saved.make_vocab_size_divisible_by,
-                        half_precision_wrapper=False)
+                        half_precision_wrapper=False, lora=lora)

@@ -172,11 +172,13 @@ def build_chunks(
     init_weights: Callable[[torch.nn.Module], None] | None = None,
     device: torch.device | str | None = None,
     half_precision_wrapper: bool = True,
+    lora=None,
 ) -> list[torch.nn.Module]:
     """This rank's model chunks at the current parallel layout: one per virtual pipeline stage of `config` (one
     without interleaving), each with its pipeline position's embedding / output head.
 
-    Each chunk is built, handed to `init_weights`, moved to `device` (default: the current CUDA
+    Each chunk is built, handed to `init_weights`, given LoRA adapters on its frozen weights when `lora` (a
+    model.lora.LoraSettings) is set, moved to `device` (default: the current CUDA
     device when there is one, else the CPU) and, when `config` is bf16/fp16 and `half_precision_wrapper` is set,
     wrapped in megatron's Float16Module (casts the first stage's float inputs to the model's dtype and the last
     stage's outputs to fp32, for the losses). Inference passes False: its logits stay in the model's dtype.
@@ -192,6 +194,10 @@ def build_chunks(
                             use_te=use_te, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
         if init_weights is not None:
             init_weights(model)
+        if lora is not None:
+            from tinyllm_mcore.model.lora import apply_lora
+
+            apply_lora(model, lora, config)
         if device is not None:
             model.to(device)
         if half_precision_wrapper and (config.bf16 or config.fp16):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from tinyllm_mcore.checkpoint.io import add_load_check_flags
+from tinyllm_mcore.model.lora import add_lora_flags, settings_from_args
 from tinyllm_mcore.model.presets import PRESETS
 from tinyllm_mcore.runtime.quiet import add_verbose_flag
 from tinyllm_mcore.training.metrics import Tracking
@@ -38,6 +39,8 @@ def build_parser(description: str, extra_args=None) -> argparse.ArgumentParser:
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
                    help="token dropping: each expert takes at most factor x tokens x topk / experts tokens per "
                         "micro-batch, lowest-probability assignments dropped (default: no dropping)")
+
+    add_lora_flags(p)
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -187,6 +190,9 @@ def validate(args: argparse.Namespace, *, needs_data_path: bool = True) -> argpa
                          "--load resumes (or, with --finetune, starts from) a checkpoint")
     if args.finetune and not (args.load or args.load_hf):
         raise ValueError("--finetune needs --load CHECKPOINT (it starts from that checkpoint's weights)")
+    if settings_from_args(args) is not None and not args.load:  # the --lora-* checks; RunContext holds them
+        raise ValueError("--lora-rank needs --load CHECKPOINT: the adapters train on that checkpoint's frozen weights "
+                         "(a LoRA checkpoint holds only adapters and points at it)")
     args.split = normalize_split(args.split)
     problem = Tracking.from_args(args).problem()  # a missing tracker package: now, before any model is built
     if problem:

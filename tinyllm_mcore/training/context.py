@@ -51,6 +51,8 @@ class RunContext:
     chunks: list = field(default_factory=list)  # this rank's model chunks, one per virtual pipeline stage
     references: list = field(default_factory=list)  # DPO, GRPO: a frozen reference per chunk, in the same order
     stage_state: object | None = None  # a stage's own typed run state, set by its hooks (GRPO: grpo.GRPORun)
+    lora: object | None = None  # model.lora.LoraSettings of a LoRA run (--lora-rank), None for full training
+    lora_base: dict | None = None  # a LoRA run's base checkpoint (checkpoint/adapters.base_record), set at load
 
     @property
     def tokenizer_identity(self) -> str | None:
@@ -76,4 +78,5 @@ class RunContext:
             use_distributed_optimizer=args.use_distributed_optimizer, seq_length=self.batch.seq_length,
             micro_batch_size=self.batch.micro_batch_size, global_batch_size=self.batch.global_batch_size,
             num_microbatches=self.batch.num_microbatches, data_parallel_size=self.layout.data,
+            lora=self.lora.describe() if self.lora is not None else None, lora_base=self.lora_base,
             flags=plain_flags(args))

@@ -28,9 +28,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tinyllm_mcore.model import lora
 from tinyllm_mcore.model.build import transformer_config
 from tinyllm_mcore.model.presets import ModelPreset, get_preset
 from tinyllm_mcore.runtime import distributed as rt
+from tinyllm_mcore.checkpoint import adapters
 from tinyllm_mcore.checkpoint import io as ckpt
 from tinyllm_mcore.convert import in_training as hf_io
 from tinyllm_mcore.training.arguments import build_parser, validate
@@ -136,8 +138,13 @@ def build_model_chunks(stage: Stage, ctx: RunContext, config):
     from tinyllm_mcore.model.build import build_chunks, use_te_for
 
     args = ctx.args
-    chunks = build_chunks(ctx.preset, config, head=stage.model_head, seed=args.seed,
-                          use_te=use_te_for(args.transformer_impl),
+    use_te = use_te_for(args.transformer_impl)
+    if ctx.lora is not None:  # the adapters hook megatron's local linear layers (TE fuses the norm into qkv)
+        if use_te:
+            raise ValueError("--lora-rank needs --transformer-impl local or auto (the adapters wrap megatron's "
+                             "local linear layers)")
+        use_te = False
+    chunks = build_chunks(ctx.preset, config, head=stage.model_head, seed=args.seed, use_te=use_te, lora=ctx.lora,
                           make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                           init_weights=partial(stage.init_weights, ctx) if stage.init_weights is not None else None)
     ddp_config = DistributedDataParallelConfig(
@@ -383,7 +390,8 @@ def run_context(stage: Stage, args, tokenizer=None) -> RunContext:
                             virtual_pipeline=virtual_pipeline_stages(args, preset),
                             expert=args.expert_model_parallel_size, data=dp, data_rank=0)
     return RunContext(stage_name=stage.name, args=args, preset=preset, tokenizer=tokenizer, layout=layout,
-                      batch=batch, report_names=tuple(report_names), model_head=stage.model_head)
+                      batch=batch, report_names=tuple(report_names), model_head=stage.model_head,
+                      lora=lora.settings_from_args(args))
 
 
 def setup(stage: Stage, args, tokenizer=None, cleanup: contextlib.ExitStack | None = None) -> TrainingRun:
@@ -407,11 +415,17 @@ def setup(stage: Stage, args, tokenizer=None, cleanup: contextlib.ExitStack | No
         save_lock = _claim_save_folder(args.save)
         if save_lock is not None and cleanup is not None:
             cleanup.callback(save_lock.release)
-    loaded = None
+    loaded, lora_base = None, None
     if load_path is not None:  # the files first (checksums), then what they hold (model shape, tokenizer)
         loaded = ckpt.read_checkpoint(load_path, verify=not args.no_verify_checkpoint,
                                       require_manifest=args.require_manifest)
         ckpt.check_matches_run(loaded, ctx.preset, ctx.tokenizer_identity, args.allow_tokenizer_change)
+        if adapters.is_lora_checkpoint(loaded):  # adapters only: its base first (the one they were trained on)
+            _check_lora_settings(ctx, loaded)
+            lora_base = adapters.open_base(loaded, verify=not args.no_verify_checkpoint,
+                                           require_manifest=args.require_manifest)
+        if ctx.lora is not None:
+            ctx.lora_base = adapters.base_record(loaded)
     hf_start = hf_io.open_hf_start(ctx) if args.load_hf else None  # the same order for an HF folder
     config = build_config(args, ctx.preset)
     ctx.chunks = build_model_chunks(stage, ctx, config)
@@ -423,10 +437,20 @@ def setup(stage: Stage, args, tokenizer=None, cleanup: contextlib.ExitStack | No
 
     iteration, consumed = 0, 0
     if loaded is not None:
-        iteration, consumed = ckpt.load_checkpoint(loaded, ctx.chunks, optimizer, scheduler,
-                                                   finetune=args.finetune,
-                                                   load_optim=not (args.no_load_optim or args.skip_train),
-                                                   load_rng=not args.no_load_rng)
+        load_flags = dict(load_optim=not (args.no_load_optim or args.skip_train), load_rng=not args.no_load_rng)
+        if lora_base is not None:
+            iteration, consumed = adapters.load(loaded, lora_base, ctx.chunks, optimizer, scheduler,
+                                                finetune=args.finetune, **load_flags)
+        else:
+            # a LoRA run from a full checkpoint (its base): the base weights only, adapters fresh, counting from zero
+            from_base = ctx.lora is not None
+            if from_base and not args.finetune:
+                rt.print_rank0(f"{args.load} holds no LoRA adapters: its weights are the frozen base, the adapters "
+                               "start fresh (as with --finetune)")
+            iteration, consumed = ckpt.load_checkpoint(loaded, ctx.chunks, optimizer, scheduler,
+                                                       finetune=args.finetune or from_base,
+                                                       skip_key=lora.is_adapter_key if from_base else None,
+                                                       **load_flags)
         rt.print_rank0(f"loaded {args.load} at iteration {iteration} ({consumed} samples consumed)")
     if hf_start is not None:
         hf_io.load_hf_start(hf_start, ctx, optimizer)
@@ -434,6 +458,18 @@ def setup(stage: Stage, args, tokenizer=None, cleanup: contextlib.ExitStack | No
         stage.after_load(ctx)
     return TrainingRun(ctx=ctx, config=config, optimizer=optimizer, scheduler=scheduler, iteration=iteration,
                        consumed_samples=consumed)
+
+
+def _check_lora_settings(ctx: RunContext, loaded) -> None:
+    """A LoRA checkpoint continues with the adapters it holds: the run's --lora-* must be its settings."""
+    saved = adapters.settings_of(loaded)
+    flags = (f"--lora-rank {saved.rank} --lora-alpha {saved.alpha:g} --lora-dropout {saved.dropout:g} "
+             f"--lora-target {','.join(saved.targets)}")
+    if ctx.lora is None:
+        raise ValueError(f"{loaded.path} is a LoRA checkpoint (adapters on {loaded.metadata.lora_base['path']}): "
+                         f"continue it with its settings, {flags}")
+    if (ctx.lora.rank, ctx.lora.alpha, ctx.lora.targets) != (saved.rank, saved.alpha, saved.targets):
+        raise ValueError(f"--lora-*: {loaded.path} holds adapters trained with {flags}; pass those")
 
 
 def _claim_save_folder(save: str):
@@ -515,7 +551,8 @@ def _train(stage: Stage, args, tokenizer, exit_conditions: ExitConditions, clean
             args.save, at, chunks, optimizer, scheduler, consumed_samples=consumed, metadata=ctx.checkpoint_metadata(),
             dist_ckpt_optim_fully_reshardable=args.dist_ckpt_optim_fully_reshardable,
             distrib_optim_fully_reshardable_mem_efficient=args.distrib_optim_fully_reshardable_mem_efficient,
-            export=partial(hf_io.save_hf_folder, ctx) if args.save_hf else None)
+            export=partial(hf_io.save_hf_folder, ctx) if args.save_hf else None,
+            model_keys=lora.is_adapter_key if ctx.lora is not None else None)  # LoRA: the adapters; base: lora_base
         rt.print_rank0(f"saved checkpoint {path}")
 
     if args.skip_train:

@@ -22,7 +22,9 @@ def build_references(ctx, ref_load: str | None) -> None:
     args = ctx.args
     # the policy's config: the same layout, virtual-pipeline chunks and precision
     references = build_chunks(ctx.preset, get_model_config(ckpt.unwrap(ctx.chunks[0])), head=ctx.model_head,
-                              seed=args.seed, use_te=use_te_for(args.transformer_impl),
+                              seed=args.seed,
+                              # a LoRA policy is on the local spec (model/lora.py): the reference's keys are its base's
+                              use_te=False if ctx.lora is not None else use_te_for(args.transformer_impl),
                               make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
     if ref_load:
         saved = ckpt.read_checkpoint(ckpt.resolve_load_dir(ref_load), verify=not args.no_verify_checkpoint,
@@ -34,8 +36,11 @@ def build_references(ctx, ref_load: str | None) -> None:
                                                          "policy's model, e.g. its own start --model-size")) from None
         ckpt.load_checkpoint(saved, references, finetune=True)
     else:
-        for reference, chunk in zip(references, ctx.chunks):
-            ckpt.unwrap(reference).load_state_dict(ckpt.unwrap(chunk).state_dict(), strict=True)
+        from tinyllm_mcore.model.lora import is_adapter_key
+
+        for reference, chunk in zip(references, ctx.chunks):  # a LoRA policy's base (its adapters start at B = 0)
+            base = {k: v for k, v in ckpt.unwrap(chunk).state_dict().items() if not is_adapter_key(k)}
+            ckpt.unwrap(reference).load_state_dict(base, strict=True)
     for reference in references:
         reference.eval()
         reference.requires_grad_(False)
