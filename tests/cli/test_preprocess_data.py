@@ -246,6 +246,50 @@ def test_malformed_lines_are_counted_exactly(tmp_path, capsys):
         tok.tokenize("好的文档一") + [tok.eod], tok.tokenize("   ") + [tok.eod], tok.tokenize("好的文档二") + [tok.eod]])
 
 
+# Lines where json's C scanner alone (the fast path) and json.loads could disagree: leading whitespace, a byte order
+# mark, every JSON whitespace and non-JSON whitespace after the value, data after it, a control character inside a
+# string, escapes, no final newline.
+EDGE_LINES = [b'  {"text": "lead"}', b'\xef\xbb\xbf{"text": "bom"}', b'{"text": "ws"} \t\r', b'{"text": "x"} {"text": "y"}',
+              b'{"text": "x"}, 1', b'{"text": "ff"}\x0c', b'{"text": "ideographic"}\xe3\x80\x80', b'{"text": "x"}]',
+              b'{"text": "raw\x01control"}', b'{"text": "\\u4f60\\u597d \\ud83d\\ude00"}', b'{"text": "dup", "text": "2nd"}',
+              b'\t', b'{"text": "last line, no newline"}']
+
+
+def test_lines_are_parsed_exactly_as_json_loads_parses_them(tmp_path, capsys):
+    path = tmp_path / "edge.jsonl"
+    path.write_bytes(b"\n".join(EDGE_LINES))
+    assert cli.main(["--input", str(path), "--output-prefix", str(tmp_path / "edge"), "--tokenizer-model",
+                     str(tiny_tokenizer_dir()), "--append-eod", "--no-progress", "--chunk-size", "4"]) == 0
+    tok = tiny_tokenizer()
+    expected, bad = [], 0
+    for line in EDGE_LINES:
+        text = line.decode()
+        try:
+            record = json.loads(text.removeprefix("\ufeff"))
+        except ValueError:
+            bad += line.strip() != b""
+            continue
+        expected.append(tok.tokenize(record["text"]) + [tok.eod])
+    assert len(expected) == 6 and bad == 6
+    assert f"bad_json: {bad} " in capsys.readouterr().out
+    assert_documents_equal(tmp_path / "edge_text_document", expected)
+
+
+def test_a_sentencepiece_run_imports_neither_megatron_nor_torch(tmp_path):
+    """Start-up: `python tools/preprocess_data.py` with workers, as users run it, imports neither megatron-core nor
+    torch (seconds of imports for a file format and a tokenizer that need neither)."""
+    write_text_jsonl(tmp_path / "in.jsonl", 20)
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "tools" / "preprocess_data.py"), "--input",
+                           str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "o"), "--tokenizer-type",
+                           "SentencePieceTokenizer", "--tokenizer-model", str(tiny_tokenizer_dir()), "--workers", "2",
+                           "--append-eod", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "tinyllm_mcore.data.preprocess" in imported and "sentencepiece" in imported
+    assert not {m for m in imported if m.split(".")[0] in ("megatron", "torch")}
+    assert (tmp_path / "o_text_document.idx").is_file()
+
+
 def test_several_json_keys_keep_lines_aligned_per_key(tmp_path, capsys):
     """A line without `title` keeps its `text` document; its `title` output gets an empty document, so document i
     of both outputs comes from line i. A line with neither key is skipped from both."""

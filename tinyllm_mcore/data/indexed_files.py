@@ -1,13 +1,23 @@
-"""Writing and merging megatron-core indexed datasets (``.bin`` + ``.idx``) with memory flat in dataset size.
+"""Writing, checking and merging megatron-core indexed datasets (``.bin`` + ``.idx``) with memory flat in dataset
+size, without importing megatron-core (seconds of start-up: torch, TE probes) for a file format of a few fields.
 
-megatron-core's ``IndexedDatasetBuilder`` keeps every sequence length in a Python list and ``add_index`` (what
-Megatron-LM's merge tool uses) appends whole indices to it; for a billion-token corpus that is gigabytes. Here:
+The ``.idx`` layout megatron-core's ``IndexedDatasetBuilder`` writes and ``IndexedDataset`` reads (little-endian)::
 
-* ``ChunkedIndexedDatasetBuilder`` — megatron's builder with compact arrays (4 + 8 bytes per sequence/document, as
-  the ``.idx`` itself) and a chunk-at-a-time append;
+    b"MMIDIDX\x00\x00"  u64 version (1)  u8 dtype code  u64 sequence count  u64 document count (+1)
+    int32 sequence lengths[sequences]  int64 byte offsets of the sequences[sequences]
+    int64 document indices[documents + 1]   (sequence index where each document ends, after a leading 0)
+
+megatron-core's builder keeps every sequence length in a Python list and ``add_index`` (what Megatron-LM's merge tool
+uses) appends whole indices to it; for a billion-token corpus that is gigabytes. Here:
+
+* ``ChunkedIndexedDatasetBuilder`` — compact arrays (4 + 8 bytes per sequence/document, as the ``.idx`` itself) and
+  a chunk-at-a-time append;
+* ``IndexSummary`` — an index checked against its ``.bin`` and memory-mapped;
 * ``merge_indexed`` — concatenates datasets by streaming: ``.bin`` files are copied, the ``.idx`` sections are written
-  block by block from the inputs' memory-mapped indices. The files are byte-identical to megatron-core's
-  ``IndexedDatasetBuilder.add_index`` + ``finalize`` (tested).
+  block by block from the inputs' memory-mapped indices.
+
+The files are byte-identical to megatron-core's ``IndexedDatasetBuilder`` (``add_document`` / ``add_index`` +
+``finalize``), and megatron-core reads them back (tests/cli/test_preprocess_data.py, tests/cli/test_merge_datasets.py).
 """
 from __future__ import annotations
 
@@ -24,71 +34,77 @@ from tinyllm_mcore.runtime.files import publish
 
 BLOCK = 1 << 20  # index entries per streamed block
 
-
-def _megatron():
-    # Imported on first use: importing megatron-core takes seconds, and not every importer of this module needs it.
-    from megatron.core.datasets import indexed_dataset
-
-    return indexed_dataset
-
-
-def make_builder(bin_path: str, dtype):
-    """A ChunkedIndexedDatasetBuilder writing `bin_path`."""
-    return _builder_class()(bin_path, dtype)
-
-
-_BUILDER = None
-
-
-def _builder_class():
-    global _BUILDER
-    if _BUILDER is not None:
-        return _BUILDER
-    md = _megatron()
-
-    class _VectorisedIndexWriter(md._IndexWriter):
-        def _sequence_pointers(self, sequence_lengths):
-            lengths = np.asarray(sequence_lengths, dtype=np.int64)
-            pointers = np.zeros_like(lengths)
-            np.cumsum(lengths[:-1] * md.DType.size(self.dtype), out=pointers[1:])
-            return pointers
-
-    class ChunkedIndexedDatasetBuilder(md.IndexedDatasetBuilder):
-        def __init__(self, bin_path: str, dtype):
-            super().__init__(bin_path, dtype=dtype)
-            self.bin_path = bin_path
-            self.sequence_lengths = array("i")  # 4 bytes per sequence instead of a Python int each
-            self.document_indices = array("q", [0])
-            self.tokens = 0
-            self.max_token_id = -1
-
-        def add_chunk(self, tokens: np.ndarray, sequence_lengths: np.ndarray, sequences_per_document: np.ndarray):
-            if tokens.size:
-                self.max_token_id = max(self.max_token_id, int(tokens.max()))
-            self.tokens += int(tokens.size)
-            self.data_file.write(tokens.astype(self.dtype, copy=False).tobytes(order="C"))
-            self.sequence_lengths.frombytes(sequence_lengths.astype(np.int32).tobytes())
-            ends = self.document_indices[-1] + np.cumsum(sequences_per_document, dtype=np.int64)
-            self.document_indices.frombytes(ends.tobytes())
-
-        @property
-        def documents(self) -> int:
-            return len(self.document_indices) - 1
-
-        def finalize(self, idx_path: str) -> None:
-            self.data_file.close()
-            with _VectorisedIndexWriter(idx_path, self.dtype) as writer:
-                writer.write(self.sequence_lengths, self.sequence_modes, self.document_indices)
-
-        def discard(self) -> None:
-            self.data_file.close()
-
-    _BUILDER = ChunkedIndexedDatasetBuilder
-    return _BUILDER
-
-
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_VERSION = 1
 _IDX_HEADER_BYTES = 34  # magic (9) + version (8) + dtype code (1) + sequence count (8) + document count (8)
+# megatron-core's DType codes (the byte after the version).
+_DTYPE_CODES = {"uint8": 1, "int8": 2, "int16": 3, "int32": 4, "int64": 5, "float64": 6, "float32": 7, "uint16": 8}
+_DTYPE_OF_CODE = {code: getattr(np, name) for name, code in _DTYPE_CODES.items()}
+
+
+def token_dtype(vocab_size: int | None):
+    """The id type of a dataset for this vocabulary: megatron-core's ``DType.optimal_dtype`` rule (uint16 below
+    65500, else int32)."""
+    return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
+
+
+def _dtype_code(dtype) -> int:
+    name = np.dtype(dtype).name
+    if name not in _DTYPE_CODES:
+        raise ValueError(f"indexed datasets store {', '.join(_DTYPE_CODES)} ids, not {name}")
+    return _DTYPE_CODES[name]
+
+
+def _write_index_header(f, dtype, sequences: int, documents: int) -> None:
+    """``documents``: the document index's length (documents + 1)."""
+    f.write(_IDX_MAGIC + struct.pack("<QB", _IDX_VERSION, _dtype_code(dtype)) + struct.pack("<QQ", sequences,
+                                                                                              documents))
+
+
+def make_builder(bin_path: str, dtype) -> "ChunkedIndexedDatasetBuilder":
+    """A ChunkedIndexedDatasetBuilder writing `bin_path`."""
+    return ChunkedIndexedDatasetBuilder(bin_path, dtype)
+
+
+class ChunkedIndexedDatasetBuilder:
+    """Writes one ``.bin`` as chunks arrive (``add_chunk``) and its ``.idx`` at ``finalize``."""
+
+    def __init__(self, bin_path: str, dtype):
+        self.bin_path, self.dtype = bin_path, dtype
+        self.itemsize = np.dtype(dtype).itemsize
+        _dtype_code(dtype)  # an unsupported dtype fails before anything is written
+        self.data_file = open(bin_path, "wb")
+        self.sequence_lengths = array("i")  # 4 bytes per sequence instead of a Python int each
+        self.document_indices = array("q", [0])
+        self.tokens = 0
+        self.max_token_id = -1
+
+    def add_chunk(self, tokens: np.ndarray, sequence_lengths: np.ndarray, sequences_per_document: np.ndarray):
+        if tokens.size:
+            self.max_token_id = max(self.max_token_id, int(tokens.max()))
+        self.tokens += int(tokens.size)
+        self.data_file.write(tokens.astype(self.dtype, copy=False).tobytes(order="C"))
+        self.sequence_lengths.frombytes(sequence_lengths.astype(np.int32, copy=False).tobytes())
+        ends = self.document_indices[-1] + np.cumsum(sequences_per_document, dtype=np.int64)
+        self.document_indices.frombytes(ends.tobytes())
+
+    @property
+    def documents(self) -> int:
+        return len(self.document_indices) - 1
+
+    def finalize(self, idx_path: str) -> None:
+        self.data_file.close()
+        lengths = np.frombuffer(self.sequence_lengths, dtype=np.int32)
+        pointers = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1].astype(np.int64) * self.itemsize, out=pointers[1:])
+        with open(idx_path, "wb") as f:
+            _write_index_header(f, self.dtype, len(lengths), len(self.document_indices))
+            f.write(lengths.tobytes())
+            f.write(pointers.tobytes())
+            f.write(np.frombuffer(self.document_indices, dtype=np.int64).tobytes())
+
+    def discard(self) -> None:
+        self.data_file.close()
 
 
 def check_output_prefix(prefix: str | os.PathLike, flag: str = "--output-prefix") -> None:
@@ -103,11 +119,10 @@ def check_output_prefix(prefix: str | os.PathLike, flag: str = "--output-prefix"
 
 
 class IndexSummary:
-    """An ``.idx`` opened memory-mapped (megatron's reader), checked against its ``.bin``: a truncated or mismatched
-    file is one ValueError naming it and the sizes, before anything reads past its end."""
+    """An ``.idx`` checked against its ``.bin`` and opened memory-mapped (``sequence_lengths``, ``document_indices``):
+    a truncated or mismatched file is one ValueError naming it and the sizes, before anything reads past its end."""
 
     def __init__(self, prefix: str):
-        md = _megatron()
         self.prefix = prefix
         idx_path, bin_path = prefix + ".idx", prefix + ".bin"
         for path in (idx_path, bin_path):
@@ -130,22 +145,26 @@ class IndexSummary:
             raise ValueError(f"{idx_path} is {actual_idx} bytes, its header promises {expected_idx}")
         if actual_idx != expected_idx:
             raise ValueError(f"{prefix}: multimodal datasets (sequence modes) are not supported")
-        try:
-            self.reader = md._IndexReader(idx_path, multimodal=False)
-        except (AssertionError, ValueError, struct.error, KeyError) as e:
-            raise ValueError(f"{idx_path}: not a megatron indexed dataset index ({e})") from None
-        r = self.reader
-        self.dtype = r.dtype
-        self.itemsize = md.DType.size(r.dtype)
-        self.tokens = int(r.sequence_lengths.sum(dtype=np.int64))
+        version, code = struct.unpack_from("<QB", header, len(_IDX_MAGIC))
+        if version != _IDX_VERSION or code not in _DTYPE_OF_CODE:
+            raise ValueError(f"{idx_path}: not a megatron indexed dataset index (version {version}, dtype code "
+                             f"{code}; expected version {_IDX_VERSION} and one of {sorted(_DTYPE_OF_CODE)})")
+        index = np.memmap(idx_path, dtype=np.uint8, mode="r")
+        offset = _IDX_HEADER_BYTES
+        self.sequence_lengths = np.frombuffer(index, dtype=np.int32, count=sequence_count, offset=offset)
+        offset += sequence_count * 12  # the lengths, then the byte offsets (recomputed when merging)
+        self.document_indices = np.frombuffer(index, dtype=np.int64, count=document_count, offset=offset)
+        self.dtype = _DTYPE_OF_CODE[code]
+        self.itemsize = np.dtype(self.dtype).itemsize
+        self.tokens = int(self.sequence_lengths.sum(dtype=np.int64))
         expected_bin, actual_bin = self.tokens * self.itemsize, os.path.getsize(bin_path)
         if actual_bin != expected_bin:
             relation = "shorter" if actual_bin < expected_bin else "longer"
             raise ValueError(f"{bin_path} is {actual_bin} bytes, {relation} than the {expected_bin} bytes its .idx "
                              f"describes ({self.tokens} tokens of {self.itemsize} bytes): "
                              f"{'truncated, or ' if relation == 'shorter' else ''}the pair does not match")
-        self.sequences = r.sequence_count
-        self.documents = r.document_count - 1
+        self.sequences = sequence_count
+        self.documents = document_count - 1
 
 
 def check_indexed_pair(prefix: str | os.PathLike) -> "IndexSummary":
@@ -159,7 +178,6 @@ def check_indexed_pair(prefix: str | os.PathLike) -> "IndexSummary":
 def merge_indexed(inputs: list[IndexSummary], bin_path: str, idx_path: str, block: int = BLOCK) -> None:
     """Concatenate ``inputs`` (same dtype) into ``bin_path``/``idx_path``, streaming ``block`` index entries at a
     time."""
-    md = _megatron()
     dtype = inputs[0].dtype
     with open(bin_path, "wb") as out:
         for item in inputs:
@@ -167,17 +185,16 @@ def merge_indexed(inputs: list[IndexSummary], bin_path: str, idx_path: str, bloc
                 shutil.copyfileobj(f, out)
     total_sequences = sum(i.sequences for i in inputs)
     total_documents = 1 + sum(i.documents for i in inputs)
-    with md._IndexWriter(idx_path, dtype) as writer:  # writes the header, version and dtype code
-        f = writer.idx_writer
-        f.write(np.array([total_sequences, total_documents], dtype="<u8").tobytes())
+    with open(idx_path, "wb") as f:
+        _write_index_header(f, dtype, total_sequences, total_documents)
         for item in inputs:
-            lengths = item.reader.sequence_lengths
+            lengths = item.sequence_lengths
             for start in range(0, len(lengths), block):
                 f.write(np.asarray(lengths[start:start + block], dtype=np.int32).tobytes())
         byte_offset = 0
-        itemsize = md.DType.size(dtype)
+        itemsize = np.dtype(dtype).itemsize
         for item in inputs:
-            lengths = item.reader.sequence_lengths
+            lengths = item.sequence_lengths
             for start in range(0, len(lengths), block):
                 sizes = lengths[start:start + block].astype(np.int64) * itemsize
                 ends = np.cumsum(sizes) + byte_offset
@@ -187,7 +204,7 @@ def merge_indexed(inputs: list[IndexSummary], bin_path: str, idx_path: str, bloc
         f.write(np.zeros(1, dtype=np.int64).tobytes())
         sequence_offset = 0
         for item in inputs:
-            ends = item.reader.document_indices[1:]
+            ends = item.document_indices[1:]
             for start in range(0, len(ends), block):
                 f.write((ends[start:start + block].astype(np.int64) + sequence_offset).tobytes())
             sequence_offset += item.sequences

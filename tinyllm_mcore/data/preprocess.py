@@ -60,7 +60,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from tinyllm_mcore.data.corpus import Chunk, expand_inputs, iter_chunks
-from tinyllm_mcore.data.indexed_files import IndexSummary, check_output_prefix, make_builder, merge_indexed
+from tinyllm_mcore.data.indexed_files import (IndexSummary, check_output_prefix, make_builder, merge_indexed,
+                                               token_dtype)
 from tinyllm_mcore.data.sentences import SentenceSplitter, split_document
 from tinyllm_mcore.data.vocab_contract import tokenizer_record, write_sidecar
 from tinyllm_mcore.runtime.files import publish
@@ -71,6 +72,10 @@ SKIP_REASONS = ("blank_line", "invalid_utf8", "bad_json", "not_object", "missing
                 "bad_messages", "no_answer")
 # A JSON escape of half a surrogate pair ("\ud800"): valid JSON, but no character (cannot be written as UTF-8).
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# json's C scanner: what json.loads runs, without its Python layers around it per line. A line it does not take
+# whole (leading whitespace, a byte order mark, bad JSON) goes through json.loads as before.
+_SCAN_JSON = json.JSONDecoder().scan_once
+_JSON_WHITESPACE = " \t\n\r"
 
 
 class Terminated(Exception):
@@ -147,9 +152,11 @@ class ChunkEncoder:
 
     def __init__(self, tokenizer: str | Tokenizer | HFTokenizer, tokenizer_type: str, mode: str,
                  json_keys: Sequence[str], append_eod: bool, system: str | None,
-                 splitter: SentenceSplitter | None = None, strict_utf8: bool = False):
+                 splitter: SentenceSplitter | None = None, strict_utf8: bool = False, encode_threads: int = -1):
         """``tokenizer``: a loaded tokenizer, or a model path. ``splitter``: split pretrain documents into sentences.
-        A line that is not UTF-8 is skipped as ``invalid_utf8``, or with ``strict_utf8`` a ValueError naming it."""
+        A line that is not UTF-8 is skipped as ``invalid_utf8``, or with ``strict_utf8`` a ValueError naming it.
+        ``encode_threads``: SentencePiece threads per batch (-1: one per CPU; with worker processes, fewer)."""
+        self.encode_threads = encode_threads
         self.tokenizer = tokenizer if not isinstance(tokenizer, (str, os.PathLike)) else \
             Tokenizer.load(tokenizer, tokenizer_type)
         self.mode, self.json_keys, self.append_eod, self.system = mode, list(json_keys), append_eod, system
@@ -176,28 +183,33 @@ class ChunkEncoder:
         return EncodedChunk([tokens], [lengths], [per_doc], len(per_doc), skipped, chunk.source,
                             np.asarray(lines, dtype=np.int64))
 
-    def _records(self, chunk: Chunk) -> Iterator:
+    def _records(self, chunk: Chunk) -> list:
+        """The chunk's records, or a ``_Skip`` in place of each line that is not one."""
         if chunk.records is not None:
-            yield from chunk.records
-            return
+            return chunk.records
+        records = []
+        append, scan, whitespace = records.append, _SCAN_JSON, _JSON_WHITESPACE
         for offset, raw in enumerate(chunk.lines):
-            if not raw.strip():
-                yield _Skip("blank_line")
-                continue
             try:
                 text = raw.decode("utf-8")  # strict (JSON is UTF-8); json.loads(bytes) would let surrogates in
             except UnicodeDecodeError as e:
-                yield self._invalid_utf8(chunk, offset, f"byte 0x{raw[e.start]:02x} at byte {e.start + 1}: {e.reason}")
+                append(self._invalid_utf8(chunk, offset, f"byte 0x{raw[e.start]:02x} at byte {e.start + 1}: "
+                                                         f"{e.reason}"))
                 continue
             try:
-                record = json.loads(text[1:] if text.startswith("\ufeff") else text)  # a byte order mark is allowed
-            except ValueError:
-                yield _Skip("bad_json")
-                continue
+                record, end = scan(text, 0)
+                if end != len(text) and text[end:].strip(whitespace):
+                    raise ValueError("extra data")
+            except (StopIteration, ValueError):
+                record = _parse_line(raw, text)
+                if isinstance(record, _Skip):
+                    append(record)
+                    continue
             if "\\u" in text and _SURROGATE_ESCAPE.search(text) and not _utf8_encodable(record):
-                yield self._invalid_utf8(chunk, offset, "a \\uD800-\\uDFFF escape without its pair")
+                append(self._invalid_utf8(chunk, offset, "a \\uD800-\\uDFFF escape without its pair"))
                 continue
-            yield record
+            append(record)
+        return records
 
     def _invalid_utf8(self, chunk: Chunk, offset: int, detail: str) -> "_Skip":
         if self.strict_utf8:
@@ -208,48 +220,67 @@ class ChunkEncoder:
     # ------------------------------------------------------------------ pretrain
     def _encode_documents(self, chunk: Chunk) -> EncodedChunk:
         skipped, key_issues, lines = [], [], []
-        texts: dict[str, list[str | None]] = {key: [] for key in self.json_keys}
-        for offset, record in enumerate(self._records(chunk)):
-            line = chunk.first_line + offset
-            if isinstance(record, _Skip):
-                skipped.append((record.reason, line))
-                continue
-            if not isinstance(record, dict):
-                skipped.append(("not_object", line))
-                continue
-            issues = [(key, "missing_key" if key not in record else "not_string") for key in self.json_keys
-                      if not isinstance(record.get(key), str)]
-            if len(issues) == len(self.json_keys):  # nothing usable in this line
-                skipped.append((issues[0][1], line))
-                continue
-            key_issues += [(key, reason, line) for key, reason in issues]
-            lines.append(chunk.index + offset)
-            for key in self.json_keys:
-                value = record.get(key)
-                texts[key].append(value if isinstance(value, str) else None)
-        per_output = [self._encode_texts(texts[key]) for key in self.json_keys]
+        first_line, index = chunk.first_line, chunk.index
+        records = self._records(chunk)
+        if len(self.json_keys) == 1:  # the common case, one check per line
+            key, texts = self.json_keys[0], []
+            for offset, record in enumerate(records):
+                value = record.get(key) if isinstance(record, dict) else None
+                if isinstance(value, str):
+                    texts.append(value)
+                    lines.append(index + offset)
+                else:
+                    skipped.append((_unusable(record, key), first_line + offset))
+            per_output = [self._encode_texts(texts)]
+        else:
+            columns: dict[str, list[str | None]] = {key: [] for key in self.json_keys}
+            for offset, record in enumerate(records):
+                line = first_line + offset
+                if not isinstance(record, dict):
+                    skipped.append((_unusable(record, self.json_keys[0]), line))
+                    continue
+                issues = [(key, _unusable(record, key)) for key in self.json_keys
+                          if not isinstance(record.get(key), str)]
+                if len(issues) == len(self.json_keys):  # nothing usable in this line
+                    skipped.append((issues[0][1], line))
+                    continue
+                key_issues += [(key, reason, line) for key, reason in issues]
+                lines.append(index + offset)
+                for key in self.json_keys:
+                    value = record.get(key)
+                    columns[key].append(value if isinstance(value, str) else None)
+            per_output = [self._encode_texts(columns[key]) for key in self.json_keys]
         tokens, lengths, per_doc = zip(*per_output)
         return EncodedChunk(list(tokens), list(lengths), list(per_doc), len(lines), skipped, chunk.source,
                             np.asarray(lines, dtype=np.int64), key_issues)
 
     def _encode_texts(self, texts: list[str | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Documents -> (flat tokens, sequence lengths, sequences per document), as Megatron-LM's encoder: every
-        sentence tokenized on its own, empty ones dropped, eod after the last."""
+        """Documents (None: none) -> (flat tokens, sequence lengths, sequences per document), as Megatron-LM's
+        encoder: every sentence tokenized on its own, empty ones dropped, eod after a document's last one. One batch
+        call into the tokenizer; the rest is array arithmetic, not a Python step per document."""
         if self.splitter is not None:
-            sentences = [split_document(self.splitter, t) if t is not None else [] for t in texts]
+            split = [split_document(self.splitter, t) if t is not None else [] for t in texts]
+            sentences = [s for doc in split for s in doc]
+            document_of = np.repeat(np.arange(len(texts)), [len(doc) for doc in split])
+        elif any(t is None for t in texts):
+            sentences = [t for t in texts if t is not None]
+            document_of = np.flatnonzero([t is not None for t in texts])
         else:
-            sentences = [[t] if t is not None else [] for t in texts]
-        encoded = iter(self.tokenizer.tokenize_batch([s for doc in sentences for s in doc]))  # one batch call
-        kept: list[list[int]] = []
-        per_doc = np.zeros(len(texts), dtype=np.int32)
-        for d, doc in enumerate(sentences):
-            start = len(kept)
-            kept += [ids for ids in (next(encoded) for _ in doc) if ids]
-            if self.append_eod and len(kept) > start:
-                kept[-1] = list(kept[-1]) + [self.tokenizer.eod]
-            per_doc[d] = len(kept) - start
-        lengths = np.fromiter(map(len, kept), dtype=np.int32, count=len(kept))
-        flat = np.fromiter(chain.from_iterable(kept), dtype=self.dtype, count=int(lengths.sum()))
+            sentences, document_of = texts, None  # one sentence per document
+        encoded = self.tokenizer.tokenize_batch(sentences, num_threads=self.encode_threads)
+        raw_lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        flat = np.fromiter(chain.from_iterable(encoded), dtype=self.dtype, count=int(raw_lengths.sum()))
+        kept = raw_lengths > 0
+        lengths = raw_lengths[kept].astype(np.int32)
+        if document_of is None:
+            per_doc = kept.astype(np.int32)
+        else:
+            per_doc = np.bincount(document_of[kept], minlength=len(texts)).astype(np.int32)
+        if self.append_eod and lengths.size:
+            last = np.cumsum(per_doc[per_doc > 0]) - 1  # each document's last kept sentence, among the kept ones
+            eod_at = np.cumsum(lengths)[last]  # where its tokens end in ``flat``
+            lengths[last] += 1
+            flat = np.insert(flat, eod_at, self.tokenizer.eod)
         return flat, lengths, per_doc
 
     # ------------------------------------------------------------------ sft / preference
@@ -305,18 +336,31 @@ class ChunkEncoder:
         return segments
 
 
+def _parse_line(raw: bytes, text: str):
+    """A line the fast path did not take whole, parsed as json.loads does: the record, or a ``_Skip``."""
+    if not raw.strip():
+        return _Skip("blank_line")
+    try:
+        return json.loads(text[1:] if text.startswith("\ufeff") else text)  # a byte order mark is allowed
+    except ValueError:
+        return _Skip("bad_json")
+
+
+def _unusable(record, key: str) -> str:
+    """Why ``record`` gives no text for ``key``: a skip reason."""
+    if isinstance(record, _Skip):
+        return record.reason
+    if not isinstance(record, dict):
+        return "not_object"
+    return "missing_key" if key not in record else "not_string"
+
+
 def _utf8_encodable(record) -> bool:
     try:
         json.dumps(record, ensure_ascii=False).encode("utf-8")
         return True
     except UnicodeEncodeError:
         return False
-
-
-def token_dtype(vocab_size: int):
-    from megatron.core.datasets.indexed_dataset import DType
-
-    return DType.optimal_dtype(vocab_size)  # uint16 below 65500, else int32
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -724,7 +768,8 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_model:
     sources = expand_inputs(inputs)
     tokenizer = Tokenizer.load(tokenizer_model, tokenizer_type, vocab_file=vocab_file, merge_file=merge_file)
     splitter = SentenceSplitter(lang, keep_newlines) if split_sentences else None
-    encoder = ChunkEncoder(tokenizer, tokenizer_type, mode, json_keys, append_eod, system, splitter, strict_utf8)
+    encoder = ChunkEncoder(tokenizer, tokenizer_type, mode, json_keys, append_eod, system, splitter, strict_utf8,
+                           encode_threads=_encode_threads(workers))
     level = "sentence" if split_sentences else "document"
     result = PreprocessResult(output_prefixes(output_prefix, mode, json_keys, level))
     # Sequential partitions concatenate back to the input order: one part gives the same files.
@@ -789,6 +834,18 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_model:
             signal.signal(signal.SIGTERM, previous_sigterm)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _encode_threads(workers: int) -> int:
+    """SentencePiece threads per batch: the CPUs this process may use, shared among the worker processes (more
+    threads than CPUs only make them wait on each other)."""
+    if workers <= 1:
+        return -1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // workers)
 
 
 def _nothing_written(result: PreprocessResult, mode: str, json_keys: Sequence[str], output: int, lines_read: int,

@@ -279,8 +279,9 @@ class Tokenizer(ChatFormat):
         """Plain text -> ids (no special-token parsing, no bos/eos)."""
         return self.sp.encode(text)
 
-    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
+    def tokenize_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
+        """``tokenize`` of each text, in one call; ``num_threads`` SentencePiece threads (-1: one per CPU)."""
+        return self.sp.encode(texts, num_threads=num_threads)
 
     def tokenize_content(self, text: str) -> list[int]:
         """Chat message text -> ids. SentencePiece never produces special ids from text, so this is ``tokenize``."""
@@ -439,7 +440,8 @@ class HFTokenizer(ChatFormat):
         """Plain text -> ids, as Megatron-LM's HuggingFaceTokenizer (no bos/eos added)."""
         return self.hf.backend_tokenizer.encode(text, add_special_tokens=False).ids
 
-    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+    def tokenize_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
+        """``num_threads``: not used (the tokenizers library's own parallelism, TOKENIZERS_PARALLELISM, decides)."""
         return [e.ids for e in self.hf.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def tokenize_content(self, text: str) -> list[int]:
