@@ -16,39 +16,14 @@ import argparse
 import os
 import re
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 
-def make_checkpoint(model_size: str, vocab: int, out: Path) -> Path:
-    from tinyllm_mcore.runtime import distributed as rt
-    from tinyllm_mcore.training.batches import lm_forward_step
-    from tinyllm_mcore.training.loop import Stage, parse_args, train
-
-    # --train-iters 0: the loop only initialises and saves; the dataset is never read
-    stage = Stage("init", lambda ctx: ([{}], None, None), lm_forward_step)
-    args = parse_args(stage, ["--model-size", model_size, "--vocab-size", str(vocab), "--mock-data",
-                              "--train-iters", "0", "--micro-batch-size", "1", "--seq-length", "128",
-                              "--save", str(out)])
-    train(stage, args)
-    rt.destroy()
-    return out
-
-
-def timed_pair(ours, theirs, repeats: int) -> tuple[float, float]:
-    """Median seconds of each over `repeats` runs, alternating the two (after one warm-up run of each)."""
-    ours(), theirs()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, record in ((ours, times[0]), (theirs, times[1])):
-            t0 = time.perf_counter()
-            fn()
-            record.append(time.perf_counter() - t0)
-    return statistics.median(times[0]), statistics.median(times[1])
+# the checkpoint maker and the alternating timer are bench_generate's (this folder is on sys.path when run)
+from bench_generate import make_checkpoint, timed_pair  # noqa: E402
 
 
 def blas() -> str:
