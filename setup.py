@@ -17,6 +17,7 @@ CONSOLE_SCRIPTS = {
     "tinyllm-mcore-to-hf": "tinyllm_mcore.cli.mcore_to_hf:main",
     "tinyllm-hf-to-mcore": "tinyllm_mcore.cli.hf_to_mcore:main",
     "tinyllm-quickstart": "tinyllm_mcore.quickstart.__main__:main",
+    "tinyllm-quickstart-rl": "tinyllm_mcore.quickstart.rl:main",
 }
 
 # Experiment trackers (training/metrics.py), each optional and asked for by its flag: --wandb-project,

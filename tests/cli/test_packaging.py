@@ -17,7 +17,7 @@ from tests.cli.checkout_scripts import REPO, console_script, run, the_error_line
 # Every command of the package (README.md, "Commands"): the wheel must install exactly these console scripts.
 COMMANDS = ("tinyllm-train-tokenizer", "tinyllm-preprocess-data", "tinyllm-merge-datasets", "tinyllm-pretrain",
             "tinyllm-sft", "tinyllm-dpo", "tinyllm-reward", "tinyllm-grpo", "tinyllm-chat", "tinyllm-generate", "tinyllm-evaluate",
-            "tinyllm-hf-to-mcore", "tinyllm-mcore-to-hf", "tinyllm-quickstart")
+            "tinyllm-hf-to-mcore", "tinyllm-mcore-to-hf", "tinyllm-quickstart", "tinyllm-quickstart-rl")
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
     *.egg-info behind, which must not land in the working tree)."""
     root = tmp_path_factory.mktemp("wheel")
     shutil.copytree(REPO, root / "src", ignore=shutil.ignore_patterns(
-        ".git", "__pycache__", "*.egg-info", "build", "dist", "work", "quickstart_run", "*.bin", "*.idx"))
+        ".git", "__pycache__", "*.egg-info", "build", "dist", "work", "quickstart_run", "quickstart_rl", "*.bin", "*.idx"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
                            "-w", str(root / "dist"), str(root / "src")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

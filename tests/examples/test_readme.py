@@ -48,7 +48,8 @@ MAX_PROCESSES = 2
 INPUT_FLAGS = ("--load", "--load-hf", "--hf", "--tokenizer-model", "--input", "--sft-data", "--preference-data",
                "--benchmark-dir", "--data-path")
 SCRIPT_DIRS = ("tools/", "checkpoint_convert/", "examples/")
-RUN_ELSEWHERE = {"tinyllm_mcore.quickstart": "tests/quickstart/test_quickstart_e2e.py", "pytest": "this suite"}
+RUN_ELSEWHERE = {"tinyllm_mcore.quickstart": "tests/quickstart/test_quickstart_e2e.py",
+                 "tinyllm_mcore.quickstart.rl": "tests/quickstart/test_rl.py", "pytest": "this suite"}
 
 
 def readme_commands() -> list[list[str]]:
@@ -230,9 +231,11 @@ def test_readme_has_the_two_commands():
     assert sum(skip_reason(c) is None for c in COMMANDS) >= 12
 
 
-def test_quickstart_command_runs_elsewhere():
-    test = (REPO / RUN_ELSEWHERE["tinyllm_mcore.quickstart"]).read_text(encoding="utf-8")
-    assert '"-m", "tinyllm_mcore.quickstart"' in test
+@pytest.mark.parametrize("module", ["tinyllm_mcore.quickstart", "tinyllm_mcore.quickstart.rl"])
+def test_quickstart_commands_run_elsewhere(module):
+    assert module in [module_of(c) for c in COMMANDS]
+    test = (REPO / RUN_ELSEWHERE[module]).read_text(encoding="utf-8")
+    assert f'"-m", "{module}"' in test
 
 
 @pytest.mark.slow

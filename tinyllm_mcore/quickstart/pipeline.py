@@ -116,7 +116,7 @@ def _env() -> dict:
 
 
 # Lines worth echoing to the console (the rest stays in the log): stage progress, summaries, errors.
-_PROGRESS = re.compile(r"^(\[(pretrain|sft|dpo|reward|qa|mcore_to_hf)\]|wrote |documents:|tokens:|skipped lines|error|"
+_PROGRESS = re.compile(r"^(\[(pretrain|sft|dpo|reward|grpo|qa|rl_eval|mcore_to_hf)\]|wrote |documents:|tokens:|skipped lines|error|"
                        r"<\|user\|>|<\|assistant\|>|saved checkpoint|loaded )")
 
 
