@@ -595,6 +595,8 @@ def _train(stage: Stage, args, tokenizer, exit_conditions: ExitConditions, clean
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
         history.append({"split": "train", **record})
         window["records"].append(measured)
+        if grad_norm is not None:
+            window["grad_norm"] = float(grad_norm)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             if peak is None:
                 peak = peak_tflops(run.config.params_dtype, args.peak_tflops)
@@ -602,8 +604,12 @@ def _train(stage: Stage, args, tokenizer, exit_conditions: ExitConditions, clean
             # the trained tokens over the training time (a prepare_step's own time, e.g. rollouts, is not in it)
             tokens_per_s = batch.tokens_per_iteration * iters / window["time"]
             mfu = tokens_per_s * flops_token / (peak * 1e12 * world)
-            log = {k: float(np.mean([r[k] for r in window["records"] if k in r])) for k in measured}
-            log.update({"lr": record["lr"], "grad_norm": record["grad_norm"], "tokens_per_s": tokens_per_s,
+            # every metric of the window's steps (a step that made no update reports no loss), and the grad norm
+            # of its last update (NaN only when no step of the window updated)
+            keys = dict.fromkeys(k for r in sorted(window["records"], key=len, reverse=True) for k in r)
+            log = {k: float(np.mean([r[k] for r in window["records"] if k in r])) for k in keys}
+            log.update({"lr": record["lr"], "grad_norm": window.get("grad_norm", float("nan")),
+                        "tokens_per_s": tokens_per_s,
                         "mfu": mfu, "skipped": window["skipped"]})
             parts = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items())
             step_ms = 1000 * (window["time"] + window.get("prepare", 0.0)) / iters
