@@ -24,6 +24,34 @@ from pathlib import Path
 import torch
 
 
+def machine_line() -> str:
+    """What the figures depend on: CPU model, torch's kernels (capability, BLAS) and the thread count."""
+    import platform
+    import re
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), flags=re.M)
+        cpu = found.group(1).strip() if found else cpu
+    except OSError:
+        pass
+    config = torch.__config__.show()
+    blas = re.search(r"BLAS_INFO=(\w+)", config)
+    mkl = re.search(r"Math Kernel Library Version ([\w.]+)", config)
+    return (f"machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}, "
+            f"{torch.backends.cpu.get_cpu_capability()}, BLAS {blas.group(1) if blas else '?'}"
+            f"{' ' + mkl.group(1) if mkl else ''}, {torch.get_num_threads()} threads "
+            f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+
+
+def head_products() -> str:
+    """The few-row output-layer products our decoder measured and chose on this machine (inference/decoding.py)."""
+    from tinyllm_mcore.inference import decoding
+
+    chosen = sorted({(key[3], name) for key, name in decoding._HEAD_PRODUCT_CHOICE.items()})
+    return "head: " + ", ".join(f"{rows} rows {name}" for rows, name in chosen) if chosen else ""
+
+
 def make_checkpoint(model_size: str, vocab: int, out: Path) -> Path:
     from tinyllm_mcore.training.batches import lm_forward_step
     from tinyllm_mcore.runtime import distributed as rt
@@ -64,7 +92,7 @@ def bench_size(model_size: str, args, work: Path) -> None:
     generator, preset = inference.load_generator(str(ckpt))
     params = inference.SamplingParams(max_new_tokens=args.new_tokens, greedy=True)  # no stop ids: fixed length
     print(f"\n{model_size} ({preset.num_parameters():,} params, context {preset.max_position_embeddings})", flush=True)
-    print(f"{'prompt':>6} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6}  load", flush=True)
+    print(f"{'prompt':>6} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6}  load  (our output-layer product per row count)", flush=True)
     for requested in args.prompt_lens:
         prompt_len = min(requested, preset.max_position_embeddings - args.new_tokens)
         for batch in args.batch_sizes:
@@ -83,7 +111,7 @@ def bench_size(model_size: str, args, work: Path) -> None:
                                       args.repeats)
             tokens = batch * args.new_tokens
             print(f"{prompt_len:>6} {batch:>5} {tokens / ours:>11.1f} {tokens / theirs:>10.1f} "
-                  f"{theirs / ours:>5.2f}x  {load_before:.1f}-{os.getloadavg()[0]:.1f}", flush=True)
+                  f"{theirs / ours:>5.2f}x  {load_before:.1f}-{os.getloadavg()[0]:.1f}  {head_products()}", flush=True)
     rt.destroy()
 
 
@@ -101,6 +129,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     print(f"{args.new_tokens} new tokens, greedy, {torch.get_num_threads()} threads, CPU, "
           f"median of {args.repeats} alternating repeats")
+    print(machine_line())
     work = Path(tempfile.mkdtemp(prefix="bench_generate_"))
     try:
         for model_size in args.model_sizes:

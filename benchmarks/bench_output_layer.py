@@ -4,7 +4,8 @@
 
 The peer is `F.linear` on megatron's [vocab, h] weight (what the layer's own forward runs); against it: `x @ C` on a
 contiguous [h, vocab] copy C (`decoding.HeadCopy`, used above FEW_ROWS sequences) and `W @ xᵀ` on the weight itself
-(used up to FEW_ROWS; one row goes in twice, as `_logits` does). Minimum of --repeats alternating runs, in ms.
+(one row goes in twice, as `_logits` does); up to FEW_ROWS the decoder times `F.linear` and `W @ xᵀ` itself
+and runs the faster (`decoding.head_product`). Minimum of --repeats alternating runs, in ms.
 """
 from __future__ import annotations
 

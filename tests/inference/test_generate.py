@@ -190,3 +190,34 @@ def test_output_layer_paths_follow_weight_updates(sft_generator):
         with torch.no_grad():
             weight.copy_(original)
     assert {name: check(batch) for name, batch in batches.items()} == before
+
+
+@pytest.mark.parametrize("product", ["linear", "columns"])
+def test_each_few_row_output_product_gives_recomputations_tokens(sft_generator, monkeypatch, product):
+    """The decoder times both few-row output-layer products once and runs the faster (machine-dependent);
+    TINYLLM_HEAD_PRODUCT fixes one: each gives recomputation's greedy tokens at 1 and 2 rows."""
+    monkeypatch.setenv("TINYLLM_HEAD_PRODUCT", product)
+    generator, preset = sft_generator
+    params = inference.SamplingParams(max_new_tokens=6, greedy=True)
+    for batch in ([[5, 6, 7, 8]], [[5, 6, 7, 8], [9, 10, 11]]):
+        assert generator.generate(batch, params) == [naive_greedy(generator.model, p, 6, preset.vocab_size)
+                                                     for p in batch]
+
+
+def test_head_product_is_measured_once_per_shape_and_env_checked(monkeypatch):
+    from tinyllm_mcore.inference import decoding
+
+    monkeypatch.delenv("TINYLLM_HEAD_PRODUCT", raising=False)
+    monkeypatch.setattr(decoding, "_HEAD_PRODUCT_CHOICE", {})
+    weight, hidden = torch.randn(3000, 64), torch.randn(2, 64)
+    choice = decoding.head_product(weight, hidden)
+    assert choice in decoding.HEAD_PRODUCTS and len(decoding._HEAD_PRODUCT_CHOICE) == 1
+    for name, fn in decoding.HEAD_PRODUCTS.items():
+        torch.testing.assert_close(fn(weight, hidden), hidden @ weight.t(), rtol=1e-5, atol=1e-5, msg=name)
+    torch.testing.assert_close(decoding.HEAD_PRODUCTS["columns"](weight, hidden[:1]), hidden[:1] @ weight.t(),
+                               rtol=1e-5, atol=1e-5)
+    decoding._HEAD_PRODUCT_CHOICE[next(iter(decoding._HEAD_PRODUCT_CHOICE))] = "columns"  # the cached choice stays
+    assert decoding.head_product(weight, hidden) == "columns"
+    monkeypatch.setenv("TINYLLM_HEAD_PRODUCT", "fast")
+    with pytest.raises(ValueError, match="TINYLLM_HEAD_PRODUCT=fast"):
+        decoding.head_product(weight, hidden)

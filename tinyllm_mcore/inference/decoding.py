@@ -11,11 +11,66 @@ from megatron.core.transformer.mlp import MLP
 from tinyllm_mcore.model.lora import adapter_beside
 
 
-# Up to this many rows (sequences), the output layer runs as [vocab, h] @ [h, rows] on its own weight; more rows run
-# over an [h, vocab] copy (`HeadCopy`). Measured on this project's CPU (MKL, 1 thread, 92m's 64896 x 512 weight, ms):
-# rows 1 / 2 / 8 / 16: F.linear 12.4 / 29.9 / 25.9 / 32.7, copy 6.9 / 13.5 / 19.5 / 26.6, weight @ columns 7.1 (one
-# row doubled) / 7.1 / 16.2 / 38.3 (benchmarks/bench_output_layer.py; docs/benchmarks.md, generation).
+# Up to this many rows (sequences), the output layer runs as whichever of F.linear and [vocab, h] @ [h, rows] on its
+# own weight is faster on this machine (`head_product`); more rows run over an [h, vocab] copy (`HeadCopy`) when the
+# caller keeps one. Which few-row product is faster depends on the CPU and the MKL build, by up to 2x either way
+# (benchmarks/bench_output_layer.py; docs/benchmarks.md, generation): one machine measured 92m's 64896 x 512 at 1 / 2
+# / 8 rows as F.linear 12.4 / 29.9 / 25.9 ms vs weight @ columns 7.1 / 7.1 / 16.2 ms, another 9.5 / 10.1 / 32.2 vs
+# 19.2 / 20.3 / 23.2 ms.
 FEW_ROWS = 8
+
+
+def _product_linear(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(hidden, weight)
+
+
+def _product_columns(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    # [vocab, h] @ [h, rows] on the weight itself; a single row goes in twice, as MKL's one-column product takes a slow
+    # path on some CPUs
+    rows = hidden.size(0)
+    columns = hidden.t() if rows > 1 else hidden.repeat(2, 1).t()
+    return (weight @ columns).t()[:rows].contiguous()
+
+
+HEAD_PRODUCTS = {"linear": _product_linear, "columns": _product_columns}
+# (weight shape, dtype, device, rows, threads) -> the faster product's name, measured once per process (as
+# cudnn.benchmark keeps its choices): a property of the machine, not of a run
+_HEAD_PRODUCT_CHOICE: dict[tuple, str] = {}
+
+
+def head_product(weight: torch.Tensor, hidden: torch.Tensor, tp_group=None) -> str:
+    """The faster few-row output-layer product here, timed on first use for this shape and thread count (best of 3
+    alternating runs each, ~10 products); under TP, tensor-parallel rank 0's choice for every rank of the group, so
+    the ranks run alike. TINYLLM_HEAD_PRODUCT=linear|columns fixes it (reproducible timings)."""
+    import os
+    import time
+
+    fixed = os.environ.get("TINYLLM_HEAD_PRODUCT")
+    if fixed:
+        if fixed not in HEAD_PRODUCTS:
+            raise ValueError(f"TINYLLM_HEAD_PRODUCT={fixed}: use one of {', '.join(HEAD_PRODUCTS)}")
+        return fixed
+    key = (tuple(weight.shape), weight.dtype, weight.device, hidden.size(0), torch.get_num_threads())
+    if key not in _HEAD_PRODUCT_CHOICE:
+        names = list(HEAD_PRODUCTS)
+        best = {name: float("inf") for name in names}
+        with torch.no_grad():
+            for name in names:
+                HEAD_PRODUCTS[name](weight, hidden)  # warm-up (MKL's first-call setup)
+            for _ in range(3):
+                for name in names:
+                    t0 = time.perf_counter()
+                    HEAD_PRODUCTS[name](weight, hidden)
+                    best[name] = min(best[name], time.perf_counter() - t0)
+        choice = min(names, key=best.__getitem__)
+        if tp_group is not None and tp_group.size() > 1:
+            import torch.distributed as dist
+
+            index = torch.tensor([names.index(choice)], dtype=torch.long, device=hidden.device)
+            dist.broadcast(index, src=dist.get_global_rank(tp_group, 0), group=tp_group)
+            choice = names[int(index)]
+        _HEAD_PRODUCT_CHOICE[key] = choice
+    return _HEAD_PRODUCT_CHOICE[key]
 
 
 class CachedDecoder:
@@ -37,8 +92,9 @@ class CachedDecoder:
 
     The output layer is the one large weight, and a few rows times megatron's [vocab, h] weight through `F.linear`
     take 1.3-4x longer on a CPU than the same product laid out otherwise (MKL packs the whole transposed weight per
-    call): it runs as weight @ hidden^T, except for batches of more than FEW_ROWS sequences given a `HeadCopy` (the
-    caller's contiguous [h, vocab] copy, kept across calls). The layers' smaller weights run as fast through
+    call on some CPUs, the reverse on others): up to FEW_ROWS sequences it runs as whichever of `F.linear` and
+    weight @ hidden^T this machine computes faster (`head_product`, timed once per process and shape), above that over
+    a `HeadCopy` when the caller keeps one (a contiguous [h, vocab] copy, kept across calls). The layers' smaller weights run as fast through
     `F.linear`.
 
     Sequences keep their own positions: a batch of prompts is right-padded (causal attention keeps padding out of
@@ -159,10 +215,8 @@ class CachedDecoder:
         elif rows > FEW_ROWS:  # no copy (rollouts make none): at many rows F.linear is as fast as the copy
             logits = torch.nn.functional.linear(hidden, output_layer.weight)
         else:
-            # [vocab, h] @ [h, rows] on the weight itself; a single row goes in twice, as MKL's one-column product
-            # takes F.linear's slow path
-            columns = hidden.t() if rows > 1 else hidden.repeat(2, 1).t()
-            logits = (output_layer.weight @ columns).t()[:rows].contiguous()
+            product = head_product(output_layer.weight, hidden, output_layer.tp_group if self.tp > 1 else None)
+            logits = HEAD_PRODUCTS[product](output_layer.weight, hidden)
         logits = logits if output_layer.bias is None else logits + output_layer.bias
         return tensor_parallel.gather_from_tensor_model_parallel_region(logits) if self.tp > 1 else logits
 
