@@ -98,3 +98,20 @@ def test_grpo_raises_heldout_accuracy_of_the_hf_export_by_20_points(tmp_path):
     assert train[-1]["reward mean"] > train[0]["reward mean"] + 0.2
     steps = [s["name"] for s in json.loads((out / "run.json").read_text(encoding="utf-8"))["steps"]]
     assert steps == ["tokenizer", "sft", "export_sft", "grpo", "export_grpo", "evaluate"]
+
+
+@pytest.mark.slow
+def test_fast_smoke_run_writes_every_artifact(tmp_path):
+    """`--fast` (the smoke variant the CLI ships): the same steps and files, far fewer iterations (no score bound)."""
+    out = tmp_path / "fast"
+    proc = subprocess.run([sys.executable, "-m", "tinyllm_mcore.quickstart.rl", "--output-dir", str(out), "--fast"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert run["settings"]["grpo_iters"] == 10 and run["settings"]["sft_iters"] == 60
+    for path in ("rl/eval.jsonl", "rl/eval.json", "rl/hf_sft/config.json", "rl/hf_grpo/model.safetensors",
+                 "rl/reward_curve.png", "report.md", "checkpoints/grpo/latest_checkpointed_iteration.txt"):
+        assert (out / path).is_file(), path
+    again = subprocess.run([sys.executable, "-m", "tinyllm_mcore.quickstart.rl", "--output-dir", str(out), "--fast"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and again.stderr.strip().startswith("error: ") and "--overwrite" in again.stderr

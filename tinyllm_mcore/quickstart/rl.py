@@ -31,7 +31,7 @@ from tinyllm_mcore.runtime.quiet import add_verbose_flag
 
 @dataclass
 class RLSettings:
-    """Tuned so that on 2 CPU cores SFT's greedy held-out accuracy is about 30% and GRPO's above 90%, in about 5
+    """Tuned so that on 2 CPU cores SFT's greedy held-out accuracy is about 30% and GRPO's above 90%, in under 5
     minutes. GRPO's learning rate is low on purpose: Adam's first steps move every weight by about the learning rate
     whatever its gradient, and at SFT's rates that noise swamps the few tokens in which a group's answers differ."""
     model_size: str = "16m"
