@@ -65,12 +65,10 @@ def split_problems(seed: int) -> tuple[list[Problem], list[Problem]]:
 
 
 def write_jsonl(path: Path, records) -> Path:
+    from tinyllm_mcore.runtime.files import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     return path
 
 
