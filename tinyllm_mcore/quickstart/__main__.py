@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from tinyllm_mcore.quickstart.pipeline import Settings, StepFailed, run_pipeline
+from tinyllm_mcore.quickstart.pipeline import Settings, exit_status, run_pipeline
 from tinyllm_mcore.runtime.quiet import add_verbose_flag
 
 
@@ -43,18 +43,7 @@ def main(argv=None) -> int:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
                  if getattr(args, f.name) is not None}
     settings = dataclasses.replace(settings, **overrides)
-    try:
-        run_pipeline(args.output_dir, settings, corpus=args.corpus, overwrite=args.overwrite)
-    except StepFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exit_status(lambda: run_pipeline(args.output_dir, settings, corpus=args.corpus, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

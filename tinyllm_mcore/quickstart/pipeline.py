@@ -158,6 +158,23 @@ def run_step(run: Run, name: str, argv: list[str], *, echo: bool = True) -> Step
     return result
 
 
+def exit_status(run) -> int:
+    """A quickstart command's exit status: `run()` to completion 0; a failed step, bad input or Ctrl-C one `error:`
+    line (1, 2, 130)."""
+    try:
+        run()
+    except StepFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
 def check_steps_import_this_package() -> None:
     """The steps are `python -m tinyllm_mcore...` subprocesses run from the run folder, so they import the installed
     package: refuse to start when that is missing or is another copy than the one running (a checkout used without

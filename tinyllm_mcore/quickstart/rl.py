@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinyllm_mcore.quickstart.pipeline import (Run, StepFailed, check_steps_import_this_package, prepare_run_dir,
+from tinyllm_mcore.quickstart.pipeline import (Run, check_steps_import_this_package, exit_status, prepare_run_dir,
                                                python, run_step, tokenizer_vocab_size, torchrun)
 from tinyllm_mcore.runtime.files import atomic_write_text
 from tinyllm_mcore.runtime.quiet import add_verbose_flag
@@ -235,18 +235,7 @@ def main(argv=None) -> int:
     if settings.data_parallel < 1 or (settings.prompts_per_step * settings.group_size) % settings.data_parallel:
         print("error: --prompts-per-step x --group-size must split evenly over --data-parallel ranks", file=sys.stderr)
         return 2
-    try:
-        run_rl(args.output_dir, settings, overwrite=args.overwrite)
-    except StepFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exit_status(lambda: run_rl(args.output_dir, settings, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":
